@@ -1,0 +1,50 @@
+# sam-repro: the two commands that matter are `make demo` and `make test`; both set themselves up.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export SAM_DATA_DIR ?= $(HOME)/.cache/sam_repro/data
+CIFAR10_READY := $(SAM_DATA_DIR)/cifar10/prepared.npz
+
+.PHONY: setup data demo test test-all bench clean-runs cluster-up cluster-down help
+
+help:
+	@echo "make demo      SGD vs SAM on real CIFAR-10, sized for a CPU (sets everything up)"
+	@echo "make test      fast test suite (sets everything up)"
+	@echo "make test-all  every test, slow ones included"
+	@echo "make bench     benchmarks under benchmarks/ (results in benchmarks/results/)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data: $(CIFAR10_READY)
+
+$(CIFAR10_READY): | $(STAMP)
+	$(BIN)/sam-data cifar10
+
+demo: $(STAMP) $(CIFAR10_READY)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP) $(CIFAR10_READY)
+	$(BIN)/pytest -m "not slow" -q
+
+test-all: $(STAMP) $(CIFAR10_READY)
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sam_overhead.py
+
+cluster-up:
+	bash scripts/slurm/local_cluster.sh up
+
+cluster-down:
+	bash scripts/slurm/local_cluster.sh down
+
+clean-runs:
+	rm -rf outputs multirun
