@@ -1,0 +1,87 @@
+"""Data: sources with checksums and caches (`sources`), device-resident loaders (`loader`), batched augmentation
+(`augment`), label noise (`noise`), AutoAugment (`autoaugment`) and ImageNet folders (`imagenet`).
+
+`build_data(cfg, device, rank, world_size)` turns the `dataset` and `augment` config groups into loaders:
+  1. the validation split (`dataset.val_fraction`) is the *last* share of the official training set (official
+     code), with clean labels;
+  2. `dataset.train_subset=N` then picks N of the remaining examples with `dataset.subset_seed`, the same for every
+     optimizer and seed of a sweep;
+  3. `dataset.label_noise` corrupts the training labels with `dataset.noise_seed`; validation and test stay clean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sam_repro.data.augment import BatchAugment
+from sam_repro.data.loader import EvalLoader, TrainLoader, to_device_uint8
+from sam_repro.errors import ConfigError
+
+
+@dataclass
+class Data:
+    train: TrainLoader
+    test: EvalLoader
+    val: EvalLoader | None
+    num_train: int
+    info: dict = field(default_factory=dict)  # label-noise record etc., goes into summary.json
+
+
+def select_train_indices(n_total: int, val_fraction: float, train_subset: int | None, subset_seed: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) of the official training set, as described in the module docstring."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"dataset.val_fraction must be in [0, 1) (got {val_fraction})")
+    n_val = int(round(n_total * val_fraction))
+    train_idx, val_idx = np.arange(n_total - n_val), np.arange(n_total - n_val, n_total)
+    if train_subset is not None:
+        if not 0 < train_subset <= len(train_idx):
+            raise ConfigError(
+                f"dataset.train_subset must be in [1, {len(train_idx)}] for this split (got {train_subset})")
+        rng = np.random.default_rng(subset_seed)
+        train_idx = np.sort(rng.choice(train_idx, size=train_subset, replace=False))
+    return train_idx, val_idx
+
+
+def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> Data:
+    from sam_repro.data.sources import load_arrays
+
+    ds, aug, tr = cfg.dataset, cfg.augment, cfg.trainer
+    arrays = load_arrays(ds.name, ds.root)
+    train_idx, val_idx = select_train_indices(len(arrays.train_labels), float(ds.val_fraction),
+                                              ds.train_subset, int(ds.subset_seed))
+    labels = arrays.train_labels[train_idx].astype(np.int64)
+    info: dict = {"num_train": len(train_idx), "num_val": len(val_idx), "num_test": len(arrays.test_labels)}
+    if ds.label_noise:
+        from sam_repro.data.noise import corrupt_labels
+
+        labels, info["label_noise"] = corrupt_labels(labels, float(ds.label_noise), int(ds.num_classes),
+                                                     int(ds.noise_seed))
+    if tr.batch_size > len(train_idx):
+        raise ConfigError(f"trainer.batch_size ({tr.batch_size}) is larger than the training set ({len(train_idx)})")
+
+    height, width = arrays.train_images.shape[1:3]
+    augment = BatchAugment(aug, ds.mean, ds.std, (height, width))
+    cpu_augment = None
+    if aug.get("autoaugment"):
+        from sam_repro.data.autoaugment import autoaugment_batch
+
+        policy = str(aug.autoaugment)
+        cpu_augment = lambda images, generator: autoaugment_batch(images, policy, generator)  # noqa: E731
+
+    to_dev = lambda x: to_device_uint8(x, device)  # noqa: E731
+    train = TrainLoader(to_dev(arrays.train_images[train_idx]), torch.from_numpy(labels).to(device),
+                        int(tr.batch_size), augment, seed=int(cfg.seed), rank=rank, world_size=world_size,
+                        cpu_augment=cpu_augment)
+    test_labels = torch.from_numpy(arrays.test_labels.astype(np.int64)).to(device)
+    test = EvalLoader(to_dev(arrays.test_images), test_labels, int(tr.eval_batch_size), ds.mean, ds.std,
+                      rank, world_size)
+    val = None
+    if len(val_idx):
+        val_labels = torch.from_numpy(arrays.train_labels[val_idx].astype(np.int64)).to(device)
+        val = EvalLoader(to_dev(arrays.train_images[val_idx]), val_labels, int(tr.eval_batch_size), ds.mean,
+                         ds.std, rank, world_size)
+    return Data(train=train, test=test, val=val, num_train=len(train_idx), info=info)

@@ -1,0 +1,111 @@
+"""Device-resident loaders: the whole split lives on the training device as uint8, batches are gathered and
+augmented there with batched tensor ops (airbench style), no per-image Python in the hot path.
+
+Order and randomness are functions of (seed, epoch, batch index) only:
+  * the epoch's permutation comes from a generator seeded by (seed, epoch);
+  * each *global* batch's augmentation draws come from a generator seeded by (seed, epoch, batch index), drawn for
+    the whole global batch; every rank slices its share.
+So a loader resumed at (epoch, position) continues exactly where an uninterrupted one would, and one process with
+batch 64 sees the same examples and the same augmentations as two processes with 32 each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sam_repro.data.augment import BatchAugment, normalize
+
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant for seed mixing
+
+
+def _seed(*parts: int) -> int:
+    s = 0
+    for p in parts:
+        s = (s * _MIX + int(p) + 1) % (2**63 - 1)
+    return s
+
+
+def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """N x H x W x C uint8 (numpy) -> N x C x H x W uint8 on `device`, contiguous."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).contiguous()
+
+
+class TrainLoader:
+    """Shuffled, augmented global batches of `global_batch` examples; this rank yields its `global_batch / world`.
+
+    The last incomplete batch is dropped (official code: drop_remainder in training).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        global_batch: int,
+        augment: BatchAugment,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        cpu_augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.local_batch = global_batch // world_size
+        self.augment, self.seed = augment, seed
+        self.cpu_augment = cpu_augment  # per-image augmentation on uint8 (AutoAugment), before the batched ops
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.global_batch
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        self.epoch, self.position = epoch, position
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(int(state["epoch"]), int(state["position"]))
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_seed(self.seed, epoch))
+        return torch.randperm(len(self.labels), generator=g)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = self.permutation(self.epoch)
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+        while self.position < len(self):
+            b = self.position
+            idx = perm[b * self.global_batch:(b + 1) * self.global_batch][lo:hi].to(self.images.device)
+            g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, b))
+            draws = self.augment.draw(self.global_batch, g).slice(lo, hi)
+            images = self.images[idx]
+            if self.cpu_augment is not None:
+                images = self.cpu_augment(images.cpu(), g).to(self.images.device)
+            x = self.augment(images, draws)
+            self.position += 1  # counted before yielding: a checkpoint taken after this step resumes after it
+            yield x, self.labels[idx]
+
+
+class EvalLoader:
+    """Exact evaluation: this rank takes a contiguous shard of the split (no padding, no duplicates), so summing
+    correct counts over ranks counts every example exactly once, for any world size."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, mean: Sequence[float],
+                 std: Sequence[float], rank: int = 0, world_size: int = 1) -> None:
+        n = len(labels)
+        lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+        self.images, self.labels = images[lo:hi], labels[lo:hi]
+        self.batch, self.mean, self.std = batch, list(mean), list(std)
+        self.total = n
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch):
+            yield (normalize(self.images[start:start + self.batch], self.mean, self.std),
+                   self.labels[start:start + self.batch])

@@ -1,0 +1,225 @@
+"""One optimizer step: plain SGD, or SAM as in the paper's Algorithm 1, over groups of m examples.
+
+The per-rank batch is cut into groups of `m` examples ("virtual devices"). For every optimizer:
+  * BatchNorm normalizes each group with that group's own statistics (ghost batch, as on the paper's 8 GPUs), and
+    the running statistics become the average of the groups' updates (the paper averages per-device statistics);
+For SAM, additionally, each group gets its own perturbation (m-sharpness, paper section 4):
+
+    for each group B_i (weight n_i / n):
+        g_i    = grad L_Bi(w)                    clean pass: updates BN running stats, no all-reduce
+        eps_i  = rho * g_i / ||g_i||             optimizer.first_step(): w <- w + eps_i
+        g_s   += n_i/n * grad L_Bi(w + eps_i)    perturbed pass: same RNG draws, BN running stats frozen
+        w      = w                               optimizer.restore()
+    all-reduce g_s over ranks (DDP, during the last group's backward), clip, base optimizer step at w.
+
+Mixed precision: bf16 autocast needs nothing else. fp16 scales the loss with a GradScaler; the first pass's
+gradients are unscaled inside first_step (eps is scale-free, the L2 term is not), the perturbed gradients are
+unscaled once by the scaler, and the scaler updates once per step. A first pass that overflows makes eps, hence
+the perturbed gradient, non-finite, so the scaler skips the step and lowers the scale: no parameter changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sam_repro.optim.sam import SAM, add_l2_gradient_
+
+BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BatchNorm and RNG helpers
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm that normalizes with batch statistics but leaves the running statistics (and
+    num_batches_tracked) untouched: the official code keeps only the clean pass's statistics."""
+    changed = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
+    for m in changed:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
+
+
+class RunningStatsAverage:
+    """Makes the BatchNorm running statistics after G group passes equal the average of G independent updates
+    from the same starting point, as when G devices each update their own copy and the copies are averaged."""
+
+    def __init__(self, model: nn.Module, groups: int) -> None:
+        self.modules = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats] \
+            if groups > 1 else []
+        self.start = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                      for m in self.modules]
+        self.sums = [(torch.zeros_like(mean), torch.zeros_like(var)) for mean, var, _ in self.start]
+        self.count = 0
+
+    def collect(self) -> None:
+        """Call after each group's clean forward: bank its update and reset to the starting point."""
+        for m, (mean0, var0, _), (s_mean, s_var) in zip(self.modules, self.start, self.sums):
+            s_mean.add_(m.running_mean)
+            s_var.add_(m.running_var)
+            m.running_mean.copy_(mean0)
+            m.running_var.copy_(var0)
+        self.count += 1
+
+    def finish(self) -> None:
+        for m, (_, _, n0), (s_mean, s_var) in zip(self.modules, self.start, self.sums):
+            m.running_mean.copy_(s_mean / self.count)
+            m.running_var.copy_(s_var / self.count)
+            m.num_batches_tracked.copy_(n0 + 1)
+
+
+def rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the model, optimizer and batch (built once by the trainer)."""
+
+    group_size: int
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # DDP's model.no_sync
+
+
+@dataclass
+class StepStats:
+    """Sums over the examples of one step, kept on the device (no synchronisation per step)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    count: int
+    perturbed_loss_sum: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None  # mean over groups of ||g_i||
+    perturbation_norm: torch.Tensor | None = None  # mean over groups of ||eps_i||
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    with ctx.autocast():
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=ctx.label_smoothing)
+    return loss, logits
+
+
+def _scale(ctx: StepContext, loss: torch.Tensor) -> torch.Tensor:
+    return ctx.scaler.scale(loss) if ctx.scaler is not None else loss
+
+
+def _base_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], ctx: StepContext,
+               add_l2: bool, before_clip: Callable[[], None] | None = None) -> torch.Tensor | None:
+    """Unscale (fp16), add the L2 gradient at w (SGD in l2 mode), [a variant's hook], clip, step, update."""
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(optimizer)
+    if add_l2:
+        add_l2_gradient_(optimizer.param_groups)
+    if before_clip is not None:
+        before_clip()
+    total_norm = None
+    if ctx.grad_clip:
+        total_norm = torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip)
+    if ctx.scaler is not None:
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
+    else:
+        optimizer.step()
+    return total_norm
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             ctx: StepContext, before_clip: Callable[[], None] | None = None) -> StepStats:
+    """Plain step with ghost-batch BatchNorm: the per-rank batch's gradient as the mean over its groups."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    groups = list(zip(x.split(ctx.group_size), y.split(ctx.group_size)))
+    bn = RunningStatsAverage(model, len(groups))
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for i, (xg, yg) in enumerate(groups):
+        last = i == len(groups) - 1
+        with contextlib.nullcontext() if last else ctx.no_sync():  # all-reduce once, in the last backward
+            loss, logits = _loss(model, xg, yg, ctx)
+            _scale(ctx, loss * (len(xg) / len(x))).backward()
+        bn.collect()
+        loss_sum += loss.detach() * len(xg)
+        correct += (logits.argmax(1) == yg).sum()
+    bn.finish()
+    _base_step(optimizer, params, ctx, add_l2=True, before_clip=before_clip)
+    return StepStats(loss_sum, correct, len(x))
+
+
+def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor, ctx: StepContext,
+             before_clip: Callable[[], None] | None = None) -> StepStats:
+    """SAM (Algorithm 1) with one perturbation per group of m examples; see the module docstring."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    groups = list(zip(x.split(ctx.group_size), y.split(ctx.group_size)))
+    bn = RunningStatsAverage(model, len(groups))
+    zero = torch.zeros((), device=x.device)
+    loss_sum, perturbed_sum, grad_norm, eps_norm = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    loss_scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
+    for i, (xg, yg) in enumerate(groups):
+        weight = len(xg) / len(x)
+        last = i == len(groups) - 1
+        sam_grads = [p.grad for p in params]  # the perturbed gradients of the earlier groups, set aside
+        for p in params:
+            p.grad = None
+        rng = rng_state(x.device)
+
+        # g_i = grad L(w) on this group alone: no all-reduce, so every group (device) gets its own eps.
+        with ctx.no_sync():
+            loss, logits = _loss(model, xg, yg, ctx)
+            _scale(ctx, loss).backward()
+        bn.collect()
+        optimizer.first_step(zero_grad=True, grad_scale=loss_scale)  # w <- w + eps_i
+
+        for p, g in zip(params, sam_grads):
+            p.grad = g
+        optimizer.add_perturbed_weight_decay(weight * loss_scale)  # L2 gradient at w + eps_i (l2 mode)
+
+        # grad L(w + eps_i): the same dropout/shake draws, batch statistics, running statistics untouched.
+        set_rng_state(rng, x.device)
+        with frozen_bn_stats(model), (contextlib.nullcontext() if last else ctx.no_sync()):
+            perturbed_loss, _ = _loss(model, xg, yg, ctx)
+            _scale(ctx, perturbed_loss * weight).backward()
+        optimizer.restore()  # w + eps_i -> w
+
+        loss_sum += loss.detach() * len(xg)
+        perturbed_sum += perturbed_loss.detach() * len(xg)
+        correct += (logits.argmax(1) == yg).sum()
+        grad_norm += optimizer.last_grad_norm.to(zero) * weight
+        eps_norm += optimizer.last_perturbation_norm.to(zero) * weight
+    bn.finish()
+    _base_step(optimizer.base_optimizer, params, ctx, add_l2=False, before_clip=before_clip)
+    return StepStats(loss_sum, correct, len(x), perturbed_sum, grad_norm, eps_norm)
+
+
+def looksam_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepStats:
+    """LookSAM: a full SAM step every k steps (storing the direction it adds), a plain step pushed along that
+    direction in between (sam_repro/optim/looksam.py)."""
+    if optimizer.full_step_due():
+        return sam_step(model, optimizer, x, y, ctx, before_clip=optimizer.store_direction)
+    return sgd_step(model, optimizer.base_optimizer, x, y, ctx, before_clip=optimizer.apply_direction)

@@ -1,0 +1,358 @@
+"""The training loop, top to bottom: set-up, data, model, optimizer, resume, epochs (train, evaluate, log,
+checkpoint), summary. One SAM step is `step.sam_step`; everything here is plumbing around it.
+
+Outputs in the run directory (the current working directory's `run_dir` argument):
+  config.yaml, metrics.jsonl (one line per epoch), summary.json (status, errors, provenance),
+  checkpoints/last.pt (atomic, every epoch and on a stop signal), train.log, wandb/ (offline runs).
+Only rank 0 writes; every rank computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sam_repro.data import build_data
+from sam_repro.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from sam_repro.engine.config import validate
+from sam_repro.engine.distributed import DistEnv, all_reduce_sum, cleanup_distributed, init_distributed
+from sam_repro.engine.loggers import MetricsLogger, Progress
+from sam_repro.engine.preemption import StopSignal
+from sam_repro.engine.provenance import provenance
+from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
+from sam_repro.errors import CheckpointError, SamReproError
+from sam_repro.optim.factory import build_optimizer, build_schedule
+
+log = logging.getLogger("sam_repro")
+
+
+class NonFiniteLoss(SamReproError):
+    pass
+
+
+def _set_threads(cfg: DictConfig) -> None:
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, env: DistEnv, autocast) -> dict[str, float]:
+    """Exact top-1/top-5 error and mean loss over the whole split, summed over ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss, top1 correct, top5 correct, count
+    for x, y in loader:
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        sums[1] += (top5[:, 0] == y).sum()
+        sums[2] += (top5 == y[:, None]).any(1).sum()
+        sums[3] += len(y)
+    all_reduce_sum(sums)
+    loss, top1, top5, n = sums.tolist()
+    assert int(n) == loader.total, f"evaluated {n} examples of {loader.total}"
+    model.train()
+    return {"loss": loss / n, "error": 100.0 * (1 - top1 / n), "error_top5": 100.0 * (1 - top5 / n)}
+
+
+@torch.no_grad()
+def average_bn_stats(model: torch.nn.Module, env: DistEnv) -> None:
+    """Per-device BatchNorm running statistics averaged over ranks (the official code pmean-s them at eval)."""
+    if not env.distributed:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            for buf in (m.running_mean, m.running_var):
+                all_reduce_sum(buf)
+                buf.div_(env.world_size)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train (or resume, or report) the run described by `cfg` in `run_dir`; returns the summary."""
+    env = init_distributed(cfg.trainer.device)
+    try:
+        return _train(cfg, Path(run_dir), env)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
+    start_time = time.time()
+    summary_path, ckpt_path = run_dir / "summary.json", run_dir / "checkpoints" / "last.pt"
+    if summary_path.exists():
+        previous = json.loads(summary_path.read_text())
+        if previous.get("status") == "finished":
+            log.info("run already finished: %s (test error %.2f%%); delete the directory to train again",
+                     run_dir, previous["test_error"])
+            return previous
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+    validate(cfg, env)
+    _set_threads(cfg)
+    device = env.device
+    torch.manual_seed(cfg.seed)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.trainer.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    data = build_data(cfg, device, env.rank, env.world_size)
+    model = _build_model(cfg, device)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    epochs = max(1, int(math.ceil(cfg.trainer.epochs * cfg.trainer.epoch_scale)))
+    steps_per_epoch = len(data.train)
+    scheduler = build_schedule(cfg.schedule, optimizer, epochs * steps_per_epoch, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if cfg.trainer.precision == "fp16" else None
+    autocast = _autocast(cfg.trainer.precision, device)
+
+    # ---- resume -----------------------------------------------------------------------------------------------
+    epoch, step, best, wall_before = 0, 0, math.inf, 0.0
+    state = _load_resume_state(cfg, ckpt_path, device)
+    if state is not None:
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        data.train.load_state_dict(state["loader"])
+        epoch, step, best = state["epoch"], state["step"], state.get("best_test_error", math.inf)
+        wall_before = state.get("wall_time_s", 0.0)
+        torch.set_rng_state(state["rng"][env.rank]["cpu"])
+        if device.type == "cuda" and state["rng"][env.rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"][env.rank]["cuda"], device)
+        log.info("resumed from %s at epoch %d, step %d", ckpt_path, epoch, step)
+    else:
+        data.train.set_epoch(0)
+
+    train_model = model
+    if cfg.trainer.compile:
+        train_model = torch.compile(model)
+    if env.distributed:
+        # Statistics per device, as in the paper: no buffer broadcast; running stats averaged before eval/ckpt.
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    per_rank = cfg.trainer.batch_size // env.world_size
+    ctx = StepContext(
+        group_size=int(cfg.trainer.m or per_rank // cfg.trainer.accumulate),
+        label_smoothing=float(cfg.trainer.label_smoothing),
+        grad_clip=cfg.trainer.grad_clip,
+        autocast=autocast,
+        scaler=scaler,
+        no_sync=train_model.no_sync if env.distributed else contextlib.nullcontext,
+    )
+    take_step = {"sgd": sgd_step, "looksam": looksam_step}.get(cfg.optimizer.name, sam_step)
+
+    # ---- outputs ---------------------------------------------------------------------------------------------
+    metrics = MetricsLogger(cfg, run_dir, env, resume_epoch=epoch if state else 0,
+                            wandb_id=state.get("wandb_id") if state else None)
+    prov = provenance()
+    summary = {"status": "running", "reason": None, "epochs": epoch, "label_noise": data.info.get("label_noise"),
+               "num_train": data.num_train, "provenance": prov}
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(summary_path, summary)
+    stop = StopSignal(env)
+    log.info("%s | %s on %s (%d train examples), %d epochs x %d steps, batch %d (per rank %d, groups of %d), "
+             "%d rank(s) on %s", cfg.optimizer.name, cfg.model.name, cfg.dataset.name, data.num_train, epochs,
+             steps_per_epoch, cfg.trainer.batch_size, per_rank, ctx.group_size, env.world_size, device)
+
+    def checkpoint(partial_epoch: "_EpochTotals | None" = None) -> None:
+        average_bn_stats(_unwrap(model), env)
+        rngs = _gather_rng(env, device)
+        if env.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "loader": data.train.state_dict(), "rng": rngs, "epoch": epoch, "step": step,
+                "best_test_error": best, "wall_time_s": wall_before + time.time() - start_time,
+                "config": OmegaConf.to_container(cfg, resolve=True), "wandb_id": metrics.wandb_id,
+                "epoch_totals": partial_epoch.state_dict() if partial_epoch else None,
+            })
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    status, reason, last = "finished", None, None
+    try:
+        while epoch < epochs:
+            train_model.train()
+            totals = _EpochTotals(device, state.get("epoch_totals") if state else None)
+            state = None  # partial-epoch totals apply to the first (resumed) epoch only
+            progress = Progress(cfg, env, epoch + 1, epochs, steps_per_epoch, start=data.train.position)
+            stopped = capped = False
+            for x, y in data.train:
+                stats = take_step(train_model, optimizer, x, y, ctx)
+                scheduler.step()
+                step += 1
+                totals.add(stats)
+                progress.update(totals, optimizer)
+                stopped = stop.should_stop()  # every rank calls it every step: they agree on where to stop
+                capped = bool(cfg.trainer.max_steps) and step >= cfg.trainer.max_steps
+                if stopped or capped:
+                    break
+            progress.close()
+            totals.check_finite(step)
+            if stopped:
+                status, reason = "interrupted", f"stopped by {stop.signal_name} at step {step}"
+                checkpoint(totals)
+                break
+            epoch += 1
+            data.train.set_epoch(epoch)
+            average_bn_stats(_unwrap(model), env)
+            last = {"epoch": epoch, "step": step, **totals.summary(env), "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_second": totals.images_per_second(env), "epoch_time_s": totals.seconds()}
+            test = evaluate(model, data.test, env, autocast)
+            last.update({"test_loss": test["loss"], "test_error": test["error"], "test_error_top5": test["error_top5"]})
+            if data.val is not None:
+                val = evaluate(model, data.val, env, autocast)
+                last.update({"val_loss": val["loss"], "val_error": val["error"]})
+            best = min(best, last["test_error"])
+            metrics.log_epoch(last)
+            checkpoint()
+            if capped:
+                break
+    except NonFiniteLoss as exc:
+        status, reason = "failed", str(exc)
+        log.error("%s; the last good checkpoint is kept at %s", exc, ckpt_path)
+    except BaseException as exc:
+        status, reason = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        summary = _finish_summary(summary, status, reason, epoch, last, best, metrics, wall_before + time.time()
+                                  - start_time)
+        if env.is_main:
+            atomic_write_json(summary_path, summary)
+        metrics.finish(summary)
+        stop.restore()
+    if status == "interrupted":
+        stop.finish()  # exits so the scheduler can requeue; never returns under SLURM
+    if status == "failed":
+        raise NonFiniteLoss(reason)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    from hydra.utils import instantiate
+
+    model = instantiate(cfg.model).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.trainer.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _load_resume_state(cfg: DictConfig, path: Path, device: torch.device) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path, map_location=device)
+    except CheckpointError as exc:
+        if cfg.trainer.on_corrupt_checkpoint == "restart":
+            log.warning("%s -- starting from scratch (trainer.on_corrupt_checkpoint=restart)", exc)
+            return None
+        raise
+
+
+def _gather_rng(env: DistEnv, device: torch.device) -> list[dict]:
+    """Every rank's RNG state, gathered to rank 0 (a list indexed by rank)."""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not env.distributed:
+        return [mine]
+    gathered: list = [None] * env.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+class _EpochTotals:
+    """Running sums of a training epoch, on the device; read (and synchronised) only at log points. Saved in a
+    mid-epoch checkpoint so a resumed epoch reports the same training metrics as an uninterrupted one."""
+
+    KEYS = ("loss", "correct", "perturbed", "grad_norm", "eps_norm")
+
+    def __init__(self, device: torch.device, saved: dict | None = None) -> None:
+        saved = saved or {}
+        for k in self.KEYS:
+            setattr(self, k, torch.tensor(saved.get(k, 0.0), device=device, dtype=torch.float64))
+        self.count, self.steps, self.sam = saved.get("count", 0), saved.get("steps", 0), saved.get("sam", False)
+        self._elapsed, self._start = saved.get("elapsed", 0.0), time.time()
+
+    def state_dict(self) -> dict:
+        return {**{k: float(getattr(self, k)) for k in self.KEYS}, "count": self.count, "steps": self.steps,
+                "sam": self.sam, "elapsed": self.seconds()}
+
+    def add(self, s) -> None:
+        self.loss += s.loss_sum
+        self.correct += s.correct
+        self.count += s.count
+        self.steps += 1
+        if s.perturbed_loss_sum is not None:
+            self.sam = True
+            self.perturbed += s.perturbed_loss_sum
+            self.grad_norm += s.grad_norm
+            self.eps_norm += s.perturbation_norm
+
+    def seconds(self) -> float:
+        return self._elapsed + time.time() - self._start
+
+    def images_per_second(self, env: DistEnv) -> float:
+        return self.count * env.world_size / max(self.seconds(), 1e-9)
+
+    def check_finite(self, step: int) -> None:
+        if self.count and not math.isfinite(float(self.loss)):
+            raise NonFiniteLoss(f"training loss became non-finite by step {step}: lower optimizer.lr, set "
+                                f"trainer.grad_clip, or use trainer.precision=fp32")
+
+    def summary(self, env: DistEnv) -> dict:
+        extra = torch.tensor([float(self.count), float(self.steps)], device=self.loss.device, dtype=torch.float64)
+        sums = torch.cat([torch.stack([getattr(self, k) for k in self.KEYS]), extra])
+        all_reduce_sum(sums)
+        loss, correct, perturbed, gnorm, enorm, n, steps = sums.tolist()
+        out = {"train_loss": loss / n, "train_error": 100.0 * (1 - correct / n)}
+        if self.sam:
+            out.update({"perturbed_loss": perturbed / n, "sharpness": (perturbed - loss) / n,
+                        "grad_norm": gnorm / steps, "perturbation_norm": enorm / steps})
+        return out
+
+
+def _finish_summary(summary: dict, status: str, reason: str | None, epoch: int, last: dict | None, best: float,
+                    metrics: MetricsLogger, wall: float) -> dict:
+    final = metrics.last_metrics() if last is None else last
+    summary = dict(summary)
+    summary.update({
+        "status": status, "reason": reason, "epochs": epoch, "wall_time_s": wall,
+        "test_error": final.get("test_error") if final else None,
+        "test_error_top5": final.get("test_error_top5") if final else None,
+        "best_test_error": best if math.isfinite(best) else None,
+        "images_per_second": metrics.mean_images_per_second(),
+    })
+    if final and "val_error" in final:
+        summary["val_error"] = final["val_error"]
+    return summary

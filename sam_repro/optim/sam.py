@@ -1,0 +1,242 @@
+"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, Algorithm 1) as a wrapper around any torch optimizer.
+
+The optimizer knows parameters and gradients only. Algorithm 1, line by line:
+
+    g   = grad L_B(w)                       # first forward-backward (the caller's)
+    eps = rho * g / ||g||_2                 # first_step(): w <- w + eps
+    g_s = grad L_B(w + eps)                 # second forward-backward (the caller's, or the closure)
+    w   = w - lr * g_s                      # second_step(): w <- w (restored), base optimizer steps with g_s
+
+Drop-in API, as the common PyTorch port:
+
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    loss_fn(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    loss_fn(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)
+
+Paper semantics by default, every deviation a named option:
+  * the norm is global over all parameters, with no epsilon in the denominator (a zero gradient gives eps = 0);
+    `p=inf` gives eps = rho * sign(g), the paper's p = infinity ablation;
+  * `weight_decay_mode="l2"` (default): weight decay is the official code's L2 term 0.5*wd*||w||^2 in the loss, so
+    wd*w is part of g (it shapes eps) and wd*(w+eps) is part of the gradient at the perturbed point; the base
+    optimizer gets weight_decay=0. `weight_decay_mode="base_optimizer"` hands weight decay to the base optimizer,
+    which applies it at w, after the ascent and outside eps (what the common port does);
+  * `adaptive=True` is ASAM (Kwon et al., 2021): eps = rho * T^2 g / ||T g|| with T = |w| + eta, on the parameter
+    groups whose `adaptive` is true (the engine puts biases in a group with adaptive=False, as ASAM's code scales
+    only tensors named `weight`).
+
+`rho`, `adaptive`, `eta` and `weight_decay` can be set per parameter group. `param_groups` is shared with the base
+optimizer, so learning-rate schedulers work on the SAM object directly.
+
+Hooks for an engine that splits a batch into groups of m examples (m-sharpness) or micro-batches:
+`first_step(grad_scale=S)` takes gradients that carry a loss scale (fp16), `add_perturbed_weight_decay(scale)`
+adds the L2 gradient at w + eps before the perturbed backward accumulates into `.grad`, and `restore()` returns to w.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+WEIGHT_DECAY_MODES = ("l2", "base_optimizer")
+
+
+@torch.no_grad()
+def add_l2_gradient_(param_groups: list[dict], scale: float = 1.0) -> None:
+    """`.grad += scale * l2_weight_decay * w` for every parameter (creating `.grad` if absent).
+
+    The gradient of the official code's L2 term 0.5*wd*||w||^2; used by SAM at w + eps and by the engine for
+    plain SGD in l2 mode (before clipping, as the official code clips the full gradient).
+    """
+    for group in param_groups:
+        wd = group.get("l2_weight_decay", 0.0)
+        if wd == 0:
+            continue
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = p.detach() * (wd * scale)
+            else:
+                p.grad.add_(p, alpha=wd * scale)
+
+
+class SAM(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        base_optimizer: type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        p: float = 2,
+        weight_decay: float = 0.0,
+        weight_decay_mode: str = "l2",
+        **base_kwargs: Any,
+    ) -> None:
+        if rho < 0:
+            raise ValueError(f"rho must be >= 0 (got {rho})")
+        if p not in (2, math.inf):
+            raise ValueError(f"p must be 2 or inf (got {p})")
+        if weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES} (got {weight_decay_mode!r})")
+        self.p = p
+        self.weight_decay_mode = weight_decay_mode
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, weight_decay=weight_decay, **base_kwargs)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            # In l2 mode the coefficient moves to `l2_weight_decay` and the base optimizer sees weight_decay=0.
+            l2 = group["weight_decay"] if weight_decay_mode == "l2" else 0.0
+            group["l2_weight_decay"] = l2
+            if weight_decay_mode == "l2":
+                group["weight_decay"] = 0.0
+        # The base optimizer adopts our group dicts (add_param_group keeps the dict objects), so both share them.
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.last_grad_norm: torch.Tensor | None = None  # ||g|| of the last first_step (a 0-dim tensor)
+        self.last_perturbation_norm: torch.Tensor | None = None  # ||eps||
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Algorithm 1
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, grad_scale: float = 1.0) -> None:
+        """w <- w + eps(g), with g the current `.grad` (divided by `grad_scale`, plus wd*w in l2 mode).
+
+        No host-device synchronisation: a zero gradient gives eps = 0 through a masked division.
+        """
+        ascent = self._ascent_gradients(grad_scale)
+        norm = self._ascent_norm(ascent)
+        inv_norm = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+        eps_sq = torch.zeros_like(norm)
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = ascent.get(p)
+                if g is None:
+                    continue
+                if self.p == 2:
+                    e = g * (group["rho"] * inv_norm).to(g)
+                    if group["adaptive"]:
+                        e = e * (p.abs() + group["eta"]).pow(2)
+                else:
+                    # p = inf: the dual norm is l1, so eps = rho * sign(g) (times |w|+eta per coordinate for ASAM).
+                    e = torch.sign(g) * group["rho"]
+                    if group["adaptive"]:
+                        e = e * (p.abs() + group["eta"])
+                self.state[p]["old_p"] = p.detach().clone()
+                p.add_(e)
+                eps_sq = eps_sq + e.detach().pow(2).sum().to(eps_sq)
+        self.last_grad_norm = norm.detach()
+        self.last_perturbation_norm = eps_sq.sqrt()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def add_perturbed_weight_decay(self, scale: float = 1.0) -> None:
+        """In l2 mode, add scale * wd * (w + eps) to `.grad` (creating it if absent); call while perturbed.
+
+        `second_step` calls it itself; an engine that accumulates several perturbed gradients calls it once per
+        group, before that group's perturbed backward, with scale = the group's weight (times the loss scale).
+        """
+        add_l2_gradient_(self.param_groups, scale)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """w + eps -> w, bit for bit (the saved copy, not a subtraction). Idempotent."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                old = self.state[p].pop("old_p", None) if p in self.state else None
+                if old is not None:
+                    p.copy_(old)
+
+    @property
+    def is_perturbed(self) -> bool:
+        return any("old_p" in self.state[p] for g in self.param_groups for p in g["params"] if p in self.state)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Add the perturbed point's L2 gradient, restore w and let the base optimizer step with grad L(w + eps)."""
+        if self.is_perturbed:
+            self.add_perturbed_weight_decay()
+        self.restore()
+        self.base_step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def base_step(self) -> None:
+        """The base optimizer's step with the current `.grad` (call at w, after restore)."""
+        self.base_optimizer.step()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """SAM step with a closure that does a full forward-backward (after the caller's first forward-backward)."""
+        if closure is None:
+            raise RuntimeError("SAM.step needs a closure that re-evaluates the loss and calls backward()")
+        closure = torch.enable_grad()(closure)
+        self.first_step(zero_grad=True)
+        loss = closure()
+        self.second_step()
+        return loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Helpers
+    def _ascent_gradients(self, grad_scale: float) -> dict[torch.Tensor, torch.Tensor]:
+        """The gradient that defines eps: .grad / grad_scale, plus wd*w in l2 mode."""
+        ascent = {}
+        inv = 1.0 / grad_scale
+        for group in self.param_groups:
+            wd = group["l2_weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad if inv == 1.0 else p.grad * inv
+                if wd != 0:
+                    g = g.add(p, alpha=wd)
+                ascent[p] = g
+        return ascent
+
+    def _ascent_norm(self, ascent: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """||g||_2 over all parameters (||T g||_2 for ASAM groups). Computed on the first parameter's device."""
+        norms = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = ascent.get(p)
+                if g is None:
+                    continue
+                if group["adaptive"]:
+                    g = g * (p.abs() + group["eta"])
+                norms.append(torch.linalg.vector_norm(g, 2, dtype=torch.promote_types(g.dtype, torch.float32)))
+        if not norms:
+            return torch.zeros(())
+        device = norms[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # State: the base optimizer's state dict (it holds the shared groups, so rho, eta and the L2 coefficient too),
+    # plus any persistent per-parameter SAM state (variants such as LookSAM keep some). `old_p` is transient.
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.base_optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        sd["sam_state"] = {
+            index[id(p)]: {k: v for k, v in s.items() if k != "old_p"}
+            for p, s in self.state.items()
+            if any(k != "old_p" for k in s)
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        sam_state = state_dict.pop("sam_state", {})
+        self.base_optimizer.load_state_dict(state_dict)
+        # load_state_dict rebuilt the base optimizer's group dicts: share them again (the common port's resume bug).
+        self.param_groups = self.base_optimizer.param_groups
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state = defaultdict(dict)
+        for i, s in sam_state.items():
+            p = params[int(i)]
+            self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in s.items()}

@@ -1,0 +1,178 @@
+"""The engine's SAM step (sam_repro/engine/step.py) against hand-written computations."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sam_repro.engine.step import StepContext, frozen_bn_stats, sam_step, sgd_step
+from sam_repro.optim import SAM
+
+
+def tiny_bn_net(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(16, 3))
+    return nn.Sequential(*layers)
+
+
+def batch(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def make_sam(model, rho=0.1, wd=0.0, lr=0.1):
+    return SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr, weight_decay=wd)
+
+
+def hand_sam_update(model, x, y, m, rho, lr, wd):
+    """Per group: eps from the group's own gradient (with L2), the group's gradient at w+eps; average; SGD step."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    groups = list(zip(x.split(m), y.split(m)))
+    for xg, yg in groups:
+        probe = copy.deepcopy(model).train()
+        loss = nn.functional.cross_entropy(probe(xg), yg)
+        g = torch.autograd.grad(loss, list(probe.parameters()))
+        g = [gi + wd * p.detach() for gi, p in zip(g, params)]
+        norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+        with torch.no_grad():
+            for p, gi in zip(probe.parameters(), g):
+                p.add_(rho * gi / norm)
+        loss_adv = nn.functional.cross_entropy(probe(xg), yg)
+        gs = torch.autograd.grad(loss_adv, list(probe.parameters()))
+        for t, gi, p in zip(total, gs, probe.parameters()):
+            t.add_((gi + wd * p.detach()) / len(groups))
+    return [p.detach() - lr * t for p, t in zip(params, total)]
+
+
+@pytest.mark.parametrize("m", [8, 4, 2])
+def test_grouped_sam_equals_hand_loop(m):
+    model = tiny_bn_net()
+    x, y = batch()
+    expected = hand_sam_update(model, x, y, m, rho=0.1, lr=0.1, wd=1e-2)
+    opt = make_sam(model, rho=0.1, wd=1e-2)
+    stats = sam_step(model, opt, x, y, StepContext(group_size=m))
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    assert stats.count == 8 and stats.perturbed_loss_sum is not None
+
+
+def test_bn_running_stats_come_from_the_clean_pass_only():
+    model = tiny_bn_net()
+    x, y = batch()
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():
+        reference(x)  # one clean forward in train mode
+    bn, ref_bn = model[1], reference[1]
+    sam_step(model, make_sam(model, rho=0.5), x, y, StepContext(group_size=8))
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=0, atol=0)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_grouped_running_stats_are_the_average_of_per_group_updates():
+    model = tiny_bn_net()
+    x, y = batch()
+    start = copy.deepcopy(model[1])
+    updates = []
+    for xg in x.split(4):
+        probe = copy.deepcopy(model).train()
+        with torch.no_grad():
+            probe(xg)
+        updates.append((probe[1].running_mean, probe[1].running_var))
+    for step in (sgd_step, sam_step):
+        m = copy.deepcopy(model)
+        opt = make_sam(m) if step is sam_step else torch.optim.SGD(m.parameters(), lr=0.1)
+        step(m, opt, x, y, StepContext(group_size=4))
+        torch.testing.assert_close(m[1].running_mean, (updates[0][0] + updates[1][0]) / 2)
+        torch.testing.assert_close(m[1].running_var, (updates[0][1] + updates[1][1]) / 2)
+        assert int(m[1].num_batches_tracked) == int(start.num_batches_tracked) + 1
+
+
+def test_frozen_bn_stats_still_normalizes_with_batch_statistics():
+    model = tiny_bn_net().train()
+    x, _ = batch()
+    before = model[1].running_mean.clone()
+    with torch.no_grad(), frozen_bn_stats(model):
+        out_frozen = model[:2](x)
+    assert torch.equal(model[1].running_mean, before)
+    torch.testing.assert_close(out_frozen.mean(0), model[1].bias.detach(), atol=1e-5, rtol=0)  # batch stats used
+    assert model[1].track_running_stats
+
+
+def test_dropout_draws_are_replayed_in_the_perturbed_pass():
+    model = tiny_bn_net(dropout=0.5)
+    x, y = batch()
+    stats = sam_step(model, make_sam(model, rho=0.0), x, y, StepContext(group_size=8))
+    # rho = 0: the perturbed pass is the clean pass again, identical only if the dropout masks are the same.
+    assert torch.equal(stats.perturbed_loss_sum, stats.loss_sum)
+
+
+def test_sgd_step_with_groups_equals_full_batch_gradient_without_bn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    ref = copy.deepcopy(model)
+    x, y = batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for g in opt.param_groups:
+        g["l2_weight_decay"] = 0.01
+    sgd_step(model, opt, x, y, StepContext(group_size=2))
+    loss = nn.functional.cross_entropy(ref(x), y)
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    for p, q, g in zip(model.parameters(), ref.parameters(), grads):
+        torch.testing.assert_close(p.detach(), q.detach() - 0.1 * (g + 0.01 * q.detach()), rtol=1e-5, atol=1e-6)
+
+
+def test_grad_clip_applies_to_the_sam_gradient():
+    model = tiny_bn_net()
+    x, y = batch()
+    unclipped = copy.deepcopy(model)
+    sam_step(unclipped, make_sam(unclipped, lr=1.0), x, y, StepContext(group_size=8))
+    with torch.no_grad():
+        step_norm = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(unclipped.parameters(), model.parameters())))
+    clip = float(step_norm) / 4
+    sam_step(model, make_sam(model, lr=1.0), x, y, StepContext(group_size=8, grad_clip=clip))
+    with torch.no_grad():
+        clipped_norm = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), tiny_bn_net().parameters())))
+    assert float(clipped_norm) == pytest.approx(clip, rel=1e-4)
+
+
+def test_fp16_inf_in_first_pass_skips_the_step():
+    model = tiny_bn_net()
+    x, y = batch()
+    opt = make_sam(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return torch.full_like(grad, float("inf")) if calls["n"] == 1 else grad
+
+    handle = model[0].weight.register_hook(poison)
+    ctx = StepContext(group_size=8, scaler=scaler,
+                      autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    sam_step(model, opt, x, y, ctx)
+    handle.remove()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert scaler.get_scale() == 2.0**7  # backed off once: one update per SAM step
+    # The next step, without the injected inf, goes through.
+    sam_step(model, opt, x, y, ctx)
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+def test_bf16_autocast_step_is_close_to_fp32():
+    x, y = batch()
+    results = []
+    for autocast in (None, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        model = tiny_bn_net()
+        ctx = StepContext(group_size=8) if autocast is None else StepContext(group_size=8, autocast=autocast)
+        sam_step(model, make_sam(model), x, y, ctx)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.02)
