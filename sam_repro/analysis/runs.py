@@ -1,0 +1,164 @@
+"""Finished and unfinished training runs, read back from the directories `sam-train` writes.
+
+A run directory holds `config.yaml` (the resolved config), `summary.json` (status and final numbers) and
+`metrics.jsonl` (one object per epoch). This module finds such directories under any number of roots (single runs,
+multirun sweeps, nested folders), reads them into `RunRecord`s and leaves every judgement (which runs to average,
+how to group them) to `tables.py`. A run whose summary is missing is kept with status "no-summary" so that it can be
+listed; a summary or config that exists but cannot be parsed is a DataError, because silently skipping it would
+drop a seed from a mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sam_repro.errors import DataError
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+
+FINISHED = "finished"
+NO_SUMMARY = "no-summary"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One training run: where it came from, its resolved config and its summary.
+
+    source: the run directory as found (posix, relative to the root given on the command line) or
+    `wandb:<entity>/<project>/<run id>`; it names the run in every listing.
+    """
+
+    source: str
+    config: Mapping[str, Any]
+    summary: Mapping[str, Any]
+    status: str
+    reason: str | None = None
+    directory: Path | None = field(default=None, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.config.get("seed")
+        return int(seed) if seed is not None else None
+
+    def value(self, dotted_key: str, default: Any = None) -> Any:
+        """A config value by dotted key, e.g. `run.value("optimizer.rho")`."""
+        return config_value(self.config, dotted_key, default)
+
+
+def config_value(config: Mapping[str, Any], dotted_key: str, default: Any = None) -> Any:
+    """Look up `a.b.c` in a nested mapping; `default` when any part is missing."""
+    node: Any = config
+    for part in dotted_key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values (they are compared whole)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def find_run_dirs(roots: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every run directory at or below `roots`, sorted, each once.
+
+    A run directory is one holding `config.yaml`. Hidden folders (Hydra's `.hydra/`, which also holds a
+    config.yaml) are skipped, and the search does not descend into a run directory (its `checkpoints/` and
+    `wandb/` folders hold no runs).
+    """
+    found: dict[Path, Path] = {}
+    for root in roots:
+        root_path = Path(os.path.normpath(root))
+        if not root_path.is_dir():
+            raise DataError(f"{root}: no such directory (pass run directories or folders that contain them)")
+        for current, subdirs, files in os.walk(root_path):
+            if CONFIG_FILE in files:
+                found.setdefault(Path(current).resolve(), Path(current))
+                subdirs.clear()
+            else:
+                subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+    return sorted(found.values(), key=lambda p: p.as_posix())
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise DataError(f"{path}: cannot read the run config ({type(exc).__name__}); fix or remove the run") from exc
+    if not isinstance(config, Mapping):
+        raise DataError(f"{path}: the run config is not a mapping; fix or remove the run")
+    return config
+
+
+def _read_summary(path: Path) -> Mapping[str, Any]:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable summary ({exc}); fix or remove the run") from exc
+    if not isinstance(summary, Mapping) or "status" not in summary:
+        raise DataError(f"{path}: unreadable summary (no `status` field); fix or remove the run")
+    return summary
+
+
+def load_run(directory: Path) -> RunRecord:
+    """Read one run directory. A missing summary.json gives status "no-summary" (the run never wrote one)."""
+    config = _read_yaml(directory / CONFIG_FILE)
+    summary_path = directory / SUMMARY_FILE
+    if not summary_path.exists():
+        return RunRecord(directory.as_posix(), config, {}, NO_SUMMARY, "no summary.json", directory)
+    summary = _read_summary(summary_path)
+    return RunRecord(
+        directory.as_posix(), config, summary, str(summary["status"]), summary.get("reason"), directory
+    )
+
+
+def load_runs(roots: Iterable[str | os.PathLike]) -> list[RunRecord]:
+    """All runs under `roots`, sorted by source. Raises DataError when there are none."""
+    roots = list(roots)
+    directories = find_run_dirs(roots)
+    if not directories:
+        shown = " ".join(str(r) for r in roots)
+        raise DataError(f"no runs found under {shown} (a run directory holds {CONFIG_FILE} and {SUMMARY_FILE})")
+    return [load_run(d) for d in directories]
+
+
+def load_metrics(directory: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of metrics.jsonl ([] when absent).
+
+    A run killed while writing leaves a truncated last line; it is dropped rather than failing the whole report.
+    A corrupt line anywhere else is a DataError.
+    """
+    path = directory / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if index == len(lines) - 1:
+                break
+            raise DataError(f"{path}:{index + 1}: not JSON ({exc.msg}); fix or remove the line") from exc
+    return records

@@ -1,0 +1,80 @@
+"""sam-report: figures per table and per cell, and an index.md that ties them to the tables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from test_tables import write_run  # the same fake run folders as the table tests
+
+from sam_repro.analysis.plots import Curve, cell_slug, curve_band
+from sam_repro.cli import report as report_cli
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def report_runs(tmp_path: Path) -> Path:
+    """CIFAR-10 WRN-28-10 basic 200 ep with curves: SGD and SAM seeds 0-2, plus a SAM seed still running."""
+    root = tmp_path / "runs"
+    epochs = np.arange(1, 201)
+    for seed in range(3):
+        for optimizer, final in (("sgd", 3.5), ("sam", 2.7)):
+            curve = list(final + 80.0 * np.exp(-epochs / 25.0) + 0.1 * seed)
+            write_run(root, optimizer=optimizer, seed=seed, test_error=curve[-1], curve=curve)
+    write_run(root, optimizer="sam", seed=3, test_error=None, status="running", curve=[85.0, 60.0, 41.0])
+    write_run(root, optimizer="sgd", seed=0, test_error=8.1, model="resnet20", epochs=10, curve=[40.0, 8.1])
+    return root
+
+
+def test_report_writes_figures_and_an_index_linking_them(report_runs: Path, tmp_path: Path, capsys):
+    out = tmp_path / "report"
+    assert report_cli.main([str(report_runs), "--out", str(out)]) == 0
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert pngs == [
+        "bars/other.png", "bars/table1.png",
+        "curves/cifar10-resnet20-basic-10ep.png", "curves/cifar10-wrn28_10-basic-200ep.png",
+    ]
+    for png in pngs:
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+        image = imread(out / png)
+        assert image.shape[0] > 300 and image.shape[1] > 600
+        assert image[..., :3].std() > 0.05  # something is drawn, not a blank canvas
+
+    index = (out / "index.md").read_text()
+    assert sorted(re.findall(r"\]\(([^)]+\.png)\)", index)) == pngs  # every figure linked, no dangling link
+    assert "## Table 1: CIFAR-10 and CIFAR-100, trained from scratch" in index
+    sam_mean = 2.7 + 80.0 * np.exp(-200 / 25.0) + 0.1  # seeds add 0, 0.1, 0.2; s = 0.1 -> half-width 0.248
+    assert f"| cifar10 | wrn28_10 | basic | 200 | sam | {sam_mean:.2f} ± 0.25 (3) | 2.7 ± 0.1 | -0.80 ± 0.00 |" \
+        in index
+    assert "optimizer=sam/seed3 | running |" in index
+    assert {"tables.md", "tables.csv", "runs.csv", "provenance.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_report_fails_in_one_line_without_runs(tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report_cli.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no runs found") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_curve_band_averages_over_the_runs_that_reached_each_epoch():
+    long = Curve(np.array([1.0, 2.0, 3.0]), np.array([50.0, 20.0, 10.0]), True)
+    short = Curve(np.array([1.0, 2.0]), np.array([40.0, 30.0]), True)
+    epochs, mean, low, high = curve_band([long, short])
+    assert epochs.tolist() == [1.0, 2.0, 3.0]
+    assert mean.tolist() == [45.0, 25.0, 10.0]
+    assert low.tolist() == [40.0, 20.0, 10.0] and high.tolist() == [50.0, 30.0, 10.0]
+
+
+def test_cell_slug_is_a_file_name():
+    cell = {"dataset": "cifar10", "model": "wrn28_10", "augment": "basic", "epochs": 200, "label_noise": 0.4,
+            "train_subset": None, "trainer.m": 32, "model.pretrained_path": "/ckpt/b7 final.pt"}
+    assert cell_slug(cell) == (
+        "cifar10-wrn28_10-basic-200ep-noise0.4-trainer.m=32-model.pretrained_path=_ckpt_b7_final.pt"
+    )
