@@ -54,7 +54,7 @@ def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) ->
     train_idx, val_idx = select_train_indices(len(arrays.train_labels), float(ds.val_fraction),
                                               ds.train_subset, int(ds.subset_seed))
     labels = arrays.train_labels[train_idx].astype(np.int64)
-    info: dict = {"num_train": len(train_idx), "num_val": len(val_idx), "num_test": len(arrays.test_labels)}
+    info: dict = {"num_train": len(train_idx), "num_val": len(val_idx)}
     if ds.label_noise:
         from sam_repro.data.noise import corrupt_labels
 
@@ -76,8 +76,11 @@ def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) ->
     train = TrainLoader(to_dev(arrays.train_images[train_idx]), torch.from_numpy(labels).to(device),
                         int(tr.batch_size), augment, seed=int(cfg.seed), rank=rank, world_size=world_size,
                         cpu_augment=cpu_augment)
-    test_labels = torch.from_numpy(arrays.test_labels.astype(np.int64)).to(device)
-    test = EvalLoader(to_dev(arrays.test_images), test_labels, int(tr.eval_batch_size), ds.mean, ds.std,
+    n_test = len(arrays.test_labels) if ds.get("test_subset") is None else int(ds.test_subset)
+    if not 0 < n_test <= len(arrays.test_labels):
+        raise ConfigError(f"dataset.test_subset must be in [1, {len(arrays.test_labels)}] (got {ds.test_subset})")
+    test_labels = torch.from_numpy(arrays.test_labels[:n_test].astype(np.int64)).to(device)
+    test = EvalLoader(to_dev(arrays.test_images[:n_test]), test_labels, int(tr.eval_batch_size), ds.mean, ds.std,
                       rank, world_size)
     val = None
     if len(val_idx):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 IGNORED_KEYS = (
     "logger.", "logger", "hydra.", "hydra", "seed", "experiment", "run_root",
     "dataset.root", "trainer.progress", "trainer.log_every", "trainer.device", "trainer.threads",
+    "trainer.eval_batch_size", "trainer.on_corrupt_checkpoint",
 )
 MAX_NAME = 180
 
@@ -29,7 +30,8 @@ def _ignored(key: str) -> bool:
 
 def run_name(experiment: str | None, overrides: Sequence[str] | None) -> str:
     """`<experiment or default>/<sorted relevant overrides joined by ','>` (or `.../base` when there are none)."""
-    kept = sorted(o.lstrip("+") for o in (overrides or []) if not _ignored(_key(o)))
+    last = {_key(o): o.lstrip("+") for o in (overrides or []) if not _ignored(_key(o))}  # the last value wins
+    kept = sorted(last.values())
     tail = ",".join(kept).replace("/", "_") or "base"
     if len(tail) > MAX_NAME:
         digest = hashlib.sha1(tail.encode()).hexdigest()[:10]

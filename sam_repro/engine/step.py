@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam_repro.models import set_true_gradient
 from sam_repro.optim.sam import SAM, add_l2_gradient_
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -190,6 +191,8 @@ def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor,
         rng = rng_state(x.device)
 
         # g_i = grad L(w) on this group alone: no all-reduce, so every group (device) gets its own eps.
+        # Shake-Shake/ShakeDrop use their forward coefficient in this backward (official "true gradient").
+        set_true_gradient(model, True)
         with ctx.no_sync():
             loss, logits = _loss(model, xg, yg, ctx)
             _scale(ctx, loss).backward()
@@ -202,6 +205,7 @@ def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor,
 
         # grad L(w + eps_i): the same dropout/shake draws, batch statistics, running statistics untouched.
         set_rng_state(rng, x.device)
+        set_true_gradient(model, False)
         with frozen_bn_stats(model), (contextlib.nullcontext() if last else ctx.no_sync()):
             perturbed_loss, _ = _loss(model, xg, yg, ctx)
             _scale(ctx, perturbed_loss * weight).backward()

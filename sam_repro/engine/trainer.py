@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from sam_repro.data import build_data
 from sam_repro.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from sam_repro.engine.config import validate
-from sam_repro.engine.distributed import DistEnv, all_reduce_sum, cleanup_distributed, init_distributed
+from sam_repro.engine.distributed import (DistEnv, all_reduce_mean_, all_reduce_sum, cleanup_distributed,
+                                          init_distributed)
 from sam_repro.engine.loggers import MetricsLogger, Progress
 from sam_repro.engine.preemption import StopSignal
 from sam_repro.engine.provenance import provenance
@@ -68,8 +69,7 @@ def evaluate(model: torch.nn.Module, loader, env: DistEnv, autocast) -> dict[str
         sums[1] += (top5[:, 0] == y).sum()
         sums[2] += (top5 == y[:, None]).any(1).sum()
         sums[3] += len(y)
-    all_reduce_sum(sums)
-    loss, top1, top5, n = sums.tolist()
+    loss, top1, top5, n = all_reduce_sum(sums).tolist()
     assert int(n) == loader.total, f"evaluated {n} examples of {loader.total}"
     model.train()
     return {"loss": loss / n, "error": 100.0 * (1 - top1 / n), "error_top5": 100.0 * (1 - top5 / n)}
@@ -82,9 +82,8 @@ def average_bn_stats(model: torch.nn.Module, env: DistEnv) -> None:
         return
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            for buf in (m.running_mean, m.running_var):
-                all_reduce_sum(buf)
-                buf.div_(env.world_size)
+            all_reduce_mean_(m.running_mean)
+            all_reduce_mean_(m.running_var)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -245,7 +244,8 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         if env.is_main:
             atomic_write_json(summary_path, summary)
         metrics.finish(summary)
-        stop.restore()
+        if status != "interrupted":
+            stop.restore()  # (finish() needs the previous handlers: it may chain to submitit's)
     if status == "interrupted":
         stop.finish()  # exits so the scheduler can requeue; never returns under SLURM
     if status == "failed":
@@ -333,8 +333,7 @@ class _EpochTotals:
     def summary(self, env: DistEnv) -> dict:
         extra = torch.tensor([float(self.count), float(self.steps)], device=self.loss.device, dtype=torch.float64)
         sums = torch.cat([torch.stack([getattr(self, k) for k in self.KEYS]), extra])
-        all_reduce_sum(sums)
-        loss, correct, perturbed, gnorm, enorm, n, steps = sums.tolist()
+        loss, correct, perturbed, gnorm, enorm, n, steps = all_reduce_sum(sums).tolist()
         out = {"train_loss": loss / n, "train_error": 100.0 * (1 - correct / n)}
         if self.sam:
             out.update({"perturbed_loss": perturbed / n, "sharpness": (perturbed - loss) / n,

@@ -1,0 +1,396 @@
+"""Where this process sits in a run: rank, world size, device, and the process group that ties the ranks together.
+
+One entry point, `init_distributed`, reads how the process was started and returns a `DistEnv`:
+
+- torchrun (or any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``):
+  those variables, read first because torchrun may itself run inside a SLURM job;
+- SLURM, one task per rank started by ``srun`` (``scripts/slurm/train.sbatch``, submitit): ``SLURM_PROCID``,
+  ``SLURM_NTASKS``, ``SLURM_LOCALID``; the rendezvous host is the first node of the step's node list (parsed here,
+  no ``scontrol`` call) and the port is derived from ``SLURM_JOB_ID`` so that every rank computes the same one;
+- otherwise a single process.
+
+A SLURM batch script itself (no ``srun``) also carries ``SLURM_PROCID=0`` and ``SLURM_NTASKS=N``, but it is one
+process: only a process inside a job *step* (``SLURM_STEP_ID`` set) counts as a SLURM rank, so that running the
+trainer directly in a batch script does not hang waiting for N-1 ranks that were never started.
+
+The collective helpers below (`all_reduce_sum`, `all_reduce_mean_`, `broadcast_object`, `barrier`) are no-ops in a
+single process, so the trainer calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from sam_repro.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Launcher = Literal["torchrun", "slurm", "single"]
+
+# The rendezvous port of a SLURM job when MASTER_PORT is not set: PORT_BASE + SLURM_JOB_ID % PORT_SPAN. The range
+# stays above the well-known ports and below Linux's ephemeral range (32768-60999), where the kernel hands out
+# outgoing connection ports that could collide with our listener.
+PORT_BASE = 10_000
+PORT_SPAN = 20_000
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """How the process was started, read from the environment alone (no torch, no side effects)."""
+
+    launcher: Launcher
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the run. `device` is where its model and batches live."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Literal["nccl", "gloo"]
+    launcher: Launcher
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one rank that writes checkpoints, logs and results."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# ---- SLURM node lists ------------------------------------------------------------------------------------------
+
+_BRACKET = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on the commas that are not inside brackets: "a[1,2],b" -> ["a[1,2]", "b"]."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in node list {text!r}")
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in node list {text!r}")
+    parts.append(text[start:])
+    return parts
+
+
+def _expand_range_set(ranges: str, nodelist: str) -> list[str]:
+    """ "01-03,07" -> ["01", "02", "03", "07"]. Zero padding follows the lower bound, as in SLURM: [8-10] gives
+    8, 9, 10 and [08-10] gives 08, 09, 10."""
+    out = []
+    for item in ranges.split(","):
+        item = item.strip()
+        low, sep, high = item.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ValueError(f"bad range {item!r} in node list {nodelist!r}")
+        if not sep:
+            out.append(low)
+            continue
+        if int(high) < int(low):
+            raise ValueError(f"descending range {item!r} in node list {nodelist!r}")
+        out.extend(str(i).zfill(len(low)) for i in range(int(low), int(high) + 1))
+    return out
+
+
+def _expand_host(pattern: str, nodelist: str) -> list[str]:
+    """ "rack[1-2]-n[01-02]" -> rack1-n01, rack1-n02, rack2-n01, rack2-n02 (the first bracket varies slowest)."""
+    match = _BRACKET.search(pattern)
+    if match is None:
+        return [pattern]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [
+        head + value + rest
+        for value in _expand_range_set(match.group(1), nodelist)
+        for rest in _expand_host(tail, nodelist)
+    ]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM host list, in SLURM's order: "node[01-03,07],gpu5" -> node01, node02, node03, node07, gpu5.
+
+    Pure Python, so it works where `scontrol show hostnames` is not installed (containers, login-less nodes).
+    """
+    hosts = []
+    for part in _split_top_level(nodelist.strip()):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty host name in node list {nodelist!r}")
+        hosts.extend(_expand_host(part, nodelist))
+    return hosts
+
+
+def slurm_master_port(job_id: str) -> int:
+    """The port every rank of a SLURM job agrees on without talking: derived from the job id."""
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+# ---- reading the launcher's environment ------------------------------------------------------------------------
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    value = environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be an integer (got {value!r})") from None
+
+
+def _checked(launch: LaunchEnv, source: str) -> LaunchEnv:
+    if launch.world_size < 1 or not 0 <= launch.rank < launch.world_size or launch.local_rank < 0:
+        raise ConfigError(
+            f"inconsistent {source} environment: rank {launch.rank}, world size {launch.world_size}, "
+            f"local rank {launch.local_rank}; start the ranks with {source}"
+        )
+    return launch
+
+
+def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Read rank, world size, local rank and the rendezvous address from torchrun's or SLURM's variables.
+
+    torchrun's variables win: `srun torchrun ...` (one agent per node) sets both, and the ranks are torchrun's.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world_size = _int_var(env, "WORLD_SIZE")
+        launch = LaunchEnv(
+            launcher="torchrun",
+            rank=_int_var(env, "RANK"),
+            world_size=world_size,
+            local_rank=_int_var(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=_int_var(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
+        )
+        if world_size > 1 and (launch.master_addr is None or launch.master_port is None):
+            raise ConfigError("RANK and WORLD_SIZE are set but MASTER_ADDR or MASTER_PORT is not; start with torchrun")
+        return _checked(launch, "torchrun")
+
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        # Inside an srun step. SLURM_STEP_NUM_TASKS is the step's size, which may be smaller than the job's.
+        tasks_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+        world_size = _int_var(env, tasks_var) if tasks_var in env else 1
+        master_addr, master_port = None, None
+        if world_size > 1:
+            # Rank 0 runs on the first node of the step (SLURM's block and cyclic distributions both put it there).
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if "MASTER_ADDR" in env:
+                master_addr = env["MASTER_ADDR"]
+            elif nodelist:
+                try:
+                    master_addr = expand_nodelist(nodelist)[0]
+                except ValueError as error:
+                    raise ConfigError(f"SLURM node list: {error}; set MASTER_ADDR to the first node") from None
+            else:
+                raise ConfigError("SLURM_STEP_NODELIST and SLURM_JOB_NODELIST are unset: set MASTER_ADDR")
+            if "MASTER_PORT" in env:
+                master_port = _int_var(env, "MASTER_PORT")
+            elif "SLURM_JOB_ID" in env:
+                master_port = slurm_master_port(str(_int_var(env, "SLURM_JOB_ID")))
+            else:
+                raise ConfigError("SLURM_JOB_ID is unset, so no rendezvous port can be derived: set MASTER_PORT")
+        launch = LaunchEnv(
+            launcher="slurm",
+            rank=_int_var(env, "SLURM_PROCID"),
+            world_size=world_size,
+            local_rank=_int_var(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            master_addr=master_addr,
+            master_port=master_port,
+        )
+        return _checked(launch, "srun")
+
+    return LaunchEnv(launcher="single", rank=0, world_size=1, local_rank=0)
+
+
+# ---- device ----------------------------------------------------------------------------------------------------
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """`device` config value -> torch.device. auto: this rank's GPU if CUDA is available, else the CPU.
+
+    A rank's GPU is cuda:<local rank>. When SLURM binds one GPU per task (CUDA_VISIBLE_DEVICES holds one id), every
+    rank sees a single device and uses cuda:0.
+    """
+    text = str(spec).strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={spec!r} but no CUDA GPU is visible (torch.cuda.is_available() is False): "
+                "use device=cpu or device=auto"
+            )
+        count = torch.cuda.device_count()
+        if text == "cuda":
+            if local_rank < count:
+                return torch.device("cuda", local_rank)
+            if count == 1:
+                return torch.device("cuda", 0)
+            raise ConfigError(
+                f"device=cuda: local rank {local_rank} but only {count} GPUs are visible on this node; "
+                "start one rank per GPU (--ntasks-per-node = GPUs per node)"
+            )
+        index = text.removeprefix("cuda:")
+        if not index.isdigit() or int(index) >= count:
+            raise ConfigError(f"device={spec!r}: this node has {count} visible GPUs (cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", int(index))
+    raise ConfigError(f"device must be auto, cpu, cuda or cuda:N (got {spec!r})")
+
+
+# ---- process group ---------------------------------------------------------------------------------------------
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Read the launcher's environment, pick the device and join the process group when there is one.
+
+    A process group is created under torchrun (always: torchrun is an explicit request for one) and under srun when
+    the step has more than one task. NCCL on GPUs, gloo on the CPU. Calling it again while a group exists returns
+    the same environment without re-initialising.
+    """
+    launch = read_launch_env()
+    torch_device = resolve_device(device, launch.local_rank)
+    backend: Literal["nccl", "gloo"] = "nccl" if torch_device.type == "cuda" else "gloo"
+    if torch_device.type == "cuda":
+        # Before any CUDA work: otherwise every rank of the node allocates a context on cuda:0.
+        torch.cuda.set_device(torch_device)
+    env = DistEnv(
+        rank=launch.rank,
+        world_size=launch.world_size,
+        local_rank=launch.local_rank,
+        device=torch_device,
+        backend=backend,
+        launcher=launch.launcher,
+        master_addr=launch.master_addr,
+        master_port=launch.master_port,
+    )
+
+    wants_group = launch.launcher == "torchrun" or launch.world_size > 1
+    if wants_group and not dist.is_initialized():
+        if launch.launcher == "torchrun":
+            init_method = "env://"
+        else:
+            init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            # Binds the group to this GPU and connects eagerly, so a wrong device shows up here, not at step 1.
+            kwargs["device_id"] = torch_device
+        dist.init_process_group(
+            backend=backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, **kwargs
+        )
+    elif wants_group and (dist.get_rank(), dist.get_world_size()) != (launch.rank, launch.world_size):
+        raise ConfigError(
+            f"a process group already exists as rank {dist.get_rank()}/{dist.get_world_size()}, "
+            f"but the environment says rank {launch.rank}/{launch.world_size}"
+        )
+    if env.is_main:
+        where = f", rendezvous {env.master_addr}:{env.master_port}" if env.distributed else ""
+        log.info(
+            "distributed: %s, %d rank(s), device %s, backend %s%s",
+            env.launcher, env.world_size, env.device, env.backend, where,
+        )
+    return env
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (safe to call when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _collective_device() -> torch.device:
+    """Where the default group reduces: NCCL only reduces tensors on this rank's GPU, gloo on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---- collectives -----------------------------------------------------------------------------------------------
+
+
+def all_reduce_sum(values: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """The sum over all ranks, as a new tensor on the input's device (the input is left alone).
+
+    Plain numbers become float64, so summed counts (examples, correct predictions) stay exact up to 2**53:
+    ``loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count]).tolist()``.
+    """
+    if isinstance(values, torch.Tensor):
+        tensor, home = values.detach().clone(), values.device
+    else:
+        tensor, home = torch.tensor(list(values), dtype=torch.float64), torch.device("cpu")
+    if not _in_group():
+        return tensor
+    reduced = tensor.to(_collective_device())
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(home)
+
+
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """Replace `tensor` with its mean over ranks, in place, and return it.
+
+    Used for BatchNorm running statistics before evaluation: each device keeps its own during training (the
+    paper's per-device BatchNorm) and the official code averages them over devices at eval. Integer tensors
+    (``num_batches_tracked``) get the floor of the mean.
+    """
+    if not _in_group() or dist.get_world_size() == 1:
+        return tensor
+    device = _collective_device()
+    reduced = tensor.detach().to(device, copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    if reduced.is_floating_point() or reduced.is_complex():
+        reduced.div_(dist.get_world_size())
+    else:
+        reduced = torch.div(reduced, dist.get_world_size(), rounding_mode="floor")
+    with torch.no_grad():
+        tensor.copy_(reduced)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (any picklable object: a run directory, a resume step, a config)."""
+    if not _in_group():
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if not _in_group():
+        return
+    if dist.get_backend() == "nccl":
+        # Without device_ids NCCL guesses the device and warns about it.
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()

@@ -1,0 +1,152 @@
+"""`sam-train` end to end on a real CIFAR-10 subset: outputs, resume, multirun, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sam_repro.data.sources import cache_path
+
+BIN = Path(sys.executable).parent
+TINY = ["model=resnet8", "dataset.train_subset=256", "dataset.test_subset=500", "trainer.batch_size=64",
+        "logger.mode=disabled", "trainer.threads=1"]
+
+pytestmark = pytest.mark.skipif(not cache_path("cifar10").exists(),
+                                reason="CIFAR-10 is not prepared: run `sam-data cifar10` (make test does)")
+
+
+def env_for(runs: Path) -> dict:
+    return {**os.environ, "SAM_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
+
+
+def train(runs: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "sam-train"), *overrides], env=env_for(runs), capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sam-train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def only_run_dir(runs: Path) -> Path:
+    dirs = [p.parent for p in runs.rglob("config.yaml") if p.parent.name.startswith("seed")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+TIMING_KEYS = {"images_per_second", "epoch_time_s"}
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def test_train_writes_the_run_directory(tmp_path):
+    train(tmp_path, *TINY, "trainer.epochs=2", "optimizer=sam")
+    run = only_run_dir(tmp_path)
+    assert run.relative_to(tmp_path).parts[0] == "default"
+    assert "optimizer=sam" in run.parent.name and "logger" not in run.parent.name
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_error", "test_loss", "test_error", "test_error_top5", "lr", "images_per_second",
+                "sharpness", "grad_norm", "perturbation_norm"):
+        assert key in rows[-1], key
+    assert rows[-1]["perturbation_norm"] == pytest.approx(0.05, rel=1e-4)  # ||eps|| = rho
+    assert 0 <= rows[-1]["test_error_top5"] <= rows[-1]["test_error"] <= 100
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs"] == 2
+    assert summary["test_error"] == rows[-1]["test_error"]
+    assert summary["best_test_error"] == min(r["test_error"] for r in rows)
+    assert summary["provenance"]["packages"]["torch"].startswith("2.14")
+    assert "sam-train" in summary["provenance"]["command"]
+    config = (run / "config.yaml").read_text()
+    for line in ("name: sam", "name: resnet8", "name: cifar10", "name: basic"):
+        assert line in config
+    assert (run / "checkpoints" / "last.pt").exists()
+    # The same command again finds the finished run and only reports it.
+    again = train(tmp_path, *TINY, "trainer.epochs=2", "optimizer=sam")
+    assert "already finished" in again.stdout + again.stderr
+    assert read_metrics(run) == rows
+
+
+def test_kill_and_rerun_resumes_to_the_same_result(tmp_path):
+    args = [*TINY, "trainer.epochs=3", "optimizer=sam"]
+    train(tmp_path / "a", *args)
+    reference = read_metrics(only_run_dir(tmp_path / "a"))
+
+    runs = tmp_path / "b"
+    proc = subprocess.Popen([str(BIN / "sam-train"), *args], env=env_for(runs), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    metrics = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(runs.rglob("metrics.jsonl"))
+        if found and found[0].read_text().count("\n") >= 1 and (found[0].parent / "checkpoints/last.pt").exists():
+            metrics = found[0]
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None and metrics is not None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_metrics(metrics.parent)[-1]["epoch"] < 3
+    out = train(runs, *args)
+    assert "resumed from" in out.stdout + out.stderr
+    assert comparable(read_metrics(metrics.parent)) == comparable(reference)
+    assert json.loads((metrics.parent / "summary.json").read_text())["status"] == "finished"
+
+
+def test_multirun_sgd_and_sam(tmp_path):
+    train(tmp_path, "-m", *TINY, "trainer.epochs=1", "optimizer=sgd,sam")
+    summaries = {p.parent.parent.name: json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")}
+    assert sorted(summaries) == sorted(n for n in summaries if "optimizer=" in n) and len(summaries) == 2
+    assert {s["status"] for s in summaries.values()} == {"finished"}
+    # A multirun job lands in the directory the equivalent single run uses.
+    single = train(tmp_path, *TINY, "trainer.epochs=1", "optimizer=sgd")
+    assert "already finished" in single.stdout + single.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.epochs=0", "trainer.epochs must be >= 1"),
+    ("trainer.batch_size=-8", "trainer.batch_size must be positive"),
+    ("optimizer.rho=-1", "optimizer.rho must be >= 0"),
+    ("dataset.train_subset=60000", "dataset.train_subset must be in [1, 50000]"),
+    ("trainer.m=5", "trainer.m (5) must divide"),
+    ("trainer.precision=fp8", "trainer.precision must be one of"),
+])
+def test_bad_values_give_one_line_naming_the_key(tmp_path, override, message):
+    proc = train(tmp_path, *TINY, "optimizer=sam", override, check=False)
+    assert proc.returncode == 2
+    output = proc.stdout + proc.stderr
+    assert f"error: {message}" in output
+    assert "Traceback" not in output
+
+
+def test_unknown_group_option_lists_the_choices(tmp_path):
+    proc = train(tmp_path, *TINY, "optimizer=adamm", check=False)
+    assert proc.returncode != 0
+    assert "Available options" in proc.stderr and "sam" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corrupt_checkpoint_is_named_or_restarted(tmp_path):
+    args = [*TINY, "trainer.epochs=1", "optimizer=sgd"]
+    train(tmp_path, *args)
+    run = only_run_dir(tmp_path)
+    (run / "summary.json").unlink()  # pretend the run was interrupted
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    proc = train(tmp_path, *args, check=False)
+    assert proc.returncode == 2
+    assert f"checkpoint {run / 'checkpoints' / 'last.pt'} is damaged" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    proc = train(tmp_path, *args, "trainer.on_corrupt_checkpoint=restart")
+    assert "starting from scratch" in proc.stdout + proc.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
