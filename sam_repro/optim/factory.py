@@ -83,4 +83,5 @@ def build_schedule(cfg_sched, optimizer: torch.optim.Optimizer, total_steps: int
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # Schedule the optimizer that actually steps (SAM's base optimizer shares its param groups with SAM).
+    return torch.optim.lr_scheduler.LambdaLR(getattr(optimizer, "base_optimizer", optimizer), factor)
