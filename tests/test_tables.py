@@ -26,10 +26,7 @@ from sam_repro.cli import tables as tables_cli
 from sam_repro.errors import ConfigError, DataError
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-REFERENCE_CANDIDATES = (
-    REPOSITORY / "shared" / "reference" / "sam_paper.md",
-    REPOSITORY.parent / "shared" / "reference" / "sam_paper.md",
-)
+REFERENCE_CANDIDATES = (REPOSITORY / "docs" / "paper_reference.md",)
 WANDB_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wandb_api"
 
 # t(0.975, 2) in closed form: the t(2) CDF is 1/2 + t / (2 sqrt(2 + t^2)), so t / sqrt(2 + t^2) = 0.95.
@@ -132,7 +129,7 @@ def _reference_text() -> str:
     for path in REFERENCE_CANDIDATES:
         if path.exists():
             return path.read_text()
-    pytest.skip("shared/reference/sam_paper.md is not in this checkout")
+    raise AssertionError("docs/paper_reference.md is missing from the checkout")
 
 
 def _markdown_rows(text: str, section: str) -> list[list[str]]:

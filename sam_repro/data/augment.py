@@ -1,6 +1,6 @@
 """Batched image augmentation on the training device: no per-image Python in the hot path.
 
-The paper's CIFAR pipeline (official code, sam_paper.md section 2.2), in order:
+The paper's CIFAR pipeline (official code, docs/paper_reference.md section 2.2), in order:
   1. AutoAugment (optional, per image, on uint8; see `autoaugment.py`),
   2. "basic": reflect-pad 4 + random 32x32 crop + horizontal flip, on uint8,
   3. normalization with the per-dataset mean/std,

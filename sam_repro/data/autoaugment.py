@@ -1,7 +1,7 @@
 """AutoAugment (Cubuk et al., 2019) for uint8 batches: torchvision's policies, drawn independently per image.
 
 The paper's "AA" rows apply the CIFAR policy (SVHN policy for SVHN) per image before the basic crop/flip
-[sam_paper.md 2.2]. torchvision's `AutoAugment` draws one sub-policy per call from torch's *global* RNG, so
+[docs/paper_reference.md 2.2]. torchvision's `AutoAugment` draws one sub-policy per call from torch's *global* RNG, so
 calling it on a batch would give every image the same operations, and calling it per image costs ~0.3 ms each
 (15 s per CIFAR epoch on one core). Here:
   1. the global RNG is forked and seeded from the caller's `generator`, and torchvision's own

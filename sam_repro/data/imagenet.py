@@ -1,7 +1,7 @@
 """ImageNet from class folders: the Inception-style input pipeline of the official code, sharded exactly per rank.
 
 Layout (torchvision ImageFolder): `<root>/imagenet/train/<wnid>/*.JPEG` and `<root>/imagenet/val/<wnid>/*.JPEG`,
-the same 1000 wnid folders in both. Official code [sam_paper.md 2.3]:
+the same 1000 wnid folders in both. Official code [docs/paper_reference.md 2.3]:
   * train: a random crop covering 8-100% of the image area with aspect ratio in [3/4, 4/3], resized to 224 with
     bicubic interpolation, then a random horizontal flip;
   * eval: the centre crop of relative size 224 / (224 + 32) resized to 224, i.e. resize the short side to 256 and

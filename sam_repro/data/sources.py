@@ -147,7 +147,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "svhn", 10, "svhn", (_SVHN_TRAIN, _SVHN_TEST),
         read=_svhn_reader(_SVHN_TRAIN.filename, test=_SVHN_TEST.filename),
     ),
-    # The paper's SVHN results train on train + extra (73,257 + 531,131 images) [sam_paper.md 2.1].
+    # The paper's SVHN results train on train + extra (73,257 + 531,131 images) [docs/paper_reference.md 2.1].
     "svhn_extra": DatasetSpec(
         "svhn_extra", 10, "svhn", (_SVHN_TRAIN, _SVHN_EXTRA, _SVHN_TEST),
         read=_svhn_reader(_SVHN_TRAIN.filename, _SVHN_EXTRA.filename, test=_SVHN_TEST.filename),

@@ -1,6 +1,6 @@
 """Building blocks shared by the CIFAR networks: normalization choice, convolutions, shortcuts and initialisation.
 
-The official SAM code (sam_paper.md section 2.2) fixes three conventions that every CIFAR model here follows:
+The official SAM code (docs/paper_reference.md section 2.2) fixes three conventions that every CIFAR model here follows:
   * BatchNorm with flax momentum 0.9 / eps 1e-5, which is torch's `nn.BatchNorm2d` default (torch's momentum 0.1 is
     the weight of the *new* batch, flax's 0.9 the weight of the running average);
   * convolution kernels drawn Kaiming-normal, fan_out, gain 2 (`variance_scaling(2.0, 'fan_out', 'normal')`);

@@ -1,7 +1,7 @@
 """Stochastic residual regularisers: Shake-Shake (Gastaldi 2017) and ShakeDrop (Yamada et al. 2018).
 
 Both scale a residual branch by one random coefficient in the forward pass and by an independent one in the
-backward pass, per example. Three properties matter for SAM (sam_paper.md section 2.2, "Stochastic layers"):
+backward pass, per example. Three properties matter for SAM (docs/paper_reference.md section 2.2, "Stochastic layers"):
 
   * Replayable noise. SAM runs two forward passes per step and the official code feeds both the same PRNG key, so
     both see the same coefficients. Here every coefficient comes from torch's global generator on the input's device

@@ -2,7 +2,7 @@
 
 ResNet-50/101/152 are timm's (v1.5: stride in the 3x3 conv, as the Flax ResNet of the official code) built with
 `zero_init_last=True`, which zero-initialises the scale of the last BatchNorm of every residual block, the
-official `scale_init=zeros` (sam_paper.md section 2.3).
+official `scale_init=zeros` (docs/paper_reference.md section 2.3).
 
 EfficientNets are built from timm's `tf_efficientnet_b*` by default: the TF-ported variants ('SAME' padding,
 BatchNorm eps 1e-3) whose weights are the paper's starting points (`tf_efficientnet_b7.ra_in1k` is the
