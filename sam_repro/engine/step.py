@@ -10,7 +10,7 @@ For SAM, additionally, each group gets its own perturbation (m-sharpness, paper 
         eps_i  = rho * g_i / ||g_i||             optimizer.first_step(): w <- w + eps_i
         g_s   += n_i/n * grad L_Bi(w + eps_i)    perturbed pass: same RNG draws, BN running stats frozen
         w      = w                               optimizer.restore()
-    all-reduce g_s over ranks (DDP, during the last group's backward), clip, base optimizer step at w.
+    average g_s over ranks (one all-reduce), clip, base optimizer step at w.
 
 Mixed precision: bf16 autocast needs nothing else. fp16 scales the loss with a GradScaler; the first pass's
 gradients are unscaled inside first_step (eps is scale-free, the L2 term is not), the perturbed gradients are
@@ -90,6 +90,23 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+@torch.no_grad()
+def average_over_ranks(params: list[torch.Tensor]) -> None:
+    """`.grad` <- its mean over ranks: one all-reduce of all gradients flattened into a single buffer.
+
+    This is the paper's `pmean` of the per-device SAM gradients. Done by hand rather than by DDP's hooks because
+    the groups' gradients are built from pieces (stashed sums, L2 terms at w + eps_i) that must all be averaged.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for g, reduced in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(reduced.view_as(g))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The step
 
@@ -103,7 +120,6 @@ class StepContext:
     grad_clip: float | None = None
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     scaler: torch.amp.GradScaler | None = None  # fp16 only
-    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # DDP's model.no_sync
 
 
 @dataclass
@@ -158,15 +174,14 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
     bn = RunningStatsAverage(model, len(groups))
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for i, (xg, yg) in enumerate(groups):
-        last = i == len(groups) - 1
-        with contextlib.nullcontext() if last else ctx.no_sync():  # all-reduce once, in the last backward
-            loss, logits = _loss(model, xg, yg, ctx)
-            _scale(ctx, loss * (len(xg) / len(x))).backward()
+    for xg, yg in groups:
+        loss, logits = _loss(model, xg, yg, ctx)
+        _scale(ctx, loss * (len(xg) / len(x))).backward()
         bn.collect()
         loss_sum += loss.detach() * len(xg)
         correct += (logits.argmax(1) == yg).sum()
     bn.finish()
+    average_over_ranks(params)
     _base_step(optimizer, params, ctx, add_l2=True, before_clip=before_clip)
     return StepStats(loss_sum, correct, len(x))
 
@@ -182,20 +197,18 @@ def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor,
     loss_sum, perturbed_sum, grad_norm, eps_norm = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     loss_scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
-    for i, (xg, yg) in enumerate(groups):
+    for xg, yg in groups:
         weight = len(xg) / len(x)
-        last = i == len(groups) - 1
         sam_grads = [p.grad for p in params]  # the perturbed gradients of the earlier groups, set aside
         for p in params:
             p.grad = None
         rng = rng_state(x.device)
 
-        # g_i = grad L(w) on this group alone: no all-reduce, so every group (device) gets its own eps.
+        # g_i = grad L(w) on this group alone (no all-reduce), so every group (device) gets its own eps.
         # Shake-Shake/ShakeDrop use their forward coefficient in this backward (official "true gradient").
         set_true_gradient(model, True)
-        with ctx.no_sync():
-            loss, logits = _loss(model, xg, yg, ctx)
-            _scale(ctx, loss).backward()
+        loss, logits = _loss(model, xg, yg, ctx)
+        _scale(ctx, loss).backward()
         bn.collect()
         optimizer.first_step(zero_grad=True, grad_scale=loss_scale)  # w <- w + eps_i
 
@@ -206,9 +219,9 @@ def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor,
         # grad L(w + eps_i): the same dropout/shake draws, batch statistics, running statistics untouched.
         set_rng_state(rng, x.device)
         set_true_gradient(model, False)
-        with frozen_bn_stats(model), (contextlib.nullcontext() if last else ctx.no_sync()):
+        with frozen_bn_stats(model):
             perturbed_loss, _ = _loss(model, xg, yg, ctx)
-            _scale(ctx, perturbed_loss * weight).backward()
+        _scale(ctx, perturbed_loss * weight).backward()
         optimizer.restore()  # w + eps_i -> w
 
         loss_sum += loss.detach() * len(xg)
@@ -217,6 +230,7 @@ def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor,
         grad_norm += optimizer.last_grad_norm.to(zero) * weight
         eps_norm += optimizer.last_perturbation_norm.to(zero) * weight
     bn.finish()
+    average_over_ranks(params)  # the paper's pmean of the per-device SAM gradients
     _base_step(optimizer.base_optimizer, params, ctx, add_l2=False, before_clip=before_clip)
     return StepStats(loss_sum, correct, len(x), perturbed_sum, grad_norm, eps_norm)
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_repro.data import build_data
 from sam_repro.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from sam_repro.engine.config import validate
-from sam_repro.engine.distributed import (DistEnv, all_reduce_mean_, all_reduce_sum, cleanup_distributed,
+from sam_repro.engine.distributed import (DistEnv, all_reduce_mean_, all_reduce_sum, barrier, cleanup_distributed,
                                           init_distributed)
 from sam_repro.engine.loggers import MetricsLogger, Progress
 from sam_repro.engine.preemption import StopSignal
@@ -90,7 +90,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train (or resume, or report) the run described by `cfg` in `run_dir`; returns the summary."""
     env = init_distributed(cfg.trainer.device)
     try:
-        return _train(cfg, Path(run_dir), env)
+        summary = _train(cfg, Path(run_dir), env)
+        barrier()  # leave together: tearing down gloo while a peer still talks aborts the process
+        return summary
     finally:
         cleanup_distributed()
 
@@ -145,13 +147,12 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     else:
         data.train.set_epoch(0)
 
-    train_model = model
-    if cfg.trainer.compile:
-        train_model = torch.compile(model)
     if env.distributed:
-        # Statistics per device, as in the paper: no buffer broadcast; running stats averaged before eval/ckpt.
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        # Every rank starts from rank 0's weights. Gradients are averaged by the step (one all-reduce, after the
+        # per-device perturbations); BatchNorm statistics stay per device and are averaged before eval/checkpoints.
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    train_model = torch.compile(model) if cfg.trainer.compile else model
 
     per_rank = cfg.trainer.batch_size // env.world_size
     ctx = StepContext(
@@ -160,7 +161,6 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         grad_clip=cfg.trainer.grad_clip,
         autocast=autocast,
         scaler=scaler,
-        no_sync=train_model.no_sync if env.distributed else contextlib.nullcontext,
     )
     take_step = {"sgd": sgd_step, "looksam": looksam_step}.get(cfg.optimizer.name, sam_step)
 
