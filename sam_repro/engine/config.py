@@ -20,6 +20,7 @@ def validate(cfg: DictConfig, env) -> None:
     _require(tr.epoch_scale > 0, f"trainer.epoch_scale must be > 0 (got {tr.epoch_scale})")
     _require(tr.batch_size > 0, f"trainer.batch_size must be positive (got {tr.batch_size})")
     _require(tr.eval_batch_size > 0, f"trainer.eval_batch_size must be positive (got {tr.eval_batch_size})")
+    _require(tr.eval_every >= 1, f"trainer.eval_every must be >= 1 (got {tr.eval_every})")
     _require(tr.max_steps is None or tr.max_steps > 0, f"trainer.max_steps must be positive or null (got {tr.max_steps})")
     _require(tr.accumulate >= 1, f"trainer.accumulate must be >= 1 (got {tr.accumulate})")
     _require(tr.precision in PRECISIONS, f"trainer.precision must be one of {PRECISIONS} (got {tr.precision!r})")

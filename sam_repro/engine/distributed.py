@@ -236,32 +236,32 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     A rank's GPU is cuda:<local rank>. When SLURM binds one GPU per task (CUDA_VISIBLE_DEVICES holds one id), every
     rank sees a single device and uses cuda:0.
     """
-    text = str(spec).strip().lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
+    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", str(spec).strip().lower())
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N (got {spec!r})")
+    kind, index = match.group(1), match.group(2)
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
         return torch.device("cpu")
-    if text == "cuda" or text.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device={spec!r} but no CUDA GPU is visible (torch.cuda.is_available() is False): "
-                "use device=cpu or device=auto"
-            )
-        count = torch.cuda.device_count()
-        if text == "cuda":
-            if local_rank < count:
-                return torch.device("cuda", local_rank)
-            if count == 1:
-                return torch.device("cuda", 0)
-            raise ConfigError(
-                f"device=cuda: local rank {local_rank} but only {count} GPUs are visible on this node; "
-                "start one rank per GPU (--ntasks-per-node = GPUs per node)"
-            )
-        index = text.removeprefix("cuda:")
-        if not index.isdigit() or int(index) >= count:
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={spec!r} but no CUDA GPU is visible (torch.cuda.is_available() is False): "
+            "use device=cpu or device=auto"
+        )
+    count = torch.cuda.device_count()
+    if index is not None:
+        if int(index) >= count:
             raise ConfigError(f"device={spec!r}: this node has {count} visible GPUs (cuda:0..cuda:{count - 1})")
         return torch.device("cuda", int(index))
-    raise ConfigError(f"device must be auto, cpu, cuda or cuda:N (got {spec!r})")
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise ConfigError(
+        f"device=cuda: local rank {local_rank} but only {count} GPUs are visible on this node; "
+        "start one rank per GPU (--ntasks-per-node = GPUs per node)"
+    )
 
 
 # ---- process group ---------------------------------------------------------------------------------------------
@@ -293,10 +293,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
     wants_group = launch.launcher == "torchrun" or launch.world_size > 1
     if wants_group and not dist.is_initialized():
-        if launch.launcher == "torchrun":
-            init_method = "env://"
-        else:
-            init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
+        # torchrun's agent already exported MASTER_ADDR/MASTER_PORT; under srun the address was derived above.
+        init_method = "env://" if launch.launcher == "torchrun" else f"tcp://{launch.master_addr}:{launch.master_port}"
         kwargs: dict[str, Any] = {}
         if backend == "nccl":
             # Binds the group to this GPU and connects eagerly, so a wrong device shows up here, not at step 1.
@@ -313,7 +311,11 @@ def init_distributed(device: str = "auto") -> DistEnv:
         where = f", rendezvous {env.master_addr}:{env.master_port}" if env.distributed else ""
         log.info(
             "distributed: %s, %d rank(s), device %s, backend %s%s",
-            env.launcher, env.world_size, env.device, env.backend, where,
+            env.launcher,
+            env.world_size,
+            env.device,
+            env.backend,
+            where,
         )
     return env
 

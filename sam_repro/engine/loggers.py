@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -52,13 +53,13 @@ class MetricsLogger:
             online = lcfg.mode == "online"
             # Online runs resume under the same id across requeues; offline runs cannot be resumed by W&B, so a
             # requeued offline job starts a new run in the same group.
-            run_id = self.wandb_id if (online and self.wandb_id) else wandb.util.generate_id()
+            run_id = self.wandb_id if (online and self.wandb_id) else uuid.uuid4().hex[:8]
             self.wandb_run = wandb.init(
                 project=lcfg.project, entity=lcfg.get("entity"), group=_group(self.cfg),
                 job_type=str(self.cfg.optimizer.name), tags=self._tags(), name=self._name(),
                 dir=str(self.run_dir), id=run_id, resume="allow" if online else None, mode=lcfg.mode,
                 config=OmegaConf.to_container(self.cfg, resolve=True),
-                settings=wandb.Settings(init_timeout=float(lcfg.get("init_timeout", 60)), silent=True),
+                settings=wandb.Settings(init_timeout=float(lcfg.get("init_timeout", 30)), silent=True),
             )
             self.wandb_id = run_id
             self.wandb_run.define_metric("*", step_metric="epoch")
@@ -86,8 +87,9 @@ class MetricsLogger:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.4f}", f"train err {row['train_error']:.2f}%",
-                 f"test err {row['test_error']:.2f}%"]
+        parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.4f}", f"train err {row['train_error']:.2f}%"]
+        if "test_error" in row:
+            parts.append(f"test err {row['test_error']:.2f}%")
         if "val_error" in row:
             parts.append(f"val err {row['val_error']:.2f}%")
         if "sharpness" in row:
@@ -101,8 +103,9 @@ class MetricsLogger:
                 log.warning("W&B log failed (%s); continuing with local metrics only", exc)
                 self.wandb_run = None
 
-    def last_metrics(self) -> dict | None:
-        return self.rows[-1] if self.rows else None
+    def last_evaluated(self) -> dict | None:
+        """The last epoch's metrics that include a test evaluation."""
+        return next((r for r in reversed(self.rows) if "test_error" in r), None)
 
     def mean_images_per_second(self) -> float | None:
         values = [r["images_per_second"] for r in self.rows if "images_per_second" in r]

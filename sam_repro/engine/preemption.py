@@ -41,6 +41,7 @@ A finished run exits 0, so a batch script can tell "stopped, resume me" from "do
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -145,7 +146,8 @@ class StopSignal:
             hint = " (Ctrl-C again to stop now)" if signum == signal.SIGINT else ""
             # os.write, not print or logging: a handler that writes to a buffered stream the interrupted code was
             # writing to raises "reentrant call".
-            os.write(2, f"sam-repro: got {name}, stopping after this step{hint}\n".encode())
+            with contextlib.suppress(OSError):  # a closed stderr must not turn a signal into a crash
+                os.write(2, f"sam-repro: got {name}, stopping after this step{hint}\n".encode())
 
     # ---- what the trainer calls -------------------------------------------------------------------------------
 

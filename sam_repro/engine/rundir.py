@@ -15,7 +15,7 @@ from collections.abc import Sequence
 IGNORED_KEYS = (
     "logger.", "logger", "hydra.", "hydra", "seed", "experiment", "run_root",
     "dataset.root", "trainer.progress", "trainer.log_every", "trainer.device", "trainer.threads",
-    "trainer.eval_batch_size", "trainer.on_corrupt_checkpoint",
+    "trainer.eval_batch_size", "trainer.on_corrupt_checkpoint", "trainer.eval_every",
 )
 MAX_NAME = 180
 

@@ -50,11 +50,6 @@ def _autocast(precision: str, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, env: DistEnv, autocast) -> dict[str, float]:
     """Exact top-1/top-5 error and mean loss over the whole split, summed over ranks."""
@@ -132,7 +127,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     epoch, step, best, wall_before = 0, 0, math.inf, 0.0
     state = _load_resume_state(cfg, ckpt_path, device)
     if state is not None:
-        _unwrap(model).load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -140,9 +135,10 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         data.train.load_state_dict(state["loader"])
         epoch, step, best = state["epoch"], state["step"], state.get("best_test_error", math.inf)
         wall_before = state.get("wall_time_s", 0.0)
-        torch.set_rng_state(state["rng"][env.rank]["cpu"])
-        if device.type == "cuda" and state["rng"][env.rank].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"][env.rank]["cuda"], device)
+        rng = state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0]  # world size changed
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
         log.info("resumed from %s at epoch %d, step %d", ckpt_path, epoch, step)
     else:
         data.train.set_epoch(0)
@@ -180,11 +176,11 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
              steps_per_epoch, cfg.trainer.batch_size, per_rank, ctx.group_size, env.world_size, device)
 
     def checkpoint(partial_epoch: "_EpochTotals | None" = None) -> None:
-        average_bn_stats(_unwrap(model), env)
+        average_bn_stats(model, env)
         rngs = _gather_rng(env, device)
         if env.is_main:
             save_checkpoint(ckpt_path, {
-                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "loader": data.train.state_dict(), "rng": rngs, "epoch": epoch, "step": step,
                 "best_test_error": best, "wall_time_s": wall_before + time.time() - start_time,
@@ -219,15 +215,17 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
                 break
             epoch += 1
             data.train.set_epoch(epoch)
-            average_bn_stats(_unwrap(model), env)
+            average_bn_stats(model, env)
             last = {"epoch": epoch, "step": step, **totals.summary(env), "lr": optimizer.param_groups[0]["lr"],
                     "images_per_second": totals.images_per_second(env), "epoch_time_s": totals.seconds()}
-            test = evaluate(model, data.test, env, autocast)
-            last.update({"test_loss": test["loss"], "test_error": test["error"], "test_error_top5": test["error_top5"]})
-            if data.val is not None:
-                val = evaluate(model, data.val, env, autocast)
-                last.update({"val_loss": val["loss"], "val_error": val["error"]})
-            best = min(best, last["test_error"])
+            if epoch % cfg.trainer.eval_every == 0 or epoch == epochs or capped:
+                test = evaluate(model, data.test, env, autocast)
+                last.update({"test_loss": test["loss"], "test_error": test["error"],
+                             "test_error_top5": test["error_top5"]})
+                best = min(best, last["test_error"])
+                if data.val is not None:
+                    val = evaluate(model, data.val, env, autocast)
+                    last.update({"val_loss": val["loss"], "val_error": val["error"]})
             metrics.log_epoch(last)
             checkpoint()
             if capped:
@@ -239,7 +237,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         status, reason = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        summary = _finish_summary(summary, status, reason, epoch, last, best, metrics, wall_before + time.time()
+        summary = _finish_summary(summary, status, reason, epoch, best, metrics, wall_before + time.time()
                                   - start_time)
         if env.is_main:
             atomic_write_json(summary_path, summary)
@@ -341,9 +339,9 @@ class _EpochTotals:
         return out
 
 
-def _finish_summary(summary: dict, status: str, reason: str | None, epoch: int, last: dict | None, best: float,
+def _finish_summary(summary: dict, status: str, reason: str | None, epoch: int, best: float,
                     metrics: MetricsLogger, wall: float) -> dict:
-    final = metrics.last_metrics() if last is None else last
+    final = metrics.last_evaluated()
     summary = dict(summary)
     summary.update({
         "status": status, "reason": reason, "epochs": epoch, "wall_time_s": wall,
