@@ -150,3 +150,24 @@ def test_corrupt_checkpoint_is_named_or_restarted(tmp_path):
     proc = train(tmp_path, *args, "trainer.on_corrupt_checkpoint=restart")
     assert "starting from scratch" in proc.stdout + proc.stderr
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("switches, groups", [
+    (["optimizer=asam"], 64),
+    (["optimizer=looksam", "optimizer.k=2"], 64),
+    (["optimizer=sam", "trainer.precision=bf16"], 64),
+    (["optimizer=sam", "trainer.precision=fp16"], 64),
+    (["optimizer=sam", "trainer.accumulate=2"], 32),
+    (["optimizer=sam", "trainer.accumulate=2", "trainer.m=16"], 16),
+    (["optimizer=sam", "optimizer.weight_decay_mode=base_optimizer", "optimizer.p=inf", "trainer.grad_clip=5"], 64),
+])
+def test_optimizer_switches_train_from_the_cli(tmp_path, switches, groups):
+    proc = train(tmp_path, *TINY, "trainer.epochs=1", "trainer.max_steps=3", *switches)
+    assert f"groups of {groups})" in proc.stdout + proc.stderr
+    run = only_run_dir(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    row = read_metrics(run)[-1]
+    assert summary["status"] == "finished" and row["step"] == 3
+    assert 0 < row["train_loss"] < 10 and 0 <= row["test_error"] <= 100
+    if "sharpness" in row:  # SAM family: the perturbation has the requested size
+        assert row["perturbation_norm"] > 0
