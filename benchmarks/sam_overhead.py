@@ -57,8 +57,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=str(RESULTS / "sam_overhead.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, device=device)
@@ -97,6 +100,7 @@ def main() -> int:
     result = {
         "what": "step time over SGD's, median over round-robin rounds",
         "model": args.model, "batch": args.batch, "device": str(device), "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "steps_per_round": args.steps, "ratios": ratios,
         "seconds_per_step": {k: v for k, v in times.items()},
         "provenance": provenance(),

@@ -29,14 +29,6 @@ def as64(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def chosen_spectrum_matrix(dim: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A = Q diag(lambda) Q^T: top five eigenvalues TOP, the rest spread over [-1, 2] (an indefinite bulk)."""
     generator = torch.Generator().manual_seed(seed)

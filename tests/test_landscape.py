@@ -29,14 +29,6 @@ from test_eval_cli import fake_dataset, run_config, write_run  # noqa: F401  (fa
 from test_hessian import Quadratic, chosen_spectrum_matrix, half_mse, mean_output
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def convnet() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(

@@ -33,14 +33,6 @@ CONFIG_DIR = Path(sam_repro.__file__).parent / "configs"
 MODEL_CONFIGS = sorted((CONFIG_DIR / "model").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -23,14 +23,6 @@ from test_hessian import Quadratic, chosen_spectrum_matrix, mean_output
 RHOS = [0.0, 0.05, 0.3, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def closed_form(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rho: float) -> float:
     g = a @ w + b.mean(0)
     u = g / g.norm()

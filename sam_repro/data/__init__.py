@@ -47,6 +47,8 @@ def select_train_indices(n_total: int, val_fraction: float, train_subset: int | 
 
 
 def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> Data:
+    if cfg.dataset.name == "imagenet":
+        return _build_imagenet(cfg, device, rank, world_size)
     from sam_repro.data.sources import load_arrays
 
     ds, aug, tr = cfg.dataset, cfg.augment, cfg.trainer
@@ -88,3 +90,22 @@ def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) ->
         val = EvalLoader(to_dev(arrays.train_images[val_idx]), val_labels, int(tr.eval_batch_size), ds.mean,
                          ds.std, rank, world_size)
     return Data(train=train, test=test, val=val, num_train=len(train_idx), info=info)
+
+
+def _build_imagenet(cfg, device: torch.device, rank: int, world_size: int) -> Data:
+    """ImageNet is too large for the device: DataLoader workers decode and augment (Inception crop + flip for
+    training, resize + centre crop for evaluation), batches stream to the device."""
+    from sam_repro.data.imagenet import StreamingEvalLoader, StreamingTrainLoader, build_imagenet_loader
+
+    ds, tr = cfg.dataset, cfg.trainer
+    for key in ("train_subset", "label_noise", "val_fraction", "test_subset"):
+        if ds.get(key):
+            raise ConfigError(f"dataset.{key} is not supported for imagenet (got {ds.get(key)})")
+    common = dict(root=ds.root, rank=rank, world_size=world_size, seed=int(cfg.seed), epoch=0,
+                  workers=int(ds.get("workers", 8)), image_size=int(ds.image_size))
+    train = StreamingTrainLoader(
+        build_imagenet_loader(split="train", batch_size=tr.batch_size // world_size, **common), device)
+    test = StreamingEvalLoader(build_imagenet_loader(split="val", batch_size=int(tr.eval_batch_size), **common),
+                               device)
+    n_train = len(train.loader.dataset)
+    return Data(train=train, test=test, val=None, num_train=n_train, info={"num_train": n_train})

@@ -74,9 +74,10 @@ class ShardSampler(Sampler[int]):
             raise ConfigError(f"rank must be in [0, world_size={world_size}) (got {rank})")
         self.num_examples, self.rank, self.world_size = num_examples, rank, world_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
+        self.skip = 0  # indices to leave out at the start of the epoch (resuming mid-epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def indices(self) -> list[int]:
         n, r, w = self.num_examples, self.rank, self.world_size
@@ -87,11 +88,54 @@ class ShardSampler(Sampler[int]):
         return order[r::w].tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices())
+        return iter(self.indices()[self.skip:])
 
     def __len__(self) -> int:
         n, r, w = self.num_examples, self.rank, self.world_size
-        return n // w if self.shuffle else (r + 1) * n // w - r * n // w
+        return (n // w if self.shuffle else (r + 1) * n // w - r * n // w) - self.skip
+
+
+class StreamingTrainLoader:
+    """ImageNet training batches streamed from disk by DataLoader workers, behind the interface of the
+    device-resident `TrainLoader` (epoch, position, resume mid-epoch, batches on the training device)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+        self.epoch, self.position = 0, 0
+        self.batches_per_epoch = len(loader.sampler.indices()) // loader.batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        self.epoch, self.position = epoch, position
+        self.loader.sampler.set_epoch(epoch, skip=position * self.loader.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(int(state["epoch"]), int(state["position"]))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            self.position += 1
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class StreamingEvalLoader:
+    """This rank's contiguous block of the validation split (exact evaluation: counts summed over ranks)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+        self.total = len(loader.dataset)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def build_imagenet_loader(root: str | Path, split: str, batch_size: int, rank: int, world_size: int, seed: int,
