@@ -1,6 +1,6 @@
 """SAM's cost over SGD, measured as step-time ratios in one run on the same model and batch.
 
-    python benchmarks/sam_overhead.py [--model wrn16_4] [--batch 128] [--repeats 5] [--steps 3] [--device cpu]
+    python benchmarks/sam_overhead.py [--model resnet20] [--batch 128] [--repeats 5] [--steps 3] [--device cpu]
 
 Variants: SGD, plain SAM (one perturbation for the batch), SAM with m = 32 (one per group of 32: the paper's
 m-sharpness), LookSAM (k = 5). The floor for SAM is 2.0 (two forward-backward passes). Variants are timed
@@ -52,7 +52,7 @@ def _sgd(params, kw):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="wrn16_4")
+    ap.add_argument("--model", default="resnet20")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
