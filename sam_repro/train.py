@@ -11,7 +11,6 @@ In a multirun, a job that fails that way is recorded as failed and the sweep goe
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -20,17 +19,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+from sam_repro.engine.distributed import read_launch_env
 from sam_repro.engine.rundir import register_resolvers
-from sam_repro.errors import SamReproError
+from sam_repro.errors import ConfigError, SamReproError
 
 log = logging.getLogger("sam_repro")
 
 
 def _rank() -> int:
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ and (key == "RANK" or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
-            return int(os.environ[key])
-    return 0
+    """This process's rank, read the way `init_distributed` will read it (torchrun's variables, else an srun
+    step's), before Hydra starts: a SLURM batch script is one process, whatever SLURM_NTASKS says."""
+    try:
+        return read_launch_env().rank
+    except ConfigError:
+        return 0  # init_distributed raises the same error inside the app, which reports it in one line
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -37,6 +37,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
+def remove_stale_temporaries(path: Path) -> int:
+    """Delete temporary files a killed writer left beside `path` (each as large as a checkpoint)."""
+    stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.exists() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 

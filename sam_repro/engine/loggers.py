@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from sam_repro.engine.checkpoint import atomic_write_bytes
+
 log = logging.getLogger("sam_repro")
 
 
@@ -39,7 +41,8 @@ class MetricsLogger:
             # Keep the epochs the checkpoint covers; a line written after the last checkpoint is redone.
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.rows = [r for r in rows if r.get("epoch", 0) <= resume_epoch]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            text = "".join(json.dumps(r) + "\n" for r in self.rows).encode()
+            atomic_write_bytes(self.path, lambda f: f.write(text))
         self._start_wandb()
 
     # ---- W&B ------------------------------------------------------------------------------------------------

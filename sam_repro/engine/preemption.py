@@ -187,7 +187,7 @@ class StopSignal:
         signum = self._agreed
         try:
             if self._distributed:
-                # Leave together, once rank 0's checkpoint is on disk: srun --kill-on-bad-exit and torchrun kill
+                # Leave together, once rank 0's checkpoint is on disk: torchrun (and srun --kill-on-bad-exit) kill
                 # the remaining ranks as soon as one of them exits.
                 dist.barrier(group=self._group)
             previous = self._previous.get(signal.Signals(signum))

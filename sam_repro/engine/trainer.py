@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sam_repro.data import build_data
-from sam_repro.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from sam_repro.engine.checkpoint import (atomic_write_json, load_checkpoint, remove_stale_temporaries,
+                                         save_checkpoint)
 from sam_repro.engine.config import validate
 from sam_repro.engine.distributed import (DistEnv, all_reduce_mean_, all_reduce_sum, barrier, cleanup_distributed,
                                           init_distributed)
@@ -178,6 +179,8 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     def checkpoint(partial_epoch: "_EpochTotals | None" = None) -> None:
         average_bn_stats(model, env)
         rngs = _gather_rng(env, device)
+        # Every rank's own running sums: an epoch's training metrics are summed over ranks only at its end.
+        totals = _gather(env, partial_epoch.state_dict()) if partial_epoch else None
         if env.is_main:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -185,7 +188,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
                 "loader": data.train.state_dict(), "rng": rngs, "epoch": epoch, "step": step,
                 "best_test_error": best, "wall_time_s": wall_before + time.time() - start_time,
                 "config": OmegaConf.to_container(cfg, resolve=True), "wandb_id": metrics.wandb_id,
-                "epoch_totals": partial_epoch.state_dict() if partial_epoch else None,
+                "epoch_totals": totals,
             })
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -193,7 +196,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     try:
         while epoch < epochs:
             train_model.train()
-            totals = _EpochTotals(device, state.get("epoch_totals") if state else None)
+            totals = _EpochTotals(device, _rank_totals(state.get("epoch_totals"), env) if state else None)
             state = None  # partial-epoch totals apply to the first (resumed) epoch only
             progress = Progress(cfg, env, epoch + 1, epochs, steps_per_epoch, start=data.train.position)
             stopped = capped = False
@@ -267,6 +270,7 @@ def _build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
 
 
 def _load_resume_state(cfg: DictConfig, path: Path, device: torch.device) -> dict | None:
+    remove_stale_temporaries(path)  # left by a writer killed mid-write; the renamed checkpoint is intact
     if not path.exists():
         return None
     try:
@@ -278,15 +282,33 @@ def _load_resume_state(cfg: DictConfig, path: Path, device: torch.device) -> dic
         raise
 
 
-def _gather_rng(env: DistEnv, device: torch.device) -> list[dict]:
-    """Every rank's RNG state, gathered to rank 0 (a list indexed by rank)."""
-    mine = {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def _gather(env: DistEnv, mine: object) -> list:
+    """Every rank's `mine`, on every rank (a list indexed by rank)."""
     if not env.distributed:
         return [mine]
     gathered: list = [None] * env.world_size
     torch.distributed.all_gather_object(gathered, mine)
     return gathered
+
+
+def _gather_rng(env: DistEnv, device: torch.device) -> list[dict]:
+    """Every rank's RNG state (a list indexed by rank)."""
+    return _gather(env, {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+
+
+def _rank_totals(saved: list[dict] | dict | None, env: DistEnv) -> dict | None:
+    """This rank's running sums from a mid-epoch checkpoint, which holds one entry per rank (older ones: rank 0's
+    only). Under another world size rank 0 takes them all: the epoch's metrics are sums over ranks."""
+    if saved is None:
+        return None
+    saved = [saved] if isinstance(saved, dict) else saved
+    if len(saved) == env.world_size:
+        return saved[env.rank]
+    if not env.is_main:
+        return None
+    merged = {k: sum(s[k] for s in saved) for k in (*_EpochTotals.KEYS, "count", "steps")}
+    return merged | {"sam": any(s["sam"] for s in saved), "elapsed": max(s["elapsed"] for s in saved)}
 
 
 class _EpochTotals:
