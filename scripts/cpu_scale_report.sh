@@ -12,8 +12,11 @@ $BIN/sam-tables $OUT/runs --out $OUT
 $BIN/sam-report $OUT/runs --out $OUT/report
 
 for noise in 0.4 0.0; do
-    sgd=$(ls -d runs/cpu_scale/dataset.label_noise=${noise},optimizer=sgd/seed0)
-    sam=$(ls -d runs/cpu_scale/dataset.label_noise=${noise},optimizer=sam/seed0)
+    sgd=runs/cpu_scale/dataset.label_noise=${noise},optimizer=sgd/seed0
+    sam=runs/cpu_scale/dataset.label_noise=${noise},optimizer=sam/seed0
+    if [ ! -f "$sgd/checkpoints/last.pt" ] || [ ! -f "$sam/summary.json" ] || ! grep -q '"finished"' "$sam/summary.json"; then
+        echo "skipping label noise $noise: SGD and SAM seed-0 runs are not both finished"; continue
+    fi
     name=noise${noise}
     $BIN/sam-analyze hessian "$sgd" "$sam" --subset 1000 --k 5 --out $OUT/analysis/hessian_$name --no-progress
     $BIN/sam-analyze landscape "$sgd" "$sam" --mode 1d --subset 1000 --out $OUT/analysis/landscape_$name --no-progress
