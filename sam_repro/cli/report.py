@@ -13,8 +13,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sam_repro.analysis.tables import build_report, write_provenance, write_tables
-from sam_repro.cli.tables import add_selection_arguments, collect_runs, command_of, inputs_of
+from sam_repro.analysis.tables import write_provenance, write_tables
+from sam_repro.cli.tables import add_selection_arguments, command_of, inputs_of, load_report
 from sam_repro.errors import SamReproError
 
 
@@ -25,10 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for index.md and the figures")
     args = parser.parse_args(argv)
     try:
-        runs = collect_runs(args.run_dirs, args.wandb)
-        report = build_report(runs, table=args.table, group_by=args.group_by)
-        for warning in report.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+        runs, report = load_report(args)
         # plots imports matplotlib (slow): only once the runs are known to be readable.
         from sam_repro.analysis.plots import write_report
 

@@ -65,6 +65,15 @@ def inputs_of(args: argparse.Namespace) -> list[str]:
     return [*args.run_dirs, *([f"wandb:{args.wandb}"] if args.wandb else [])]
 
 
+def load_report(args: argparse.Namespace):
+    """The runs named on the command line and their report; warnings go to stderr (shared with sam-report)."""
+    runs = collect_runs(args.run_dirs, args.wandb)
+    report = build_report(runs, table=args.table, group_by=args.group_by)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return runs, report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sam-tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,10 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              "without --out)")
     args = parser.parse_args(argv)
     try:
-        runs = collect_runs(args.run_dirs, args.wandb)
-        report = build_report(runs, table=args.table, group_by=args.group_by)
-        for warning in report.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+        runs, report = load_report(args)
         if args.out is None:
             sys.stdout.write(render_latex(report) if args.latex else render_markdown(report))
             return 0
