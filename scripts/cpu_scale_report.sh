@@ -8,7 +8,7 @@ BIN=.venv/bin
 OUT=results/cpu_scale
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-$BIN/sam-tables $OUT/runs --out $OUT
+$BIN/sam-tables $OUT --out $OUT  # the exact command tests/test_tables.py replays
 $BIN/sam-report $OUT/runs --out $OUT/report
 
 for noise in 0.4 0.0; do

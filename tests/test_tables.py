@@ -542,3 +542,73 @@ def test_wandb_source_accepts_flattened_configs_and_rejects_bad_paths():
         == {"dataset": {"name": "cifar10", "label_noise": 0.2}, "seed": 1, "model": {"name": "x"}}
     with pytest.raises(ConfigError):
         load_wandb_runs("just-a-project", api=SimpleNamespace())
+
+
+
+def test_sgd_shows_the_better_of_standard_and_doubled_epochs(tmp_path: Path):
+    """The paper's baseline rule: SGD-only runs at 2x epochs compete with SGD at 1x; the lower mean is shown."""
+    for seed, (standard, doubled) in enumerate(((4.0, 3.6), (4.2, 3.8), (4.4, 3.7))):
+        write_run(tmp_path, optimizer="sgd", seed=seed, test_error=standard)
+        write_run(tmp_path, optimizer="sgd", seed=seed, test_error=doubled, epochs=400)
+        write_run(tmp_path, optimizer="sam", seed=seed, test_error=3.0 + 0.1 * seed)
+    # CIFAR-100: the doubled budget is worse, so the standard one stays.
+    for seed in range(2):
+        write_run(tmp_path, optimizer="sgd", seed=seed, test_error=18.0, dataset="cifar100")
+        write_run(tmp_path, optimizer="sgd", seed=seed, test_error=19.0, dataset="cifar100", epochs=400)
+        write_run(tmp_path, optimizer="sam", seed=seed, test_error=16.0, dataset="cifar100")
+    report = build_report(load_runs([tmp_path]))
+
+    sgd = _row(report, 1, "sgd", dataset="cifar10", epochs=200)
+    assert sgd.ours.mean == pytest.approx((3.6 + 3.8 + 3.7) / 3) and sgd.epochs_used == 400
+    sam = _row(report, 1, "sam", dataset="cifar10", epochs=200)
+    # Paired with the 400-epoch SGD runs: d = 3.0-3.6, 3.1-3.8, 3.2-3.7.
+    assert sam.diff.method == "paired" and sam.diff.mean == pytest.approx((-0.6 - 0.7 - 0.5) / 3)
+    c100 = _row(report, 1, "sgd", dataset="cifar100", epochs=200)
+    assert c100.ours.mean == pytest.approx(18.0) and c100.epochs_used is None
+    # The 400-epoch SGD-only cells are consumed: no row of their own.
+    assert not [r for t in report.tables for r in t.rows if r.cell.get("epochs") == 400]
+    assert [(c.cell["dataset"], c.used) for c in report.baseline_choices] == [("cifar10", 400), ("cifar100", 200)]
+    markdown = render_markdown(report)
+    assert f"| {(3.6 + 3.8 + 3.7) / 3:.2f} ± " in markdown and "(3), 400 ep |" in markdown
+    assert "| dataset=cifar10, model=wrn28_10, augment=basic, epochs=200 | 4.20 (200 ep) | 3.70 (400 ep) | 400 ep |" \
+        in markdown
+    assert render_csv(report).splitlines()[0].endswith(",epochs_used")
+
+    # --sgd-epochs as-run: every budget its own cell, as the runs were.
+    as_run = build_report(load_runs([tmp_path]), sgd_best_of_doubled=False)
+    assert _row(as_run, 1, "sgd", dataset="cifar10", epochs=200).ours.mean == pytest.approx(4.2)
+    assert as_run.baseline_choices == []
+
+
+def test_doubled_epoch_cell_with_sam_runs_keeps_its_own_sgd(tmp_path: Path):
+    """A 2x cell that also has SAM runs is an experiment of its own: its SGD is not borrowed by the 1x cell."""
+    for seed in range(2):
+        for epochs, sgd_error in ((200, 4.0), (400, 3.0)):
+            write_run(tmp_path, optimizer="sgd", seed=seed, test_error=sgd_error + seed, epochs=epochs)
+            write_run(tmp_path, optimizer="sam", seed=seed, test_error=2.5 + seed, epochs=epochs)
+    report = build_report(load_runs([tmp_path]))
+    assert _row(report, 1, "sgd", dataset="cifar10", epochs=200).ours.mean == pytest.approx(4.5)
+    assert _row(report, 1, "sgd", dataset="cifar10", epochs=400).ours.mean == pytest.approx(3.5)
+    assert report.baseline_choices == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The committed CPU-scale reproduction
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_committed_cpu_scale_table_regenerates_exactly(tmp_path: Path):
+    """`sam-tables results/cpu_scale` (run from the repository root) gives the committed files byte for byte."""
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "results" / "cpu_scale"
+    if not (committed / "tables.md").exists():
+        pytest.skip("no committed CPU-scale results")
+    out = tmp_path / "regenerated"
+    command = [sys.executable, "-m", "sam_repro.cli.tables", "results/cpu_scale", "--out", str(out)]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("tables.md", "tables.csv", "runs.csv"):
+        assert (out / name).read_text() == (committed / name).read_text(), name
+    # Every committed run is a finished one and is averaged: the table is not built on partial runs.
+    rows = (committed / "runs.csv").read_text().splitlines()[1:]
+    assert rows and all(",finished," in row and ",yes," in row for row in rows)

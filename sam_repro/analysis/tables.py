@@ -19,6 +19,7 @@ Table 4 is reported by the paper as accuracy; its rows (ours included, as 100 �
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -255,8 +256,7 @@ def _epochs(run: RunRecord) -> int | float | None:
     epochs = run.value("trainer.epochs")
     if epochs is None:
         return None
-    planned = float(epochs) * float(run.value("trainer.epoch_scale", 1.0) or 1.0)
-    return int(round(planned)) if math.isclose(planned, round(planned)) else round(planned, 4)
+    return _normalise_epochs(float(epochs) * float(run.value("trainer.epoch_scale", 1.0) or 1.0))
 
 
 def _sort_key(value: Any) -> tuple:
@@ -292,6 +292,7 @@ class Row:
     diff_note: str | None        # why `diff` is missing, when it is
     not_finished: int            # runs of this cell and arm that were listed, not averaged
     seeds: tuple[int | None, ...] = ()
+    epochs_used: int | float | None = None  # SGD only: set when its runs are the doubled-epoch ones (see below)
 
 
 @dataclass
@@ -312,6 +313,15 @@ class Exclusion:
     reason: str | None
 
 
+@dataclass(frozen=True)
+class BaselineChoice:
+    """The paper's baseline rule for one cell: SGD at E epochs against SGD at 2E, the lower mean error shown."""
+
+    cell: Mapping[str, Any]               # the cell at the standard epochs E
+    means: tuple[float | None, float | None]  # mean final test error at E and at 2E (None: no finished run)
+    used: int | float                      # the epochs of the runs shown as SGD
+
+
 @dataclass
 class Report:
     tables: list[TableReport]
@@ -319,6 +329,7 @@ class Report:
     grouping: Grouping
     excluded: list[Exclusion]
     warnings: list[str] = field(default_factory=list)
+    baseline_choices: list[BaselineChoice] = field(default_factory=list)
 
 
 def build_report(
@@ -326,9 +337,11 @@ def build_report(
     table: str | int = "auto",
     group_by: Iterable[str] = (),
     paper: Mapping[int, PaperTable] | None = None,
+    sgd_best_of_doubled: bool = True,
 ) -> Report:
     """Group `runs` into the paper's tables. `table`: "auto" (each cell to the table it belongs to, the rest under
-    "Other runs") or a table id (only that table's cells, and every cell of the paper's table, run or not)."""
+    "Other runs") or a table id (only that table's cells, and every cell of the paper's table, run or not).
+    `sgd_best_of_doubled`: the paper's baseline rule (see `_best_of_doubled_epochs`)."""
     paper = paper if paper is not None else load_paper_tables()
     runs = sorted(runs, key=lambda r: r.source)  # every order below derives from this one
     grouping = Grouping.parse(group_by)
@@ -347,6 +360,8 @@ def build_report(
         elif not _is_number(run.summary.get("test_error")):
             excluded.append(Exclusion(run.source, run.status, "finished, but summary.json has no finite test_error"))
     excluded_sources = {e.source for e in excluded}
+    choices = _best_of_doubled_epochs(groups, excluded_sources) if sgd_best_of_doubled else []
+    epochs_used = {_freeze(dict(c.cell)): c.used for c in choices if c.used != c.cell["epochs"]}
 
     warnings = _mixed_config_warnings(groups, excluded_sources)
     by_table: dict[int | None, list[tuple]] = defaultdict(list)
@@ -364,12 +379,51 @@ def build_report(
     for table_id in table_ids:
         reports.append(
             _table_report(paper[table_id], by_table.get(table_id, []), groups, grouping, excluded_sources,
-                          include_missing_cells=selected is not None, warnings=warnings)
+                          include_missing_cells=selected is not None, warnings=warnings, epochs_used=epochs_used)
         )
     if selected is None and by_table.get(None):
-        reports.append(_table_report(None, by_table[None], groups, grouping, excluded_sources, False, warnings))
+        reports.append(_table_report(None, by_table[None], groups, grouping, excluded_sources, False, warnings,
+                                     epochs_used))
     excluded.sort(key=lambda e: e.source)
-    return Report(reports, runs, grouping, excluded, warnings)
+    return Report(reports, runs, grouping, excluded, warnings, choices)
+
+
+def _best_of_doubled_epochs(
+    groups: dict[tuple, dict[str, list[RunRecord]]], excluded: set[str]
+) -> list[BaselineChoice]:
+    """The paper's baseline rule [P §3.1]: a non-SAM run may train for twice the epochs, and the better of the
+    standard and doubled budgets is reported. A cell (at E epochs, with SGD runs) takes the SGD runs of the cell
+    that equals it except for 2E epochs *and holds SGD runs only* (a cell with other optimizers at 2E is an
+    experiment of its own and keeps its SGD); the SGD arm with the lower mean final test error is shown, the other
+    one is dropped from the tables (its runs stay in runs.csv). Changes `groups` in place."""
+    choices = []
+    for frozen in sorted(groups, key=lambda c: _cell_order(dict(c))):
+        cell = dict(frozen)
+        epochs = cell.get("epochs")
+        if frozen not in groups or BASELINE not in groups[frozen] or not _is_number(epochs):
+            continue
+        doubled = _freeze({**cell, "epochs": _normalise_epochs(2 * epochs)})
+        if set(groups.get(doubled, {})) != {BASELINE}:
+            continue
+        arms = (groups[frozen][BASELINE], groups[doubled][BASELINE])
+        means = tuple(_mean_error(runs, excluded) for runs in arms)
+        use_doubled = means[1] is not None and (means[0] is None or means[1] < means[0])
+        if use_doubled:
+            groups[frozen][BASELINE] = arms[1]
+        del groups[doubled]
+        choices.append(BaselineChoice(cell, means, _normalise_epochs(2 * epochs) if use_doubled else epochs))
+    return choices
+
+
+def _normalise_epochs(epochs: float) -> int | float:
+    """An int when whole (200.0 -> 200), else rounded to 4 decimals."""
+    return int(round(epochs)) if math.isclose(epochs, round(epochs)) else round(epochs, 4)
+
+
+def _mean_error(runs: list[RunRecord], excluded: set[str]) -> float | None:
+    values = [float(r.summary["test_error"]) for r in runs
+              if r.source not in excluded and _is_number(r.summary.get("test_error"))]
+    return sum(values) / len(values) if values else None
 
 
 _NOWHERE = object()
@@ -405,6 +459,7 @@ def _table_report(
     excluded: set[str],
     include_missing_cells: bool,
     warnings: list[str],
+    epochs_used: Mapping[tuple, int | float] | None = None,
 ) -> TableReport:
     unit = spec.unit if spec else "error"
     metrics = spec.metrics if spec else ("test_error",)
@@ -425,6 +480,8 @@ def _table_report(
             samples = {arm: _samples(arms.get(arm, []), metric, unit, excluded, warnings) for arm in shown}
             for arm in shown:
                 row = _row(cell, arm, metric, samples, paper_cell, arms.get(arm, []), excluded)
+                if arm == BASELINE and epochs_used and frozen in epochs_used:
+                    row = dataclasses.replace(row, epochs_used=epochs_used[frozen])
                 order = paper_cell.order if paper_cell is not None else math.inf
                 rows.append(((order, _cell_order(cell), metrics.index(metric), arm_order(arm)), row))
     if include_missing_cells and spec is not None:
@@ -617,8 +674,11 @@ def _cells(table: TableReport, row: Row) -> list[str]:
     cells = [_label(row.cell.get(c)) for c in table.columns] + [row.arm]
     if len(table.metrics) > 1:
         cells.append(METRIC_LABELS.get(row.metric, row.metric))
+    ours = format_estimate(row.ours, row.not_finished)
+    if row.epochs_used is not None:
+        ours += f", {_label(row.epochs_used)} ep"
     return cells + [
-        format_estimate(row.ours, row.not_finished),
+        ours,
         row.paper.display() if row.paper else ABSENT,
         format_difference(row.diff, row.diff_note) if row.arm != BASELINE else "",
         _paper_diff(row.paper_diff) if row.arm != BASELINE else "",
@@ -659,6 +719,17 @@ def render_notices_markdown(report: Report) -> list[str]:
         lines += ["## Runs not averaged", "", "| run | status | reason |", "|---|---|---|"]
         lines += [f"| {e.source} | {e.status} | {e.reason or ABSENT} |" for e in report.excluded]
         lines.append("")
+    if report.baseline_choices:
+        lines += ["## SGD: best of the standard and doubled epochs", "",
+                  "As the paper [§3.1]: where SGD-only runs at twice a cell's epochs exist, the SGD row shows the "
+                  "budget with the lower mean test error (marked \", N ep\" when it is the doubled one).", "",
+                  "| cell | SGD at E | SGD at 2E | shown |", "|---|---|---|---|"]
+        for choice in report.baseline_choices:
+            epochs = choice.cell["epochs"]
+            means = [MISSING if m is None else _number(m, 2) for m in choice.means]
+            lines.append(f"| {cell_label(choice.cell)} | {means[0]} ({_label(epochs)} ep) | "
+                         f"{means[1]} ({_label(_normalise_epochs(2 * epochs))} ep) | {_label(choice.used)} ep |")
+        lines.append("")
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     return lines
@@ -674,6 +745,7 @@ def render_markdown(report: Report) -> str:
 CSV_FIELDS = (
     "table", "optimizer", "metric", "unit", "n", "mean", "ci95", "seeds", "not_finished", "paper", "paper_value",
     "paper_ci95", "diff_vs_sgd", "diff_ci95", "diff_method", "diff_n", "diff_df", "paper_diff_vs_sgd",
+    "epochs_used",
 )
 
 
@@ -709,6 +781,7 @@ def render_csv(report: Report) -> str:
                     diff.n if diff else "",
                     _csv_number(diff.df if diff else None, 2),
                     str(row.paper_diff) if row.paper_diff is not None else "",
+                    _label(row.epochs_used) if row.epochs_used is not None else "",
                 ]
             )
     return buffer.getvalue()
