@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Regenerate results/cpu_scale/ from the finished CPU-scale runs (scripts/run_cpu_scale.py):
 # the table (sam-tables), learning curves (sam-report), and, from the seed-0 checkpoints in runs/cpu_scale/,
-# the Hessian's top eigenvalues and the 1D loss landscapes of SGD vs SAM (sam-analyze).
+# the Hessian's top eigenvalues, m-sharpness and loss landscapes of SGD vs SAM (sam-analyze); then the ablation
+# table (m = 32 vs m = 128, rho) in results/cpu_scale_ablation/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 OUT=results/cpu_scale
+ABL=results/cpu_scale_ablation
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 $BIN/sam-tables $OUT --out $OUT  # the exact command tests/test_tables.py replays
 $BIN/sam-report $OUT/runs --out $OUT/report
+$BIN/sam-tables $OUT/runs $ABL/runs --group-by trainer.m,optimizer.rho --out $ABL
 
 for noise in 0.4 0.0; do
     sgd=runs/cpu_scale/dataset.label_noise=${noise},optimizer=sgd/seed0
@@ -20,5 +23,13 @@ for noise in 0.4 0.0; do
     name=noise${noise}
     $BIN/sam-analyze hessian "$sgd" "$sam" --subset 1000 --k 5 --out $OUT/analysis/hessian_$name --no-progress
     $BIN/sam-analyze landscape "$sgd" "$sam" --mode 1d --subset 1000 --out $OUT/analysis/landscape_$name --no-progress
+    $BIN/sam-analyze msharpness "$sgd" "$sam" --subset 1024 --m 8 32 128 --rho 0.05 0.1 \
+        --out $OUT/analysis/msharpness_$name --no-progress
 done
-echo "wrote $OUT"
+noisy_sgd=runs/cpu_scale/dataset.label_noise=0.4,optimizer=sgd/seed0
+noisy_sam=runs/cpu_scale/dataset.label_noise=0.4,optimizer=sam/seed0
+if [ -f "$noisy_sam/summary.json" ] && [ -f "$noisy_sgd/checkpoints/last.pt" ]; then
+    $BIN/sam-analyze landscape "$noisy_sgd" "$noisy_sam" --mode 2d --points 15 --subset 500 \
+        --out $OUT/analysis/landscape2d_noise0.4 --no-progress
+fi
+echo "wrote $OUT and $ABL"

@@ -20,6 +20,7 @@ from sam_repro.analysis.landscape import (
     loss_surface,
     plot_curves,
     plot_surface,
+    plot_surfaces,
 )
 from sam_repro.analysis.loading import evaluate, load_split, save_figure
 from sam_repro.cli.analyze import main as analyze
@@ -158,6 +159,19 @@ def test_plots_are_pngs_carrying_provenance(tmp_path):
         assert json.loads(image.text["Description"]) == record
 
 
+def test_side_by_side_surfaces_share_their_contour_levels():
+    """SGD beside SAM on the same levels: the sharp bowl gets more rings than the wide one, never rescaled."""
+    axis = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    sharp = {"alpha": axis, "beta": axis, "loss": [[1 + 8 * (a * a + b * b) for a in axis] for b in axis]}
+    wide = {"alpha": axis, "beta": axis, "loss": [[1 + (a * a + b * b) for a in axis] for b in axis]}
+    figure = plot_surfaces({"sgd": sharp, "sam": wide})
+    panels = [axes for axes in figure.axes if axes.get_title() in ("sgd", "sam")]
+    assert [axes.get_title() for axes in panels] == ["sgd", "sam"]
+    levels = [axes.collections[0].levels for axes in panels]
+    assert list(levels[0]) == list(levels[1])
+    assert levels[0][0] == pytest.approx(1.0) and levels[0][-1] == pytest.approx(17.0)  # global min and max
+
+
 def test_sam_analyze_landscape_end_to_end(tmp_path, fake_dataset, capsys):
     sgd_model = write_run(tmp_path / "sgd", optimizer="sgd", seed=0)
     write_run(tmp_path / "sam", optimizer="sam", seed=1)
@@ -172,11 +186,13 @@ def test_sam_analyze_landscape_end_to_end(tmp_path, fake_dataset, capsys):
     sample = load_split(OmegaConf.create(run_config()), "train", 16, 0)
     assert sgd["result"]["loss"][2] == pytest.approx(evaluate(sgd_model, list(sample.batches(250))).loss, rel=1e-5)
 
-    assert analyze(["landscape", str(tmp_path / "sam"), "--mode", "2d", "--out", str(out), *common]) == 0
-    (surface_json,) = out.glob("*.landscape_2d.json")
-    surface = json.loads(surface_json.read_text())["result"]
+    assert analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--mode", "2d", "--out", str(out),
+                    *common]) == 0
+    surface_jsons = sorted(out.glob("*.landscape_2d.json"))
+    assert len(surface_jsons) == 2
+    surface = json.loads(surface_jsons[0].read_text())["result"]
     assert len(surface["loss"]) == 5 and len(surface["loss"][0]) == 5
-    assert list(out.glob("*.landscape_2d.png"))
+    assert len(list(out.glob("*.landscape_2d.png"))) == 2 and (out / "landscape_2d.png").exists()  # + side by side
 
     assert analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--mode", "interpolate",
                     "--out", str(out), *common]) == 0

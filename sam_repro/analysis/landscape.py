@@ -205,15 +205,22 @@ def plot_curves(
 
 def plot_surface(surface: Mapping[str, Any], title: str = "Loss surface", levels: int = 20):
     """A Figure with contour lines of the 2D loss surface (`alpha`, `beta`, `loss` as from `loss_surface`)."""
+    return plot_surfaces({title: surface}, levels=levels)
+
+
+def plot_surfaces(surfaces: Mapping[str, Mapping[str, Any]], title: str | None = None, levels: int = 20):
+    """Contour plots of several 2D loss surfaces side by side (e.g. SGD beside SAM), one panel each, drawn with the
+    same contour levels so that a wide minimum shows as widely spaced rings and a sharp one as crowded rings."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(5.2, 4.4))
-    axes = figure.add_subplot()
-    alphas = torch.tensor(surface["alpha"], dtype=torch.float64)
-    betas = torch.tensor(surface["beta"], dtype=torch.float64)
-    loss = torch.tensor(surface["loss"], dtype=torch.float64)
-    grid_a, grid_b = torch.meshgrid(alphas, betas, indexing="xy")
-    finite = loss[loss.isfinite()]
+    grids = {}
+    for label, surface in surfaces.items():
+        alphas = torch.tensor(surface["alpha"], dtype=torch.float64)
+        betas = torch.tensor(surface["beta"], dtype=torch.float64)
+        grid_a, grid_b = torch.meshgrid(alphas, betas, indexing="xy")
+        grids[label] = (grid_a, grid_b, torch.tensor(surface["loss"], dtype=torch.float64))
+    losses = torch.cat([loss.flatten() for _, _, loss in grids.values()])
+    finite = losses[losses.isfinite()]
     low, high = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     # Losses grow by orders of magnitude away from a minimum: geometric levels keep contours near the minimum,
     # where SGD and SAM differ, instead of spending them all on the steep rim.
@@ -221,12 +228,17 @@ def plot_surface(surface: Mapping[str, Any], title: str = "Loss surface", levels
         contour_levels = torch.logspace(math.log10(low), math.log10(high), levels, dtype=torch.float64).numpy()
     else:
         contour_levels = levels
-    contours = axes.contour(grid_a.numpy(), grid_b.numpy(), loss.numpy(), levels=contour_levels)
-    axes.clabel(contours, inline=True, fontsize=6, fmt="%.3g")
-    figure.colorbar(contours, ax=axes, label="loss")
-    axes.plot([0], [0], marker="*", color="black", markersize=8)  # the trained weights
-    axes.set_xlabel(r"$\alpha$ (direction 1)")
-    axes.set_ylabel(r"$\beta$ (direction 2)")
-    axes.set_aspect("equal")
-    axes.set_title(title, fontsize=10)
+    figure = Figure(figsize=(5.2 * len(grids), 4.4), layout="constrained")
+    panels = figure.subplots(1, len(grids), squeeze=False)[0]
+    for axes, (label, (grid_a, grid_b, loss)) in zip(panels, grids.items()):
+        contours = axes.contour(grid_a.numpy(), grid_b.numpy(), loss.numpy(), levels=contour_levels)
+        axes.clabel(contours, inline=True, fontsize=6, fmt="%.3g")
+        axes.plot([0], [0], marker="*", color="black", markersize=8)  # the trained weights
+        axes.set_xlabel(r"$\alpha$ (direction 1)")
+        axes.set_ylabel(r"$\beta$ (direction 2)")
+        axes.set_aspect("equal")
+        axes.set_title(label, fontsize=10)
+    figure.colorbar(contours, ax=list(panels), label="loss")
+    if title:
+        figure.suptitle(title)
     return figure

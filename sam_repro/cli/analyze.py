@@ -38,6 +38,7 @@ from sam_repro.analysis.landscape import (
     loss_surface,
     plot_curves,
     plot_surface,
+    plot_surfaces,
 )
 from sam_repro.analysis.loading import (
     ImageSplit,
@@ -204,6 +205,7 @@ def run_landscape(args: argparse.Namespace) -> int:
     if args.mode == "interpolate":
         return _interpolate(session, grid)
     curves: dict[str, dict[str, Any]] = {}
+    surfaces: dict[str, dict[str, Any]] = {}
     for path in args.runs:
         run = session.open(path)
         sample = session.sample(run)
@@ -221,6 +223,7 @@ def run_landscape(args: argparse.Namespace) -> int:
                           filter_normalized_direction(run.model, generator))
             result = loss_surface(run.model, batches, directions, grid, grid, progress=session.progress)
             session.save(f"{stem}.landscape_2d.png", plot_surface(result, title=f"{run.label} ({sample.split} loss)"))
+            surfaces[session.legend(run)] = result
             centre = result["loss"][points // 2][points // 2]
         result |= {"direction": "filter-normalized Gaussian (Li et al. 2018), bias/BatchNorm directions zero",
                    "direction_seed": args.seed, "bn_mode": bn_mode(run.model)}
@@ -231,6 +234,8 @@ def run_landscape(args: argparse.Namespace) -> int:
               f"loss {centre:.4g} at the grid centre")
     if curves:
         session.save("landscape_1d.png", plot_curves(curves, title=f"{args.split} loss along a random direction"))
+    if len(surfaces) > 1:  # the runs side by side, on the same contour levels
+        session.save("landscape_2d.png", plot_surfaces(surfaces, title=f"{args.split} loss on a random plane"))
     return 0
 
 
