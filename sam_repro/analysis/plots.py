@@ -8,6 +8,7 @@ orange, others in a fixed order) so that every figure of a report reads the same
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def error_curves_figure(title: str, arms: Mapping[str, Sequence[Curve]], paper: 
     axes.yaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("epoch")
     axes.set_ylabel("test error (%)")
-    axes.set_title(title, fontsize=10)
+    axes.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=10)  # a long cell label wraps, never clips
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(fontsize=8, loc="upper right", title="shaded: min–max over seeds", title_fontsize=7)
     return figure
