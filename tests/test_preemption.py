@@ -40,9 +40,13 @@ def clean_env(monkeypatch):
 
 @pytest.fixture
 def saved_handlers():
-    """Whatever a test does to the handlers, the next test starts from the same ones."""
+    """Every test starts from the default handlers (the suite may itself run under `nohup`, which ignores SIGHUP, or
+    under a shell that ignores SIGINT), and the handlers found are put back afterwards."""
     before = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
-    yield before
+    start = {sig: signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL for sig in HANDLED_SIGNALS}
+    for sig, handler in start.items():
+        signal.signal(sig, handler)
+    yield start  # the handlers the test starts from
     for sig, handler in before.items():
         signal.signal(sig, handler)
 
