@@ -67,6 +67,7 @@ RUN_SPECIFIC_KEYS = (
     "seed", "run_root", "experiment", "logger", "hydra", "dataset.root", "dataset.noise_seed", "trainer.device",
     "trainer.progress", "trainer.log_every", "trainer.threads", "trainer.eval_batch_size",
     "trainer.on_corrupt_checkpoint", "trainer.compile", "trainer.channels_last", "trainer.deterministic",
+    "trainer.name",  # a label of the trainer preset (absent from older runs): its values are compared one by one
 )
 
 
