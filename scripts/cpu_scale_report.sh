@@ -25,11 +25,9 @@ for noise in 0.4 0.0; do
     $BIN/sam-analyze landscape "$sgd" "$sam" --mode 1d --subset 1000 --out $OUT/analysis/landscape_$name --no-progress
     $BIN/sam-analyze msharpness "$sgd" "$sam" --subset 1024 --m 8 32 128 --rho 0.05 0.1 \
         --out $OUT/analysis/msharpness_$name --no-progress
+    if [ "$noise" = 0.4 ]; then  # the 2D pair of the condition where SAM's effect is largest
+        $BIN/sam-analyze landscape "$sgd" "$sam" --mode 2d --points 15 --subset 500 \
+            --out $OUT/analysis/landscape2d_$name --no-progress
+    fi
 done
-noisy_sgd=runs/cpu_scale/dataset.label_noise=0.4,optimizer=sgd/seed0
-noisy_sam=runs/cpu_scale/dataset.label_noise=0.4,optimizer=sam/seed0
-if [ -f "$noisy_sam/summary.json" ] && [ -f "$noisy_sgd/checkpoints/last.pt" ]; then
-    $BIN/sam-analyze landscape "$noisy_sgd" "$noisy_sam" --mode 2d --points 15 --subset 500 \
-        --out $OUT/analysis/landscape2d_noise0.4 --no-progress
-fi
 echo "wrote $OUT and $ABL"

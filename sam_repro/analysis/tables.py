@@ -403,7 +403,8 @@ def _best_of_doubled_epochs(
         epochs = cell.get("epochs")
         if frozen not in groups or BASELINE not in groups[frozen] or not _is_number(epochs):
             continue
-        doubled = _freeze({**cell, "epochs": _normalise_epochs(2 * epochs)})
+        doubled_epochs = _normalise_epochs(2 * epochs)
+        doubled = _freeze({**cell, "epochs": doubled_epochs})
         if set(groups.get(doubled, {})) != {BASELINE}:
             continue
         arms = (groups[frozen][BASELINE], groups[doubled][BASELINE])
@@ -412,7 +413,7 @@ def _best_of_doubled_epochs(
         if use_doubled:
             groups[frozen][BASELINE] = arms[1]
         del groups[doubled]
-        choices.append(BaselineChoice(cell, means, _normalise_epochs(2 * epochs) if use_doubled else epochs))
+        choices.append(BaselineChoice(cell, means, doubled_epochs if use_doubled else epochs))
     return choices
 
 
@@ -422,8 +423,8 @@ def _normalise_epochs(epochs: float) -> int | float:
 
 
 def _mean_error(runs: list[RunRecord], excluded: set[str]) -> float | None:
-    values = [float(r.summary["test_error"]) for r in runs
-              if r.source not in excluded and _is_number(r.summary.get("test_error"))]
+    """Mean final test error of the averaged runs (`excluded` holds every run without a finite one)."""
+    values = [float(r.summary["test_error"]) for r in runs if r.source not in excluded]
     return sum(values) / len(values) if values else None
 
 
