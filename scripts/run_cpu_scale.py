@@ -1,9 +1,12 @@
-"""Run the CPU-scale grid (experiment=cpu_scale) with a few single-thread workers, then keep each finished run.
+"""Run a CPU-scale grid (experiment=cpu_scale by default) with a few single-thread workers, then keep each finished
+run.
 
     python scripts/run_cpu_scale.py [--workers 2] [--seeds 0 1 2]
     python scripts/run_cpu_scale.py --seeds 0 --noise 0.4 --set trainer.m=32 --results results/cpu_scale_ablation
+    python scripts/run_cpu_scale.py --experiment cpu_scale_table4 --noise 0.4 0.6 --results results/cpu_scale_table4
 
-Runs live in runs/cpu_scale/...; they resume when interrupted, and finished ones are skipped. As each run finishes,
+Runs live in runs/<experiment>/... ($SAM_RUNS_DIR moves runs/); they resume when interrupted, and finished ones are
+skipped. As each run finishes,
 its config.yaml, metrics.jsonl and summary.json (no checkpoint) are copied to <results>/runs/<same path>, so the
 committed results grow run by run and `sam-tables results/cpu_scale` regenerates the table. SAM runs (twice the
 work of SGD's) are started first, so that two workers finish the grid together.
@@ -33,15 +36,15 @@ def grid(seeds: list[int], noises: list[float], optimizers: list[str], extra: li
     return sorted(jobs, key=lambda job: "optimizer=sgd" in job)  # stable: SAM-family runs first
 
 
-def run_one(overrides: list[str], results: Path) -> tuple[list[str], int, float]:
+def run_one(experiment: str, overrides: list[str], results: Path) -> tuple[list[str], int, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    cmd = [str(BIN / "sam-train"), "experiment=cpu_scale", "trainer.threads=1", "trainer.progress=log",
+    cmd = [str(BIN / "sam-train"), f"experiment={experiment}", "trainer.threads=1", "trainer.progress=log",
            "trainer.log_every=1000", *overrides]
     rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seed = next(o.split("=")[1] for o in overrides if o.startswith("seed="))
-    rel = Path(run_name("cpu_scale", overrides)) / f"seed{seed}"
-    src, dst = ROOT / "runs" / rel, results / "runs" / rel
+    rel = Path(run_name(experiment, overrides)) / f"seed{seed}"
+    src, dst = ROOT / os.environ.get("SAM_RUNS_DIR", "runs") / rel, results / "runs" / rel
     if rc == 0 and (src / "summary.json").exists():
         dst.mkdir(parents=True, exist_ok=True)
         for name in KEEP:
@@ -51,6 +54,7 @@ def run_one(overrides: list[str], results: Path) -> tuple[list[str], int, float]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiment", default="cpu_scale", help="the preset every run starts from (default cpu_scale)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--noise", type=float, nargs="+", default=[0.4, 0.0], help="label-noise rates (default 0.4 0.0)")
@@ -61,7 +65,7 @@ def main() -> int:
     args = ap.parse_args()
     jobs = grid(args.seeds, args.noise, args.optimizers, args.set)
     with ThreadPoolExecutor(args.workers) as pool:
-        for overrides, rc, seconds in pool.map(lambda job: run_one(job, args.results.resolve()), jobs):
+        for overrides, rc, seconds in pool.map(lambda job: run_one(args.experiment, job, args.results.resolve()), jobs):
             print(f"{' '.join(overrides)}: exit {rc} after {seconds / 60:.1f} min", flush=True)
     return 0
 

@@ -7,6 +7,10 @@
   2. `dataset.train_subset=N` then picks N of the remaining examples with `dataset.subset_seed`, the same for every
      optimizer and seed of a sweep;
   3. `dataset.label_noise` corrupts the training labels with `dataset.noise_seed`; validation and test stay clean.
+     Such runs also get `Data.noise_probe`: the training images un-augmented, with the pair (trained-on label,
+     true label), on which the trainer measures how much of the corrupted labels the network has memorised. On
+     more than MEMORIZATION_SAMPLE training examples it is a fixed sample of that many (drawn with
+     `dataset.noise_seed`, the same for every optimizer and seed).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from sam_repro.data.augment import BatchAugment
 from sam_repro.data.loader import EvalLoader, TrainLoader, to_device_uint8
 from sam_repro.errors import ConfigError
 
+MEMORIZATION_SAMPLE = 10_000  # training examples the memorisation probe evaluates (all of them when fewer)
+
 
 @dataclass
 class Data:
@@ -27,6 +33,7 @@ class Data:
     test: EvalLoader
     val: EvalLoader | None
     num_train: int
+    noise_probe: EvalLoader | None = None  # label noise only: training images with (noisy, true) label pairs
     info: dict = field(default_factory=dict)  # label-noise record etc., goes into summary.json
 
 
@@ -55,7 +62,7 @@ def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) ->
     arrays = load_arrays(ds.name, ds.root)
     train_idx, val_idx = select_train_indices(len(arrays.train_labels), float(ds.val_fraction),
                                               ds.train_subset, int(ds.subset_seed))
-    labels = arrays.train_labels[train_idx].astype(np.int64)
+    true_labels = labels = arrays.train_labels[train_idx].astype(np.int64)
     info: dict = {"num_train": len(train_idx), "num_val": len(val_idx)}
     if ds.label_noise:
         from sam_repro.data.noise import corrupt_labels
@@ -89,7 +96,17 @@ def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) ->
         val_labels = torch.from_numpy(arrays.train_labels[val_idx].astype(np.int64)).to(device)
         val = EvalLoader(to_dev(arrays.train_images[val_idx]), val_labels, int(tr.eval_batch_size), ds.mean,
                          ds.std, rank, world_size)
-    return Data(train=train, test=test, val=val, num_train=len(train_idx), info=info)
+    noise_probe = None
+    if ds.label_noise:
+        probe = np.arange(len(labels))
+        if len(probe) > MEMORIZATION_SAMPLE:
+            probe = np.sort(np.random.default_rng(int(ds.noise_seed)).choice(probe, MEMORIZATION_SAMPLE,
+                                                                             replace=False))
+        pairs = torch.from_numpy(np.stack([labels[probe], true_labels[probe]], axis=1)).to(device)
+        noise_probe = EvalLoader(train.images[torch.from_numpy(probe).to(device)], pairs, int(tr.eval_batch_size),
+                                 ds.mean, ds.std, rank, world_size)
+        info["memorization_sample"] = len(probe)
+    return Data(train=train, test=test, val=val, num_train=len(train_idx), info=info, noise_probe=noise_probe)
 
 
 def _build_imagenet(cfg, device: torch.device, rank: int, world_size: int) -> Data:

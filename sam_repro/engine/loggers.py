@@ -95,6 +95,8 @@ class MetricsLogger:
             parts.append(f"test err {row['test_error']:.2f}%")
         if "val_error" in row:
             parts.append(f"val err {row['val_error']:.2f}%")
+        if "memorized" in row:
+            parts.append(f"memorized {row['memorized']:.1f}%")
         if "sharpness" in row:
             parts.append(f"sharpness {row['sharpness']:.4f}")
         parts.append(f"{row['images_per_second']:.0f} img/s")
@@ -119,7 +121,10 @@ class MetricsLogger:
         if self.wandb_run is None:
             return
         try:
-            for key in ("status", "test_error", "best_test_error", "test_error_top5", "epochs", "wall_time_s"):
+            for key in ("status", "test_error", "best_test_error", "test_error_top5", "epochs", "wall_time_s",
+                        "memorized", "flipped_true", "clean_train_error"):
+                if key not in summary:
+                    continue
                 self.wandb_run.summary[key] = summary.get(key)
             self.wandb_run.finish(exit_code=0 if summary.get("status") == "finished" else 1)
         except Exception as exc:  # noqa: BLE001

@@ -25,6 +25,7 @@ from sam_repro.engine.checkpoint import (atomic_write_json, load_checkpoint, rem
 from sam_repro.engine.config import validate
 from sam_repro.engine.distributed import (DistEnv, all_reduce_mean_, all_reduce_sum, barrier, cleanup_distributed,
                                           init_distributed)
+from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorization
 from sam_repro.engine.loggers import MetricsLogger, Progress
 from sam_repro.engine.preemption import StopSignal
 from sam_repro.engine.provenance import provenance
@@ -49,26 +50,6 @@ def _autocast(precision: str, device: torch.device):
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, env: DistEnv, autocast) -> dict[str, float]:
-    """Exact top-1/top-5 error and mean loss over the whole split, summed over ranks."""
-    model.eval()
-    sums = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss, top1 correct, top5 correct, count
-    for x, y in loader:
-        with autocast():
-            logits = model(x)
-        logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
-        sums[1] += (top5[:, 0] == y).sum()
-        sums[2] += (top5 == y[:, None]).any(1).sum()
-        sums[3] += len(y)
-    loss, top1, top5, n = all_reduce_sum(sums).tolist()
-    assert int(n) == loader.total, f"evaluated {n} examples of {loader.total}"
-    model.train()
-    return {"loss": loss / n, "error": 100.0 * (1 - top1 / n), "error_top5": 100.0 * (1 - top5 / n)}
 
 
 @torch.no_grad()
@@ -229,6 +210,8 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
                 if data.val is not None:
                     val = evaluate(model, data.val, env, autocast)
                     last.update({"val_loss": val["loss"], "val_error": val["error"]})
+                if data.noise_probe is not None:
+                    last.update(memorization(model, data.noise_probe, env, autocast))
             metrics.log_epoch(last)
             checkpoint()
             if capped:
@@ -372,6 +355,7 @@ def _finish_summary(summary: dict, status: str, reason: str | None, epoch: int, 
         "best_test_error": best if math.isfinite(best) else None,
         "images_per_second": metrics.mean_images_per_second(),
     })
-    if final and "val_error" in final:
-        summary["val_error"] = final["val_error"]
+    for key in ("val_error", *MEMORIZATION_KEYS):
+        if final and key in final:
+            summary[key] = final[key]
     return summary

@@ -1,0 +1,73 @@
+"""What the trainer measures on held-out and training data at an evaluated epoch.
+
+  * `evaluate`: exact top-1 / top-5 error and mean loss over a whole split, summed over ranks;
+  * `memorization`: for runs with label noise, how much of the *corrupted* training labels the network has learnt
+    (the paper's label-noise mechanism, section 3.3: plain SGD memorises the flipped labels, SAM does not).
+
+Both run the model in eval mode (BatchNorm running statistics, no dropout) on un-augmented, normalized images, and
+put the model back in train mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sam_repro.engine.distributed import DistEnv, all_reduce_sum
+
+# The three memorisation percentages, as logged in metrics.jsonl, summary.json and W&B.
+MEMORIZATION_KEYS = ("memorized", "flipped_true", "clean_train_error")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, env: DistEnv, autocast) -> dict[str, float]:
+    """Exact top-1/top-5 error and mean loss over the whole split, summed over ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss, top1 correct, top5 correct, count
+    for x, y in loader:
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        sums[1] += (top5[:, 0] == y).sum()
+        sums[2] += (top5 == y[:, None]).any(1).sum()
+        sums[3] += len(y)
+    loss, top1, top5, n = all_reduce_sum(sums).tolist()
+    assert int(n) == loader.total, f"evaluated {n} examples of {loader.total}"
+    model.train()
+    return {"loss": loss / n, "error": 100.0 * (1 - top1 / n), "error_top5": 100.0 * (1 - top5 / n)}
+
+
+def memorization_counts(predicted: torch.Tensor, noisy: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """[flipped, predicted as the flipped label, predicted as the true label, clean, clean predicted wrongly]
+    as float64 counts; `noisy` is the label trained on, `true` the original one."""
+    flipped = noisy != true
+    clean = ~flipped
+    return torch.stack([
+        flipped.sum(), (flipped & (predicted == noisy)).sum(), (flipped & (predicted == true)).sum(),
+        clean.sum(), (clean & (predicted != true)).sum(),
+    ]).double()
+
+
+def memorization_shares(counts: torch.Tensor | list[float]) -> dict[str, float]:
+    """The percentages of MEMORIZATION_KEYS from summed `memorization_counts` (0 where a set is empty):
+    memorized = flipped examples predicted as their flipped (trained-on) label, flipped_true = flipped examples
+    predicted as their true label, clean_train_error = error on the examples that kept their label."""
+    flipped, as_noisy, as_true, clean, clean_wrong = [float(c) for c in counts]
+    share = lambda part, whole: 100.0 * part / whole if whole else 0.0  # noqa: E731
+    return {"memorized": share(as_noisy, flipped), "flipped_true": share(as_true, flipped),
+            "clean_train_error": share(clean_wrong, clean)}
+
+
+@torch.no_grad()
+def memorization(model: torch.nn.Module, loader, env: DistEnv, autocast) -> dict[str, float]:
+    """`memorization_shares` over the training examples of `loader` (an EvalLoader whose labels are the pairs
+    (trained-on label, true label)), summed over ranks."""
+    model.eval()
+    counts = torch.zeros(5, device=env.device, dtype=torch.float64)
+    for x, labels in loader:
+        with autocast():
+            predicted = model(x).argmax(1)
+        counts += memorization_counts(predicted, labels[:, 0], labels[:, 1])
+    model.train()
+    return memorization_shares(all_reduce_sum(counts).tolist())
