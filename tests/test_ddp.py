@@ -45,7 +45,7 @@ def run(run_dir: Path, ranks: int, *overrides: str) -> tuple[list[dict], dict]:
                           timeout=600)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
     return metrics, state
 
 
@@ -104,7 +104,7 @@ from sam_repro.data import build_data
 from sam_repro.engine.distributed import init_distributed, cleanup_distributed
 from sam_repro.engine.trainer import evaluate
 import contextlib
-ckpt = torch.load(sys.argv[1], weights_only=False)
+ckpt = torch.load(sys.argv[1], weights_only=True)
 cfg = OmegaConf.create(ckpt["config"])
 env = init_distributed("cpu")
 model = instantiate(cfg.model)

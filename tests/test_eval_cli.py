@@ -169,7 +169,7 @@ def test_load_run_rebuilds_the_saved_network(tmp_path):
 
 def test_load_run_strips_wrapper_prefixes(tmp_path):
     model = write_run(tmp_path / "run")
-    payload = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    payload = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     payload["model"] = {f"module._orig_mod.{k}": v for k, v in payload["model"].items()}
     torch.save(payload, tmp_path / "wrapped.pt")
     loaded, _ = load_run(tmp_path / "wrapped.pt")
@@ -227,7 +227,7 @@ def test_sam_eval_errors_are_one_line(tmp_path, capsys, setup, message):
 
 def test_weights_that_do_not_fit_name_the_file(tmp_path, capsys):
     write_run(tmp_path / "run")
-    payload = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    payload = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     payload["model"].pop("5.bias")
     torch.save(payload, tmp_path / "run" / "checkpoints" / "last.pt")
     assert main([str(tmp_path / "run"), "--no-progress", "--device", "cpu"]) == 2

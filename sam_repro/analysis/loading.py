@@ -36,10 +36,11 @@ from torch import nn
 from sam_repro.data import select_train_indices, sources
 from sam_repro.data.augment import normalize
 from sam_repro.data.noise import corrupt_labels
+from sam_repro.engine.checkpoint import FORMAT, load_checkpoint
 from sam_repro.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = FORMAT
 # Prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) put on state-dict keys. The contract says
 # checkpoints hold the plain model; stripping them anyway lets a hand-saved checkpoint load too.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -107,12 +108,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint dict, checked for the keys the analyses need."""
-    try:
-        # weights_only=False: sam-train checkpoints carry numpy and Python RNG state, which the weights-only
-        # unpickler refuses. Only load checkpoints you trust.
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises anything from EOFError to UnpicklingError on a damaged file
-        raise CheckpointError(f"{path} is corrupt or not a torch checkpoint ({_one_line(error)})") from error
+    payload = load_checkpoint(path, sam_repro_format=False)  # the one safe loader (weights_only, CPU)
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), Mapping):
         raise CheckpointError(f"{path} has no 'model' state dict: not a checkpoint written by sam-train")
     if payload.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from sam_repro.errors import DataError
+from sam_repro.run_keys import flatten as flatten_config  # noqa: F401 -- re-exported: the tables flatten with it
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -66,18 +67,6 @@ def config_value(config: Mapping[str, Any], dotted_key: str, default: Any = None
             return default
         node = node[part]
     return node
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values (they are compared whole)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_config(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
 
 
 def find_run_dirs(roots: Iterable[str | os.PathLike]) -> list[Path]:

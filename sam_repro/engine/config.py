@@ -29,6 +29,11 @@ def validate(cfg: DictConfig, env) -> None:
     _require(tr.progress in ("auto", "bar", "log", "off"), f"trainer.progress must be auto, bar, log or off (got {tr.progress!r})")
     _require(tr.on_corrupt_checkpoint in ("error", "restart"),
              f"trainer.on_corrupt_checkpoint must be error or restart (got {tr.on_corrupt_checkpoint!r})")
+    _require(tr.get("resume", "auto") in ("auto", "force"),
+             f"trainer.resume must be auto or force (got {tr.get('resume')!r})")
+    inject = tr.get("inject_nonfinite_at_step")
+    _require(inject is None or (isinstance(inject, int) and not isinstance(inject, bool) and inject >= 1),
+             f"trainer.inject_nonfinite_at_step must be a positive step or null (got {inject!r})")
     _require(opt.lr > 0, f"optimizer.lr must be positive (got {opt.lr})")
     _require(opt.weight_decay >= 0, f"optimizer.weight_decay must be >= 0 (got {opt.weight_decay})")
     if "rho" in opt and opt.name != "sgd":

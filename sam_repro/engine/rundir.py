@@ -1,36 +1,40 @@
-"""Run directories derived from what defines an experiment, not from the time.
+"""Run directories: derived from what defines an experiment, not from the time, and only ever continued with the
+configuration they were started with.
 
 `runs/<experiment>/<overrides that change the experiment>/seed<seed>`: re-running the same command finds the same
 directory (and resumes or reports it), a multirun job lands where the equivalent single run would, and a SLURM
-requeue comes back to its own checkpoint. Overrides that do not change the result (logging, Hydra, display,
-placement) are left out; an explicit `hydra.run.dir=...` always wins.
+requeue comes back to its own checkpoint. Overrides of keys that change nothing (`sam_repro.run_keys`) are left out
+of the name; an explicit `hydra.run.dir=...` always wins.
+
+Run identity: the directory's `config.yaml` records the configuration that defines its training. Every start
+compares the composed configuration with it (`config_changes`) and, on any difference in a training key, stops
+before any work unless `trainer.resume=force` (recorded in summary.json). A key that the record lacks (a run
+written before the key existed) is compared with the value the key takes when the command line does not set it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-# Override keys (or prefixes ending in '.') that do not change what is trained.
-IGNORED_KEYS = (
-    "logger.", "logger", "hydra.", "hydra", "seed", "experiment", "run_root",
-    "dataset.root", "trainer.progress", "trainer.log_every", "trainer.device", "trainer.threads",
-    "trainer.eval_batch_size", "trainer.on_corrupt_checkpoint", "trainer.eval_every",
-)
+from sam_repro.run_keys import IDENTITY_NEUTRAL, RUN_NAME_NEUTRAL, flatten, matches
+
 MAX_NAME = 180
+CONFIG_FILE = "config.yaml"
 
 
-def _key(override: str) -> str:
+def override_key(override: str) -> str:
+    """`+trainer.m=32` -> `trainer.m`; `~logger` -> `logger`."""
     return override.split("=", 1)[0].lstrip("+~")
-
-
-def _ignored(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED_KEYS)
 
 
 def run_name(experiment: str | None, overrides: Sequence[str] | None) -> str:
     """`<experiment or default>/<sorted relevant overrides joined by ','>` (or `.../base` when there are none)."""
-    last = {_key(o): o.lstrip("+") for o in (overrides or []) if not _ignored(_key(o))}  # the last value wins
+    last = {override_key(o): o.lstrip("+") for o in (overrides or [])
+            if not matches(override_key(o), RUN_NAME_NEUTRAL)}  # the last value wins
     kept = sorted(last.values())
     tail = ",".join(kept).replace("/", "_") or "base"
     if len(tail) > MAX_NAME:
@@ -44,3 +48,83 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("sam_run_name"):
         OmegaConf.register_new_resolver("sam_run_name", lambda exp, overrides: run_name(exp, list(overrides or [])))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run identity
+
+ABSENT = object()
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    recorded: Any  # ABSENT: the record has no such key
+    current: Any
+
+    def describe(self, run_dir: Path | str) -> str:
+        recorded = "absent" if self.recorded is ABSENT else _show(self.recorded)
+        current = "absent" if self.current is ABSENT else _show(self.current)
+        return f"{self.key}: {recorded} in {run_dir}, {current} now"
+
+    def as_record(self) -> dict:
+        return {"key": self.key, "recorded": None if self.recorded is ABSENT else self.recorded,
+                "current": None if self.current is ABSENT else self.current}
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    # YAML writes 5e-4 as 0.0005 and reads 200 back as an int either way; compare numbers by value, not type.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any],
+                   default_of: Callable[[list[str]], Mapping[str, Any]] | None = None) -> list[Change]:
+    """The training keys whose value differs between a run's recorded configuration and the current one.
+
+    Keys of IDENTITY_NEUTRAL are left out. A key the record lacks is compared with its default, which
+    `default_of(keys)` returns for all such keys at once (`{key: value}`; without it, with the current value, i.e. the
+    record is taken to predate the key). A key the current configuration lacks no longer exists, so it cannot train
+    differently, and is left out too.
+    """
+    old = {k: v for k, v in flatten(recorded).items() if not matches(k, IDENTITY_NEUTRAL)}
+    new = {k: v for k, v in flatten(current).items() if not matches(k, IDENTITY_NEUTRAL)}
+    changes = [Change(k, old[k], new[k]) for k in sorted(new) if k in old and not _same(old[k], new[k])]
+    absent = sorted(k for k in new if k not in old)
+    if absent and default_of is not None:
+        defaults = default_of(absent)
+        changes += [Change(k, ABSENT, new[k]) for k in absent if not _same(defaults.get(k, ABSENT), new[k])]
+    return sorted(changes, key=lambda c: c.key)
+
+
+def read_recorded_config(run_dir: Path) -> dict | None:
+    """The configuration recorded in `run_dir` (None for a new directory)."""
+    import yaml
+
+    from sam_repro.errors import ConfigError
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        recorded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not readable YAML ({str(exc).splitlines()[0]}); restore it, or train in "
+                          "another directory") from None
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{path} holds no configuration; restore it, or train in another directory")
+    return recorded
+
+
+def identity_error(run_dir: Path, changes: Sequence[Change]) -> str:
+    lines = [f"{run_dir} was started with another configuration:", *(f"  {c.describe(run_dir)}" for c in changes),
+             "Train in another directory (hydra.run.dir=..., or another SAM_RUNS_DIR), or pass trainer.resume=force "
+             "to continue this run with the new values (recorded in its summary.json)."]
+    return "\n".join(lines)

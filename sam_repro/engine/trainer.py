@@ -63,26 +63,31 @@ def average_bn_stats(model: torch.nn.Module, env: DistEnv) -> None:
             all_reduce_mean_(m.running_var)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train (or resume, or report) the run described by `cfg` in `run_dir`; returns the summary."""
+def train(cfg: DictConfig, run_dir: Path, forced: list[dict] | None = None) -> dict:
+    """Train (or resume, or report) the run described by `cfg` in `run_dir`; returns the summary. `forced` lists
+    the configuration changes a `trainer.resume=force` start accepted (recorded in summary.json)."""
     env = init_distributed(cfg.trainer.device)
     try:
-        summary = _train(cfg, Path(run_dir), env)
+        summary = _train(cfg, Path(run_dir), env, forced or [])
         barrier()  # leave together: tearing down gloo while a peer still talks aborts the process
         return summary
     finally:
         cleanup_distributed()
 
 
-def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> dict:
     start_time = time.time()
     summary_path, ckpt_path = run_dir / "summary.json", run_dir / "checkpoints" / "last.pt"
-    if summary_path.exists():
-        previous = json.loads(summary_path.read_text())
-        if previous.get("status") == "finished":
-            log.info("run already finished: %s (test error %.2f%%); delete the directory to train again",
-                     run_dir, previous["test_error"])
-            return previous
+    previous = _read_summary(summary_path)
+    if forced:  # trainer.resume=force accepted these changes: keep every such start on record
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": forced}
+        previous["resume_forced"] = [*previous.get("resume_forced", []), entry]
+        if env.is_main and summary_path.exists():
+            atomic_write_json(summary_path, previous)
+    if previous.get("status") == "finished":
+        log.info("run already finished: %s (test error %.2f%%); delete the directory to train again",
+                 run_dir, previous["test_error"])
+        return previous
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     validate(cfg, env)
@@ -107,7 +112,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
 
     # ---- resume -----------------------------------------------------------------------------------------------
     epoch, step, best, wall_before = 0, 0, math.inf, 0.0
-    state = _load_resume_state(cfg, ckpt_path, device)
+    state = _load_resume_state(cfg, ckpt_path)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -148,6 +153,8 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     prov = provenance()
     summary = {"status": "running", "reason": None, "epochs": epoch, "label_noise": data.info.get("label_noise"),
                "num_train": data.num_train, "provenance": prov}
+    if previous.get("resume_forced"):
+        summary["resume_forced"] = previous["resume_forced"]
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -185,6 +192,8 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
                 stats = take_step(train_model, optimizer, x, y, ctx)
                 scheduler.step()
                 step += 1
+                if step == cfg.trainer.inject_nonfinite_at_step:  # fault tests only (a key left out of run identity)
+                    stats.loss_sum = stats.loss_sum + float("nan")
                 totals.add(stats)
                 progress.update(totals, optimizer)
                 stopped = stop.should_stop()  # every rank calls it every step: they agree on where to stop
@@ -241,6 +250,18 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
 # Helpers
 
 
+def _read_summary(path: Path) -> dict:
+    """The run's summary.json so far ({} for a new run). A damaged one is rewritten at this start (the checkpoint
+    and metrics.jsonl hold the run's state), with a warning."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        log.warning("%s is damaged (%s); it is rewritten from this start on", path, exc)
+        return {}
+
+
 def _build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     from hydra.utils import instantiate
 
@@ -252,12 +273,14 @@ def _build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def _load_resume_state(cfg: DictConfig, path: Path, device: torch.device) -> dict | None:
+def _load_resume_state(cfg: DictConfig, path: Path) -> dict | None:
+    """The checkpoint to resume from, on the CPU (load_state_dict moves tensors to the model's device; RNG states
+    must stay CPU tensors), or None for a fresh start."""
     remove_stale_temporaries(path)  # left by a writer killed mid-write; the renamed checkpoint is intact
     if not path.exists():
         return None
     try:
-        return load_checkpoint(path, map_location=device)
+        return load_checkpoint(path)
     except CheckpointError as exc:
         if cfg.trainer.on_corrupt_checkpoint == "restart":
             log.warning("%s -- starting from scratch (trainer.on_corrupt_checkpoint=restart)", exc)

@@ -64,9 +64,14 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
             "there (Table 3's EfficientNet-b7 is timm's tf_efficientnet_b7.ra_in1k) or set it to null"
         )
     try:
-        state_dict = load_state_dict(str(path), use_ema=True)
+        # safetensors holds tensors only; a torch file is read weights-only (explicit: older PyTorch defaults to
+        # full unpickling), so weights from elsewhere cannot run code when they are opened.
+        state_dict = load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as error:  # torch/safetensors raise many types for a corrupt or foreign file
-        raise CheckpointError(f"cannot read pretrained weights from {path}: {error}") from error
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "weights only" in str(error).lower() or "weights_only" in str(error):
+            detail = "it holds objects other than tensors and plain containers, which are not loaded"
+        raise CheckpointError(f"cannot read pretrained weights from {path}: {detail}") from None
 
     head = model.pretrained_cfg.get("classifier", "classifier")
     own = model.state_dict()

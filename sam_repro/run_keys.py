@@ -1,0 +1,56 @@
+"""Which configuration keys define what a run trains, in one place.
+
+`NEUTRAL_KEYS` is the base list: keys that never change a result. They say where and how a run logs, shows
+progress, evaluates, is placed and executed, and checkpoints:
+  * logging, Hydra, paths: `logger`, `hydra`, `run_root`, `dataset.root`;
+  * console: `trainer.progress`, `trainer.log_every`;
+  * evaluation: `trainer.eval_batch_size` and `trainer.eval_every` (evaluation never touches the training state;
+    `best_test_error` is the minimum over the epochs that were evaluated);
+  * placement and execution: `trainer.device`, `trainer.threads`, `trainer.compile`, `trainer.channels_last`,
+    `trainer.deterministic`. They change floating-point rounding at most (as another GPU model does), not the
+    experiment: a run may resume compiled after starting eager, or on another device;
+  * the checkpoint policy and resume: `trainer.on_corrupt_checkpoint`, `trainer.resume`;
+  * test hooks: `trainer.inject_nonfinite_at_step` (fault tests).
+
+Every other key is a training key. Each use adds named keys to the base list:
+  * `RUN_NAME_NEUTRAL`: the derived run-directory name also leaves out `seed` and `experiment` (they are in the path);
+  * `IDENTITY_NEUTRAL`: the check that a run directory is continued with its own configuration compares everything
+    else, `seed`, `experiment` and `dataset.noise_seed` included;
+  * `TABLE_NEUTRAL`: `sam-tables` averages runs over seeds, so it also ignores `seed`, `experiment`, labels such as
+    `trainer.name`, and `dataset.noise_seed`.
+A key matches an entry when it equals it or lies below it (`logger` covers `logger.mode`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+NEUTRAL_KEYS = (
+    "logger", "hydra", "run_root", "dataset.root",
+    "trainer.progress", "trainer.log_every",
+    "trainer.eval_batch_size", "trainer.eval_every",
+    "trainer.device", "trainer.threads", "trainer.compile", "trainer.channels_last", "trainer.deterministic",
+    "trainer.on_corrupt_checkpoint", "trainer.resume",
+    "trainer.inject_nonfinite_at_step",
+)
+RUN_NAME_NEUTRAL = NEUTRAL_KEYS + ("seed", "experiment")
+IDENTITY_NEUTRAL = NEUTRAL_KEYS
+TABLE_NEUTRAL = NEUTRAL_KEYS + ("seed", "experiment", "trainer.name", "dataset.noise_seed")
+
+
+def matches(key: str, keys: Iterable[str]) -> bool:
+    """`key` equals one of `keys` or lies below one (`logger.mode` is below `logger`)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values (they are compared whole); an empty mapping is a value."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

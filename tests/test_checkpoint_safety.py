@@ -1,0 +1,151 @@
+"""Checkpoints carry no code: one loader (`engine.checkpoint.load_checkpoint`, weights_only=True, onto the CPU)
+serves resume, `sam-eval` and `sam-analyze`; a file that needs anything but tensors and plain containers is refused
+with one line naming it and nothing in it runs. Everything sam-train writes loads that way, and pretrained weights
+go through timm's weights-only loader (`.safetensors` accepted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sam_repro.analysis.loading import open_run
+from sam_repro.cli import analyze, eval as eval_cli
+from sam_repro.data.sources import cache_path
+from sam_repro.engine.checkpoint import load_checkpoint
+from sam_repro.errors import CheckpointError
+
+BIN = Path(sys.executable).parent
+TINY = ["model=resnet8", "dataset.train_subset=256", "dataset.test_subset=200", "trainer.batch_size=64",
+        "trainer.eval_batch_size=200", "logger.mode=disabled", "trainer.threads=1"]
+needs_cifar10 = pytest.mark.skipif(not cache_path("cifar10").exists(),
+                                   reason="CIFAR-10 is not prepared: run `sam-data cifar10` (make test does)")
+
+
+class Payload:
+    """Unpickling this creates the file `marker`: the proof that a loader ran code from a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def malicious_checkpoint(path: Path, marker: Path, **state) -> Path:
+    torch.save({"format": 1, "model": {}, **state, "payload": Payload(marker)}, path)
+    return path
+
+
+def sam_train(runs: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SAM_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([str(BIN / "sam-train"), *overrides], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_checkpoint_with_code_is_refused_unread(tmp_path):
+    marker = tmp_path / "ran"
+    path = malicious_checkpoint(tmp_path / "shared.pt", marker)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert not marker.exists()
+    message = str(error.value)
+    assert str(path) in message and "refused unread" in message and "io.open" in message and "\n" not in message
+
+
+def test_loads_onto_the_cpu_whatever_the_caller(tmp_path, monkeypatch):
+    seen = {}
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    torch.save({"format": 1, "rng": [{"cpu": torch.get_rng_state()}]}, tmp_path / "c.pt")
+    monkeypatch.setattr(torch, "load", spy)
+    state = load_checkpoint(tmp_path / "c.pt")
+    assert seen["weights_only"] is True and seen["map_location"] == "cpu"
+    assert state["rng"][0]["cpu"].device.type == "cpu" and state["rng"][0]["cpu"].dtype == torch.uint8
+
+
+def test_damaged_missing_and_foreign_files_are_named(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt is damaged"):
+        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="nothing.pt does not exist"):
+        load_checkpoint(tmp_path / "nothing.pt")
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a sam-repro checkpoint of format 1"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    assert load_checkpoint(tmp_path / "foreign.pt", sam_repro_format=False) == {"model": {}}
+
+
+def test_sam_eval_and_sam_analyze_refuse_it_in_one_line(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    path = malicious_checkpoint(tmp_path / "shared.pt", marker)
+    assert eval_cli.main([str(path), "--no-progress"]) == 2
+    assert analyze.main(["hessian", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 2 and all(line.startswith("error: checkpoint ") and "refused unread" in line
+                                   for line in lines)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError):
+        open_run(path)
+
+
+@needs_cifar10
+@pytest.mark.parametrize("switches", [
+    ["optimizer=sgd"],
+    ["optimizer=sam", "trainer.m=32"],
+    ["optimizer=asam"],
+    ["optimizer=looksam", "optimizer.k=2", "trainer.max_steps=3"],
+    ["optimizer=sam", "trainer.precision=fp16"],
+])
+def test_everything_sam_train_writes_loads_weights_only(tmp_path, switches):
+    proc = sam_train(tmp_path, *TINY, "trainer.max_steps=2", *switches)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [path] = tmp_path.rglob("last.pt")
+    state = load_checkpoint(path)
+    assert set(state) >= {"model", "optimizer", "scheduler", "loader", "rng", "config", "epoch", "step"}
+    assert state["step"] == (3 if "optimizer=looksam" in switches else 2)
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+    if "trainer.precision=fp16" in switches:
+        assert state["scaler"]["scale"] > 0
+    assert open_run(path.parent.parent).model is not None  # and the analyses read it through the same loader
+
+
+@needs_cifar10
+def test_resume_refuses_a_checkpoint_with_code(tmp_path):
+    assert sam_train(tmp_path, *TINY, "trainer.max_steps=1").returncode == 0
+    [path] = tmp_path.rglob("last.pt")
+    run = path.parent.parent
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    marker = tmp_path / "ran"
+    malicious_checkpoint(path, marker)
+    proc = sam_train(tmp_path, *TINY, "trainer.max_steps=1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out
+    assert f"error: checkpoint {path} was refused unread" in out
+    assert not marker.exists()
+
+
+def test_pretrained_weights_load_weights_only_and_safetensors_work(tmp_path):
+    from safetensors.torch import save_file
+
+    from sam_repro.models.timm_models import create_timm_model as timm_model
+
+    source = timm_model(num_classes=10, timm_name="resnet18")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "w.safetensors")
+    loaded = timm_model(num_classes=10, timm_name="resnet18", pretrained_path=str(tmp_path / "w.safetensors"))
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": source.state_dict(), "payload": Payload(marker)}, tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match="w.pth: it holds objects other than tensors"):
+        timm_model(num_classes=10, timm_name="resnet18", pretrained_path=str(tmp_path / "w.pth"))
+    assert not marker.exists()
