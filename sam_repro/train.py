@@ -24,10 +24,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from sam_repro.engine.distributed import read_launch_env
 from sam_repro.engine.rundir import (ABSENT, CONFIG_FILE, Change, config_changes, identity_error, override_key,
                                      read_recorded_config, register_resolvers)
+from sam_repro.engine.provenance import redact
 from sam_repro.errors import ConfigError, SamReproError
 from sam_repro.run_keys import flatten, matches
 
@@ -44,13 +46,30 @@ def _rank() -> int:
         return 0  # init_distributed raises the same error inside the app, which reports it in one line
 
 
+def resolved_config(cfg: DictConfig) -> DictConfig:
+    """The composed config with every interpolation resolved (what the run trains with and records) and credentials
+    redacted (`engine.provenance.redact`). An interpolation that cannot be resolved is a ConfigError naming the key
+    (`dataset.label_noise must be set ...` for a preset's required value)."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key, message = getattr(exc, "full_key", None) or "config", str(exc).splitlines()[0]
+        if "required." in message:
+            raise ConfigError(f"{key} must be set on the command line: this preset requires it "
+                              f"(e.g. {key}=...)") from None
+        raise ConfigError(f"{key}: {message}") from None
+    resolved = OmegaConf.create(redact(container))
+    OmegaConf.set_struct(resolved, True)
+    return resolved
+
+
 def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[Change]:
     """The changes against the configuration `run_dir` was started with: a ConfigError listing them, or (with
     `trainer.resume=force`) the list, which the trainer records in summary.json. Empty for a new directory."""
     recorded = read_recorded_config(run_dir)
     if recorded is None:
         return []
-    current = OmegaConf.to_container(cfg, resolve=True)
+    current = OmegaConf.to_container(cfg)  # already resolved and redacted, as the record was written
 
     def defaults(keys: list[str]) -> dict:
         """The absent keys' values when the command line does not set them."""
@@ -59,7 +78,7 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
             default_cfg = hydra.compose(config_name="train", overrides=kept)
             with open_dict(default_cfg):
                 default_cfg.experiment = cfg.get("experiment")
-            flat = flatten(OmegaConf.to_container(default_cfg, resolve=True))
+            flat = flatten(redact(OmegaConf.to_container(default_cfg, resolve=True)))
         except Exception as exc:  # noqa: BLE001 -- without defaults the record is taken to predate the keys
             log.warning("could not compose the defaults of %s (%s); taking their current values", keys, exc)
             return {k: v for k, v in flatten(current).items() if k in keys}
@@ -77,10 +96,11 @@ def _write_hydra_record(hc, task_cfg: DictConfig, run_dir: Path) -> None:
     """What Hydra writes into `<run_dir>/.hydra/` itself when `hydra.output_subdir` is set."""
     from sam_repro.engine.checkpoint import atomic_write_bytes
 
-    record = {"config.yaml": task_cfg, "hydra.yaml": OmegaConf.create({"hydra": hc}),
-              "overrides.yaml": OmegaConf.create(list(hc.overrides.task))}
+    record = {"config.yaml": OmegaConf.to_container(task_cfg),
+              "hydra.yaml": {"hydra": OmegaConf.to_container(hc)},
+              "overrides.yaml": list(hc.overrides.task)}
     for name, content in record.items():
-        text = OmegaConf.to_yaml(content).encode()
+        text = OmegaConf.to_yaml(OmegaConf.create(redact(content))).encode()
         atomic_write_bytes(run_dir / HYDRA_RECORD / name, lambda f, text=text: f.write(text))
 
 
@@ -113,6 +133,7 @@ def _app(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.experiment = hc.runtime.choices.get("experiment")
     try:
+        cfg = resolved_config(cfg)
         forced = check_run_identity(cfg, run_dir, list(hc.overrides.task))
         if hc.output_subdir is None and _rank() == 0:
             _write_hydra_record(hc, task_cfg, run_dir)
@@ -120,7 +141,7 @@ def _app(cfg: DictConfig) -> float | None:
     except SamReproError as exc:
         log.error("error: %s", exc)
         if new_run and _rank() == 0:
-            _remove_new_run_dir(run_dir, Path(str(cfg.run_root)))
+            _remove_new_run_dir(run_dir, Path(str(OmegaConf.select(cfg, "run_root", default="runs"))))
         if hc.mode == RunMode.MULTIRUN:
             return None
         sys.exit(2)

@@ -4,6 +4,7 @@ a terminal, plain log lines otherwise). Rank 0 only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sam_repro.engine.checkpoint import atomic_write_bytes
+from sam_repro.engine.provenance import redact
 
 log = logging.getLogger("sam_repro")
 
@@ -25,6 +27,16 @@ def _group(cfg: DictConfig) -> str:
         return str(cfg.logger.group)
     experiment = cfg.get("experiment") or "default"
     return f"{experiment}/{cfg.dataset.name}/{cfg.model.name}/{cfg.augment.name}"
+
+
+@contextlib.contextmanager
+def _redacted_argv():
+    saved = sys.argv
+    sys.argv = redact(list(saved))
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 class MetricsLogger:
@@ -57,13 +69,8 @@ class MetricsLogger:
             # Online runs resume under the same id across requeues; offline runs cannot be resumed by W&B, so a
             # requeued offline job starts a new run in the same group.
             run_id = self.wandb_id if (online and self.wandb_id) else uuid.uuid4().hex[:8]
-            self.wandb_run = wandb.init(
-                project=lcfg.project, entity=lcfg.get("entity"), group=_group(self.cfg),
-                job_type=str(self.cfg.optimizer.name), tags=self._tags(), name=self._name(),
-                dir=str(self.run_dir), id=run_id, resume="allow" if online else None, mode=lcfg.mode,
-                config=OmegaConf.to_container(self.cfg, resolve=True),
-                settings=wandb.Settings(init_timeout=float(lcfg.get("init_timeout", 30)), silent=True),
-            )
+            with _redacted_argv():  # W&B records the command line in the run's metadata
+                self.wandb_run = self._init_wandb(wandb, lcfg, online, run_id)
             self.wandb_id = run_id
             self.wandb_run.define_metric("*", step_metric="epoch")
             for row in self.rows:  # a new offline run after a requeue: replay the history it would miss
@@ -73,6 +80,15 @@ class MetricsLogger:
             log.warning("W&B could not start (%s: %s); training goes on, metrics are in %s",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", self.path)
             self.wandb_run = None
+
+    def _init_wandb(self, wandb, lcfg, online: bool, run_id: str):
+        return wandb.init(
+            project=lcfg.project, entity=lcfg.get("entity"), group=_group(self.cfg),
+            job_type=str(self.cfg.optimizer.name), tags=self._tags(), name=self._name(),
+            dir=str(self.run_dir), id=run_id, resume="allow" if online else None, mode=lcfg.mode,
+            config=redact(OmegaConf.to_container(self.cfg, resolve=True)),
+            settings=wandb.Settings(init_timeout=float(lcfg.get("init_timeout", 30)), silent=True),
+        )
 
     def _tags(self) -> list[str]:
         c = self.cfg

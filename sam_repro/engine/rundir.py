@@ -33,7 +33,9 @@ def override_key(override: str) -> str:
 
 def run_name(experiment: str | None, overrides: Sequence[str] | None) -> str:
     """`<experiment or default>/<sorted relevant overrides joined by ','>` (or `.../base` when there are none)."""
-    last = {override_key(o): o.lstrip("+") for o in (overrides or [])
+    from sam_repro.engine.provenance import redact
+
+    last = {override_key(o): redact(o.lstrip("+")) for o in (overrides or [])
             if not matches(override_key(o), RUN_NAME_NEUTRAL)}  # the last value wins
     kept = sorted(last.values())
     tail = ",".join(kept).replace("/", "_") or "base"
