@@ -251,6 +251,9 @@ def _build(spec: DatasetSpec, root: Path) -> tuple[Splits, str]:
     try:
         for file in spec.files:
             _obtain(file, folder)
+    except DataError as damaged:  # a source file on disk that is not the official one
+        raise DataError(f"{damaged}: `sam-data {spec.name}` (then `sam-data {spec.name} --verify` to check the "
+                        "result)") from None
     except download.Unreachable as offline:
         reasons = [str(offline)]
         if spec.fallback is None:

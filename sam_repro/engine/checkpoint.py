@@ -59,7 +59,15 @@ def remove_stale_temporaries(path: Path) -> int:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    """Atomically replace `path`. A failed write (a full disk, a quota) leaves the previous checkpoint as it was
+    and is one CheckpointError naming the file."""
+    try:
+        atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint is kept: free "
+            "space and run the same command again to resume from it"
+        ) from None
 
 
 def load_checkpoint(path: Path, *, sam_repro_format: bool = True) -> dict[str, Any]:

@@ -235,7 +235,10 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
         summary = _finish_summary(summary, status, reason, epoch, best, metrics, wall_before + time.time()
                                   - start_time)
         if env.is_main:
-            atomic_write_json(summary_path, summary)
+            try:
+                atomic_write_json(summary_path, summary)
+            except OSError as exc:  # e.g. the full disk that failed the checkpoint: keep its error the one reported
+                log.warning("could not write %s (%s)", summary_path, exc.strerror or exc)
         metrics.finish(summary)
         if status != "interrupted":
             stop.restore()  # (finish() needs the previous handlers: it may chain to submitit's)
