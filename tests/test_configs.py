@@ -57,3 +57,31 @@ def test_run_name_ignores_what_does_not_change_the_result():
     assert run_name(None, ["trainer.epochs=2", "trainer.epochs=3"]) == "default/trainer.epochs=3"
     long = run_name(None, [f"+x{i}=1" for i in range(100)])
     assert len(long.split("/", 1)[1]) <= 180
+
+
+DEBUG_OPTIONS = sorted(f.stem for f in (CONFIGS / "debug").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("debug", DEBUG_OPTIONS)
+def test_debug_options_shrink_any_preset_to_a_valid_quiet_run(debug):
+    cfg = compose_train("experiment=table1/wrn28_10_200ep", "dataset=cifar100", "optimizer=sam", f"debug={debug}")
+    validate(cfg, CPU)
+    assert (cfg.trainer.threads, cfg.logger.mode) == (1, "disabled")
+    assert cfg.dataset.train_subset <= 256 and cfg.dataset.test_subset <= 500
+    assert cfg.optimizer.rho == 0.1  # the preset's own hyperparameters stay
+
+
+def test_debug_tiny_and_preset_as_documented():
+    assert set(DEBUG_OPTIONS) == {"tiny", "preset"}
+    tiny = compose_train("debug=tiny")
+    assert (tiny.model.name, tiny.dataset.train_subset, tiny.dataset.test_subset, tiny.trainer.batch_size) == (
+        "resnet8", 256, 500, 64)  # fmt: skip
+    # The command line wins over the debug option; without one nothing changes.
+    assert compose_train("debug=tiny", "model=wrn16_4", "trainer.batch_size=32").model.name == "wrn16_4"
+    assert compose_train("debug=tiny", "trainer.batch_size=32").trainer.batch_size == 32
+    default = compose_train()
+    assert "debug" not in default and default.dataset.train_subset is None and default.model.name == "resnet20"
+    # debug=preset keeps the preset's model and recipe: one step, batch 8 in groups of 4.
+    preset = compose_train("experiment=table1/pyramidnet272_shakedrop", "dataset=cifar10", "debug=preset")
+    assert (preset.model.name, preset.trainer.grad_clip, preset.trainer.max_steps, preset.trainer.batch_size,
+            preset.trainer.m) == ("pyramidnet272_shakedrop", 5.0, 1, 8, 4)  # fmt: skip
