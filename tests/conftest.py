@@ -1,8 +1,26 @@
 """Shared test set-up: one torch thread per test process (the CI machine has two cores; the heavier tests run
-training subprocesses beside the test process)."""
+training subprocesses beside the test process), the skip of tests that need the real CIFAR-10, and fixtures that
+several modules use. Shared helper functions live in tests/helpers/."""
+
+import types
 
 import pytest
 import torch
+
+from helpers.checkpoints import fake_arrays
+from sam_repro.data import sources
+
+CIFAR10_MISSING = "CIFAR-10 is not prepared: run `sam-data cifar10` (make test does)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `data` train or evaluate on the real CIFAR-10: skipped, with the reason, where it is missing."""
+    if sources.cache_path("cifar10").exists():
+        return
+    skip = pytest.mark.skip(reason=CIFAR10_MISSING)
+    for item in items:
+        if item.get_closest_marker("data") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +29,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_dataset(monkeypatch):
+    """Replace the data layer's `load_arrays` by one that serves `fake_arrays()` and records its calls."""
+    arrays, calls = fake_arrays(), []
+
+    def load_arrays(name, root=None):
+        calls.append((name, str(root)))
+        return arrays
+
+    monkeypatch.setattr(sources, "load_arrays", load_arrays)
+    return types.SimpleNamespace(arrays=arrays, calls=calls)

@@ -1,7 +1,8 @@
-"""`sam-eval` and run loading on a tiny checkpoint written here, checked against a direct computation of the error.
+"""`sam-eval` and run loading on a tiny checkpoint written here, checked against a direct computation of the error,
+and on a checkpoint `sam-train` wrote, against the test error the run itself recorded.
 
-The dataset readers are replaced by a fake `sam_repro.data.sources` module holding a few dozen random images, so the
-test needs no data on disk. `write_run` and `fake_dataset` are shared with the other analysis tests.
+The dataset readers are replaced by a fake `sam_repro.data.sources` module holding a few dozen random images
+(the `fake_dataset` fixture, tests/conftest.py), so most tests need no data on disk.
 """
 
 from __future__ import annotations
@@ -9,97 +10,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf
 
+from helpers.checkpoints import MEAN, NUM_CLASSES, STD, run_config, write_run
+from helpers.training import BIN, TINY, only_run_dir, read_config, train
 from sam_repro.analysis.loading import load_run, load_split, seeded_subset
 from sam_repro.cli.eval import main
-from sam_repro.data import build_data, select_train_indices, sources
+from sam_repro.data import build_data, select_train_indices
 
 CONFIGS = Path(__file__).resolve().parents[1] / "sam_repro" / "configs"
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
-NUM_CLASSES = 10
-
-
-def tiny_model_config(in_features: int = 3 * 8 * 8) -> dict:
-    """A small convnet with BatchNorm, as a hydra config (the shape `cfg.model` has in a run's config)."""
-    return {
-        "_target_": "torch.nn.Sequential",
-        "_args_": [
-            {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding": 1},
-            {"_target_": "torch.nn.BatchNorm2d", "num_features": 4},
-            {"_target_": "torch.nn.ReLU"},
-            {"_target_": "torch.nn.AdaptiveAvgPool2d", "output_size": 2},
-            {"_target_": "torch.nn.Flatten"},
-            {"_target_": "torch.nn.Linear", "in_features": 16, "out_features": NUM_CLASSES},
-        ],
-    }
-
-
-def run_config(model_cfg: dict | None = None, optimizer: str = "sam", seed: int = 0) -> dict:
-    return {
-        "experiment": "test",
-        "seed": seed,
-        "dataset": {"name": "fake10", "root": "/nonexistent/data", "num_classes": NUM_CLASSES, "in_channels": 3,
-                    "mean": list(MEAN), "std": list(STD), "train_subset": None, "label_noise": 0.0, "noise_seed": 0},
-        "model": model_cfg or tiny_model_config(),
-        "optimizer": {"name": optimizer, "lr": 0.1, "weight_decay": 5e-4, "rho": 0.05 if optimizer == "sam" else None},
-        "trainer": {"epochs": 3, "epoch_scale": 1.0, "batch_size": 16, "m": None},
-    }
-
-
-def write_run(run_dir: Path, seed: int = 0, optimizer: str = "sam", model_cfg: dict | None = None) -> torch.nn.Module:
-    """A run directory as sam-train leaves it (config.yaml + checkpoints/last.pt); returns the saved model.
-
-    BatchNorm running statistics are set far from (0, 1), so evaluating in train mode by mistake changes the result.
-    """
-    import hydra.utils
-
-    config = run_config(model_cfg, optimizer, seed)
-    torch.manual_seed(seed)
-    model = hydra.utils.instantiate(config["model"])
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    torch.save({"format": 1, "model": model.state_dict(), "config": config, "epoch": 3, "step": 30,
-                "optimizer": {}, "rng": {"numpy": np.random.get_state()}}, run_dir / "checkpoints" / "last.pt")
-    return model.eval()
-
-
-def fake_arrays(num_train: int = 48, num_test: int = 40, size: int = 8) -> types.SimpleNamespace:
-    generator = np.random.default_rng(0)
-    return types.SimpleNamespace(
-        name="fake10",
-        num_classes=NUM_CLASSES,
-        train_images=generator.integers(0, 256, (num_train, size, size, 3), dtype=np.uint8),
-        train_labels=generator.integers(0, NUM_CLASSES, num_train).astype(np.int64),
-        test_images=generator.integers(0, 256, (num_test, size, size, 3), dtype=np.uint8),
-        test_labels=generator.integers(0, NUM_CLASSES, num_test).astype(np.int64),
-    )
-
-
-@pytest.fixture
-def fake_dataset(monkeypatch):
-    """Replace the data layer's `load_arrays` by one that serves `fake_arrays()` and records its calls."""
-    arrays, calls = fake_arrays(), []
-
-    def load_arrays(name, root=None):
-        calls.append((name, str(root)))
-        return arrays
-
-    monkeypatch.setattr(sources, "load_arrays", load_arrays)
-    return types.SimpleNamespace(arrays=arrays, calls=calls)
 
 
 def direct_errors(model: torch.nn.Module, images_nhwc: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

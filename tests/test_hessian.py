@@ -16,45 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from helpers.checkpoints import MEAN, STD, write_run
+from helpers.quadratic import TOP, Quadratic, chosen_spectrum_matrix, half_mse, mean_output
 from sam_repro.analysis.hessian import HessianOperator, hessian_spectrum, lanczos, power_iteration
 from sam_repro.cli.analyze import main as analyze
-
-# Helpers shared by the analysis tests (tests/ is on sys.path under pytest's default import mode).
-from test_eval_cli import MEAN, STD, fake_dataset, write_run  # noqa: F401  (fake_dataset is a fixture)
-
-TOP = [40.0, 25.0, 15.0, 9.0, 5.0]
 
 
 def as64(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
-
-
-def chosen_spectrum_matrix(dim: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = Q diag(lambda) Q^T: top five eigenvalues TOP, the rest spread over [-1, 2] (an indefinite bulk)."""
-    generator = torch.Generator().manual_seed(seed)
-    eigenvalues = torch.tensor(TOP + torch.linspace(-1, 2, dim - len(TOP)).tolist(), dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
-    return q @ torch.diag(eigenvalues) @ q.T, eigenvalues
-
-
-class Quadratic(nn.Module):
-    """Per example i: 0.5 w^T A w + b_i^T w, with b_i the input. The Hessian of any mean of these is A."""
-
-    def __init__(self, a: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("a", a)
-        self.w = nn.Parameter(torch.randn(a.shape[0], dtype=a.dtype, generator=torch.Generator().manual_seed(1)))
-
-    def forward(self, b: torch.Tensor) -> torch.Tensor:
-        return 0.5 * self.w @ self.a @ self.w + b @ self.w
-
-
-def mean_output(outputs: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
-    return outputs.mean()
-
-
-def half_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (outputs.squeeze(-1) - targets).pow(2).mean()
 
 
 def quadratic_chunks(dim: int, n: int = 12, chunk: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:

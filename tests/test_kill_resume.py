@@ -24,13 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam_repro.data.sources import cache_path
+from helpers.training import BIN, TINY, comparable, env_for, read_metrics
 from sam_repro.engine.checkpoint import load_checkpoint
 from sam_repro.engine.rundir import run_name
-from test_train_cli import BIN, TINY, comparable, env_for, read_metrics
 
-pytestmark = pytest.mark.skipif(not cache_path("cifar10").exists(),
-                                reason="CIFAR-10 is not prepared: run `sam-data cifar10` (make test does)")
+pytestmark = pytest.mark.data
 
 EPOCHS = 5
 ARGS = [*TINY, "trainer.device=cpu", f"trainer.epochs={EPOCHS}", "optimizer=sam"]

@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
+from helpers.checkpoints import run_config, write_run
+from helpers.quadratic import Quadratic, chosen_spectrum_matrix, half_mse, mean_output
 from sam_repro.analysis.landscape import (
     filter_normalized_direction,
     interpolation_curve,
@@ -24,10 +26,6 @@ from sam_repro.analysis.landscape import (
 )
 from sam_repro.analysis.loading import evaluate, load_split, save_figure
 from sam_repro.cli.analyze import main as analyze
-
-# Helpers shared by the analysis tests (tests/ is on sys.path under pytest's default import mode).
-from test_eval_cli import fake_dataset, run_config, write_run  # noqa: F401  (fake_dataset is a fixture)
-from test_hessian import Quadratic, chosen_spectrum_matrix, half_mse, mean_output
 
 
 def convnet() -> nn.Module:

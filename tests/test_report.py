@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.image import imread
-from test_tables import write_run  # the same fake run folders as the table tests
 
+from helpers.run_dirs import write_run  # the same fake run folders as the table tests
 from sam_repro.analysis.plots import Curve, cell_slug, curve_band
 from sam_repro.cli import report as report_cli
 

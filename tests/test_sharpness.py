@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.checkpoints import write_run
+from helpers.quadratic import Quadratic, chosen_spectrum_matrix, mean_output
 from sam_repro.analysis.sharpness import disjoint_subsets, group_sharpness, m_sharpness
 from sam_repro.cli.analyze import main as analyze
-
-# Helpers shared by the analysis tests (tests/ is on sys.path under pytest's default import mode).
-from test_eval_cli import fake_dataset, write_run  # noqa: F401  (fake_dataset is a fixture)
-from test_hessian import Quadratic, chosen_spectrum_matrix, mean_output
 
 RHOS = [0.0, 0.05, 0.3, 1.0]
 

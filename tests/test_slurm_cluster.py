@@ -8,8 +8,6 @@ here is skipped, with the reason, where `sinfo` is missing or the cluster is dow
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.slurm import cluster_problem, job_env, scontrol_job
 from sam_repro.data.sources import default_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,34 +27,8 @@ VENV = Path(sys.prefix)  # the virtual environment running the tests: train.sbat
 PORT_BASE, PORT_SPAN = 10_000, 20_000  # sam_repro.engine.distributed.slurm_master_port, restated
 
 
-def cluster_problem() -> str | None:
-    if shutil.which("sinfo") is None:
-        return "sinfo not found: SLURM is not installed (bash scripts/slurm/local_cluster.sh up installs and starts it)"
-    try:
-        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: is slurmctld running? (bash scripts/slurm/local_cluster.sh up)"
-    if states.returncode != 0:
-        return f"SLURM cluster is down ({states.stderr.strip()}): bash scripts/slurm/local_cluster.sh up"
-    if not {"idle", "mixed", "allocated"} & set(states.stdout.split()):
-        return f"no SLURM node is up (states: {states.stdout.split()}): bash scripts/slurm/local_cluster.sh up"
-    return None
-
-
 _problem = cluster_problem()
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_problem is not None, reason=_problem or "")]
-
-
-def job_env(**extra: str) -> dict[str, str]:
-    """The submitting environment: no launcher variables that the job would inherit through --export=ALL."""
-    launch_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SAM_REQUEUE"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_")) and k not in launch_vars}
-    return env | {"OMP_NUM_THREADS": "1"} | extra
-
-
-def scontrol_job(job_id: str) -> dict[str, str]:
-    text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
-    return dict(field.split("=", 1) for field in text.split() if "=" in field)
 
 
 def read_events(path: Path) -> list[dict]:

@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam_repro.data.sources import cache_path
+from helpers.slurm import cluster_problem, job_env, scontrol_job
+from helpers.training import TINY, comparable, read_metrics
 from sam_repro.engine.checkpoint import load_checkpoint
 from sam_repro.engine.rundir import run_name
-from test_slurm_cluster import cluster_problem, job_env, scontrol_job
-from test_train_cli import comparable, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = REPO / "scripts" / "slurm" / "train.sbatch"
@@ -34,20 +33,18 @@ _problem = cluster_problem()
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.skipif(_problem is not None, reason=_problem or ""),
-    pytest.mark.skipif(not cache_path("cifar10").exists(), reason="CIFAR-10 is not prepared: run `sam-data cifar10`"),
+    pytest.mark.data,
 ]
 
 # Logging, display and placement: left out of the run directory's name (engine/rundir.py), so every launcher below
 # derives the same directory. A log line per step: the preemption tests wait for a given step before signalling.
-QUIET = ["logger.mode=disabled", "trainer.threads=1", "trainer.device=cpu", "trainer.progress=log",
-         "trainer.log_every=1"]
-# Long enough (3 epochs x 16 SAM steps, about 5 s of training on 2 ranks here) for a signal sent after the first
-# logged step to land well before the end.
-RUN = ["model=resnet8", "dataset.train_subset=512", "dataset.test_subset=500", "trainer.batch_size=32",
-       "trainer.epochs=3", "optimizer=sam", *QUIET]
+QUIET = ["trainer.device=cpu", "trainer.progress=log", "trainer.log_every=1"]
+# debug=tiny (ResNet-8, 500 test images, one thread, no W&B) on twice its training images in batches of 32: long
+# enough (3 epochs x 16 SAM steps, about 5 s of training on 2 ranks here) for a signal sent after the first logged
+# step to land well before the end.
+RUN = [*TINY, "dataset.train_subset=512", "trainer.batch_size=32", "trainer.epochs=3", "optimizer=sam", *QUIET]
 STEPS_PER_EPOCH, EPOCHS = 512 // 32, 3
-SWEEP = ["model=resnet8", "dataset.train_subset=256", "dataset.test_subset=500", "trainer.batch_size=64",
-         "trainer.epochs=2", *QUIET]
+SWEEP = [*TINY, "trainer.epochs=2", *QUIET]
 SBATCH = ["--parsable", "--ntasks=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem-per-cpu=1G", "--time=10"]
 TEST_KEYS = ("test_loss", "test_error", "test_error_top5")
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

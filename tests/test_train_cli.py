@@ -3,52 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from sam_repro.data.sources import cache_path
+from helpers.training import BIN, TINY, comparable, env_for, only_run_dir, read_config, read_metrics, train
 
-BIN = Path(sys.executable).parent
-TINY = ["model=resnet8", "dataset.train_subset=256", "dataset.test_subset=500", "trainer.batch_size=64",
-        "logger.mode=disabled", "trainer.threads=1"]
+pytestmark = pytest.mark.data
 
-pytestmark = pytest.mark.skipif(not cache_path("cifar10").exists(),
-                                reason="CIFAR-10 is not prepared: run `sam-data cifar10` (make test does)")
-
-
-def env_for(runs: Path) -> dict:
-    return {**os.environ, "SAM_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
-
-
-def train(runs: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "sam-train"), *overrides], env=env_for(runs), capture_output=True, text=True,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"sam-train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def only_run_dir(runs: Path) -> Path:
-    dirs = [p.parent for p in runs.rglob("config.yaml") if p.parent.name.startswith("seed")]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-TIMING_KEYS = {"images_per_second", "epoch_time_s"}
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+# The options of sam_repro/configs/optimizer/: what Hydra must list for an unknown one.
+OPTIMIZER_CONFIGS = Path(__file__).resolve().parents[1] / "sam_repro" / "configs" / "optimizer"
+OPTIMIZERS = {path.stem for path in OPTIMIZER_CONFIGS.glob("*.yaml")}
 
 
 def test_train_writes_the_run_directory(tmp_path):
@@ -69,9 +38,13 @@ def test_train_writes_the_run_directory(tmp_path):
     assert summary["best_test_error"] == min(r["test_error"] for r in rows)
     assert summary["provenance"]["packages"]["torch"].startswith("2.14")
     assert "sam-train" in summary["provenance"]["command"]
-    config = (run / "config.yaml").read_text()
-    for line in ("name: sam", "name: resnet8", "name: cifar10", "name: basic"):
-        assert line in config
+    config = read_config(run)
+    assert (config["optimizer"]["name"], config["model"]["name"], config["dataset"]["name"],
+            config["augment"]["name"]) == ("sam", "resnet8", "cifar10", "basic")
+    # debug=tiny as composed: its subsets, batch and thread, and no W&B.
+    assert (config["dataset"]["train_subset"], config["dataset"]["test_subset"]) == (256, 500)
+    trainer = config["trainer"]
+    assert (trainer["batch_size"], trainer["threads"], config["logger"]["mode"]) == (64, 1, "disabled")
     assert (run / "checkpoints" / "last.pt").exists()
     # The same command again finds the finished run and only reports it.
     again = train(tmp_path, *TINY, "trainer.epochs=2", "optimizer=sam")
@@ -134,7 +107,10 @@ def test_bad_values_give_one_line_naming_the_key(tmp_path, override, message):
 def test_unknown_group_option_lists_the_choices(tmp_path):
     proc = train(tmp_path, *TINY, "optimizer=adamm", check=False)
     assert proc.returncode != 0
-    assert "Available options" in proc.stderr and "sam" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Could not find 'optimizer/adamm'" in proc.stderr and "Traceback" not in proc.stderr
+    listed = re.search(r"Available options in 'optimizer':\n((?:\t\S+\n)+)", proc.stderr)
+    assert listed is not None, proc.stderr
+    assert set(listed.group(1).split()) == OPTIMIZERS and "sam" in OPTIMIZERS
 
 
 def test_corrupt_checkpoint_is_named_or_restarted(tmp_path):

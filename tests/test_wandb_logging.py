@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import sys
 import types
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from sam_repro.data.sources import cache_path
+from helpers.training import TINY, only_run_dir, train
 from sam_repro.engine.distributed import DistEnv
 from sam_repro.engine.loggers import MetricsLogger
-
-from test_train_cli import TINY, only_run_dir, train
 
 
 class FakeRun:
@@ -97,10 +94,7 @@ def test_a_failing_wandb_is_a_warning(fake_wandb, tmp_path, caplog):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 
-needs_cifar = pytest.mark.skipif(not cache_path("cifar10").exists(), reason="CIFAR-10 is not prepared")
-
-
-@needs_cifar
+@pytest.mark.data
 def test_offline_run_is_written_beside_the_metrics(tmp_path):
     train(tmp_path, *TINY, "trainer.epochs=1", "logger.mode=offline")
     run_dir = only_run_dir(tmp_path)
@@ -108,7 +102,7 @@ def test_offline_run_is_written_beside_the_metrics(tmp_path):
     assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
 
 
-@needs_cifar
+@pytest.mark.data
 def test_unreachable_wandb_server_does_not_stop_training(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)

@@ -1,0 +1,53 @@
+"""`sam-train` as a subprocess, and what it leaves in a run directory.
+
+Tests train with `debug=tiny` (sam_repro/configs/debug/tiny.yaml: ResNet-8 on 256 CIFAR-10 training and 500 test
+images, batch 64, one thread, no W&B) plus what the test is about. Such tests are marked `data`: tests/conftest.py
+skips them where CIFAR-10 is not prepared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+BIN = Path(sys.executable).parent
+TINY = ["debug=tiny"]
+TIMING_KEYS = {"images_per_second", "epoch_time_s"}
+
+
+def env_for(runs: Path) -> dict:
+    return {**os.environ, "SAM_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
+
+
+def train(runs: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(BIN / "sam-train"), *overrides], env=env_for(runs), capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sam-train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def only_run_dir(runs: Path) -> Path:
+    dirs = [p.parent for p in runs.rglob("config.yaml") if p.parent.name.startswith("seed")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_config(run_dir: Path) -> dict:
+    """The resolved config the run wrote (config.yaml), parsed."""
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their timings, which differ between any two runs."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
