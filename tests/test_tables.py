@@ -58,10 +58,12 @@ def runs_root(tmp_path: Path) -> Path:
     return root
 
 
-def _row(report, table_id, arm, **cell):
+def _row(report, table_id, arm, metric=None, **cell):
+    """The one row of `arm` (and `metric`, where a table has several) whose cell has the given values."""
     table = next(t for t in report.tables if t.id == table_id)
-    matches = [r for r in table.rows if r.arm == arm and all(r.cell.get(k) == v for k, v in cell.items())]
-    assert len(matches) == 1, (arm, cell, [(r.cell, r.arm) for r in table.rows])
+    matches = [r for r in table.rows if r.arm == arm and (metric is None or r.metric == metric)
+               and all(r.cell.get(k) == v for k, v in cell.items())]
+    assert len(matches) == 1, (arm, metric, cell, [(r.cell, r.arm, r.metric) for r in table.rows])
     return matches[0]
 
 
@@ -298,20 +300,16 @@ def test_imagenet_rows_carry_top1_and_top5(tmp_path: Path):
         write_run(tmp_path, optimizer="sam", seed=seed, test_error=22.4 + seed * 0.2, top5=6.2 + seed * 0.1,
                   dataset="imagenet", model="resnet50", epochs=100, augment="imagenet")
     report = build_report(load_runs([tmp_path]))
-    top5 = _row(report, 2, "sam", model="resnet50")  # two rows: find them by metric
-    table = report.tables[0]
-    by_metric = {r.metric: r for r in table.rows if r.arm == "sam"}
-    assert by_metric["test_error"].ours.mean == pytest.approx(22.5)
-    assert by_metric["test_error_top5"].ours.mean == pytest.approx(6.25)
-    assert by_metric["test_error_top5"].paper.text == "6.28±0.08"
-    assert top5 is not None and "| top-5 |" in render_markdown(report)
-
-
-def _row(report, table_id, arm, **cell):  # noqa: F811 (Table 2 rows differ by metric: take the first)
-    table = next(t for t in report.tables if t.id == table_id)
-    matches = [r for r in table.rows if r.arm == arm and all(r.cell.get(k) == v for k, v in cell.items())]
-    assert len({r.metric for r in matches}) == len(matches) and matches, (arm, cell)
-    return matches[0]
+    top1 = _row(report, 2, "sam", metric="test_error", model="resnet50", epochs=100)
+    top5 = _row(report, 2, "sam", metric="test_error_top5", model="resnet50", epochs=100)
+    assert (top1.ours.mean, top1.ours.n, top1.paper.text) == (pytest.approx(22.5), 2, "22.5±0.1")
+    assert (top5.ours.mean, top5.ours.n, top5.paper.text) == (pytest.approx(6.25), 2, "6.28±0.08")
+    # Two seeds: half-width t(0.975, 1) s / sqrt(2) with t(0.975, 1) = tan(0.475 pi) = 12.706, s = 0.1 sqrt(2)
+    # (top-1) and 0.05 sqrt(2) (top-5): 1.27 and 0.64.
+    assert math.tan(0.475 * math.pi) * 0.1 == pytest.approx(top1.ours.half_width)
+    markdown = render_markdown(report)
+    assert "| imagenet | resnet50 | imagenet | 100 | sam | top-1 | 22.50 ± 1.27 (2) | 22.5 ± 0.1 |" in markdown
+    assert "| imagenet | resnet50 | imagenet | 100 | sam | top-5 | 6.25 ± 0.64 (2) | 6.28 ± 0.08 |" in markdown
 
 
 def test_finished_run_without_a_finite_error_is_listed_not_averaged(tmp_path: Path):
