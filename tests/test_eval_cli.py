@@ -165,3 +165,28 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.data
+def test_sam_eval_on_a_trained_run_reproduces_its_test_error(tmp_path):
+    """A run sam-train wrote (real CIFAR-10, `debug=tiny`): sam-eval rebuilds the network from the checkpoint and
+    measures on the test set the test error and loss the trainer recorded in summary.json and metrics.jsonl.
+
+    The run evaluates on the whole test set (`dataset.test_subset=null`): sam-eval's test split is the official
+    one, whatever subset the run evaluated on."""
+    train(tmp_path, *TINY, "trainer.epochs=1", "dataset.test_subset=null")
+    run = only_run_dir(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    batch = read_config(run)["trainer"]["eval_batch_size"]  # the trainer's batches: the same sums, bit for bit
+    result = subprocess.run(
+        [str(BIN / "sam-eval"), str(run), "--json", "--no-progress", "--device", "cpu", "--batch-size", str(batch)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["num_examples"] == 10_000 and record["epoch"] == 1  # the CIFAR-10 test set, the last epoch
+    assert 0 < summary["test_error"] < 100  # an informative error, not a trivial 0 or 100
+    assert record["top1_error"] == pytest.approx(summary["test_error"], abs=1e-9)
+    assert record["top5_error"] == pytest.approx(last["test_error_top5"], abs=1e-9)
+    assert record["loss"] == pytest.approx(last["test_loss"], rel=1e-5)
