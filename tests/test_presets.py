@@ -1,8 +1,8 @@
 """The paper's experiments as presets: every table cell must compose to the paper's hyperparameters.
 
 Three independent sources are checked against each other, so that neither a wrong preset nor a stale file passes:
-  1. the values typed below from docs/paper_reference.md section 2 (Tables 4, 6, 7, sections 2.3-2.4, plus the documented
-     inferred values) against results/paper/hyperparameters.yaml;
+  1. the values typed below from docs/paper_reference.md section 2 (Tables 4, 6, 7, sections 2.3-2.4, plus the
+     documented inferred values) against sam_repro/paper/hyperparameters.yaml (read through sam_repro.paper);
   2. every cell composed from the presets (`hydra.compose`, as `sam-train` does) against that file;
   3. `sam-train ... --cfg job --resolve`, run as a subprocess on one cell, against the file.
 Also: the SGD/SAM split of rho, the required keys, the Table 1 SLURM array and the commands in docs/presets.md.
@@ -25,13 +25,14 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
+from sam_repro.paper import HYPERPARAMETERS_FILE, load_hyperparameters
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "sam_repro" / "configs"
-HYPERPARAMETERS = ROOT / "results" / "paper" / "hyperparameters.yaml"
 SUBMIT_TABLE1 = ROOT / "scripts" / "slurm" / "submit_table1.sh"
 DOCS = ROOT / "docs" / "presets.md"
 
-# ---- the paper's values, typed from docs/paper_reference.md (independently of the presets) --------------------------------
+# ---- the paper's values, typed from docs/paper_reference.md (independently of the presets) ----------------------
 
 CIFAR_RECIPE = dict(momentum=0.9, nesterov=True, schedule="cosine", warmup_epochs=0.0, batch_size=256, m=32,
                     grad_clip=5.0, label_smoothing=0.0, label_noise=0.0)          # [P C.1, 3.1], [GR]
@@ -110,9 +111,9 @@ def test_paper_grid_size():
 
 @pytest.fixture(scope="module")
 def recorded() -> dict[str, dict]:
-    if not HYPERPARAMETERS.exists():
-        pytest.fail(f"{HYPERPARAMETERS.relative_to(ROOT)} is missing: run `python scripts/write_hyperparameters.py`")
-    return yaml.safe_load(HYPERPARAMETERS.read_text())["cells"]
+    if not HYPERPARAMETERS_FILE.exists():
+        pytest.fail(f"{HYPERPARAMETERS_FILE} is missing: run `python scripts/write_hyperparameters.py`")
+    return load_hyperparameters()
 
 
 def test_file_has_every_paper_cell(recorded):

@@ -18,20 +18,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from sam_repro.analysis.runs import RunRecord, load_metrics
-from sam_repro.analysis.tables import (
+from sam_repro.analysis.aggregate import Report, Row, TableReport
+from sam_repro.analysis.grouping import arm_order, cell_label
+from sam_repro.analysis.render import (
     MARKDOWN_LEGEND,
     METRIC_LABELS,
     UNIT_LABELS,
-    Report,
-    Row,
-    TableReport,
-    arm_order,
-    cell_label,
     render_notices_markdown,
     render_table_markdown,
     table_heading,
 )
+from sam_repro.analysis.runs import RunRecord, load_metrics
 
 ARM_COLOURS = {"sgd": "#1f77b4", "sam": "#ff7f0e"}
 OTHER_COLOURS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")

@@ -3,9 +3,9 @@
 A run directory holds `config.yaml` (the resolved config), `summary.json` (status and final numbers) and
 `metrics.jsonl` (one object per epoch). This module finds such directories under any number of roots (single runs,
 multirun sweeps, nested folders), reads them into `RunRecord`s and leaves every judgement (which runs to average,
-how to group them) to `tables.py`. A run whose summary is missing is kept with status "no-summary" so that it can be
-listed; a summary or config that exists but cannot be parsed is a DataError, because silently skipping it would
-drop a seed from a mean.
+how to group them) to `grouping.py` and `aggregate.py`. A run whose summary is missing is kept with status
+"no-summary" so that it can be listed; a summary or config that exists but cannot be parsed is a DataError, because
+silently skipping it would drop a seed from a mean.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from sam_repro.errors import DataError
+from sam_repro.paper import config_value
 from sam_repro.run_keys import flatten as flatten_config  # noqa: F401 -- re-exported: the tables flatten with it
 
 CONFIG_FILE = "config.yaml"
@@ -57,16 +58,6 @@ class RunRecord:
     def value(self, dotted_key: str, default: Any = None) -> Any:
         """A config value by dotted key, e.g. `run.value("optimizer.rho")`."""
         return config_value(self.config, dotted_key, default)
-
-
-def config_value(config: Mapping[str, Any], dotted_key: str, default: Any = None) -> Any:
-    """Look up `a.b.c` in a nested mapping; `default` when any part is missing."""
-    node: Any = config
-    for part in dotted_key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
 
 
 def find_run_dirs(roots: Iterable[str | os.PathLike]) -> list[Path]:

@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sam_repro.analysis.tables import write_provenance, write_tables
+from sam_repro.analysis.render import write_provenance, write_tables
 from sam_repro.cli.tables import add_selection_arguments, command_of, inputs_of, load_report
 from sam_repro.errors import SamReproError
 

@@ -17,16 +17,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from sam_repro.analysis.aggregate import build_report
+from sam_repro.analysis.render import render_latex, render_markdown, write_provenance, write_tables
 from sam_repro.analysis.runs import RunRecord, load_runs
-from sam_repro.analysis.tables import (
-    TABLE_IDS,
-    build_report,
-    render_latex,
-    render_markdown,
-    write_provenance,
-    write_tables,
-)
 from sam_repro.errors import DataError, SamReproError
+from sam_repro.paper import TABLE_IDS
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:

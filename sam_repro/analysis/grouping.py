@@ -1,0 +1,157 @@
+"""Which runs are averaged together: every run has a *cell* (a row of a table) and an *arm* (a column of it).
+
+The cell is the run's dataset, model, augment, epochs, label noise and training subset (`sam_repro.paper.run_cell`,
+the keys the paper's tables are indexed by), plus any `--group-by` keys; the arm is the optimizer's name, refined
+by `--group-by optimizer.*` keys (`sam[rho=0.1]`). Runs of one (cell, arm) may differ only in the config keys of
+`RUN_SPECIFIC_KEYS`; any other difference is reported as a warning, since their mean would mix experiments.
+
+Also the orders and labels that make every table deterministic: cells sort by their values (numbers numerically,
+None last), arms SGD first, then SAM, then the rest by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sam_repro.analysis.runs import RunRecord, flatten_config
+from sam_repro.paper import CELL_KEYS, CELL_SOURCES, run_cell
+
+BASELINE = "sgd"
+
+# Config keys that may differ between the runs of one arm without making them different experiments: seeds,
+# paths, logging and execution details. Any other difference is reported as a warning (a mean over runs with
+# different learning rates is not a number anyone wants).
+RUN_SPECIFIC_KEYS = (
+    "seed", "run_root", "experiment", "logger", "hydra", "dataset.root", "dataset.noise_seed", "trainer.device",
+    "trainer.progress", "trainer.log_every", "trainer.threads", "trainer.eval_batch_size",
+    "trainer.on_corrupt_checkpoint", "trainer.compile", "trainer.channels_last", "trainer.deterministic",
+    "trainer.name",  # a label of the trainer preset (absent from older runs): its values are compared one by one
+)  # fmt: skip
+
+ABSENT = "—"
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """How runs are split: cell keys (rows) and optimizer keys that refine the arm (e.g. optimizer.rho)."""
+
+    extra_cell_keys: tuple[str, ...] = ()
+    arm_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, group_by: Iterable[str]) -> Grouping:
+        """`--group-by` values: comma-separated dotted config keys; optimizer.* ones refine the arm."""
+        keys = [k.strip() for item in group_by for k in item.split(",") if k.strip()]
+        keys = [k for k in dict.fromkeys(keys) if k not in CELL_KEYS and k not in CELL_SOURCES.values()]
+        arm_keys = tuple(k for k in keys if k.startswith("optimizer.") and k != "optimizer.name")
+        cell_keys = tuple(k for k in keys if not k.startswith("optimizer."))
+        return cls(cell_keys, arm_keys)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return CELL_KEYS + self.extra_cell_keys
+
+    def cell(self, run: RunRecord) -> dict[str, Any]:
+        cell = {name: normalise_value(value) for name, value in run_cell(run.config).items()}
+        for key in self.extra_cell_keys:
+            cell[key] = normalise_value(run.value(key))
+        return cell
+
+    def arm(self, run: RunRecord) -> str:
+        name = str(run.value("optimizer.name", "unknown"))
+        # A key the run's optimizer does not have (rho of SGD) leaves its arm alone: SGD stays the baseline.
+        refinements = ",".join(
+            f"{k.removeprefix('optimizer.')}={value_label(run.value(k))}"
+            for k in self.arm_keys
+            if run.value(k) is not None
+        )
+        return f"{name}[{refinements}]" if refinements else name
+
+
+def normalise_value(value: Any) -> Any:
+    """Hashable, comparable cell values (lists from YAML become tuples)."""
+    if isinstance(value, list):
+        return tuple(normalise_value(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, normalise_value(v)) for k, v in value.items()))
+    return value
+
+
+def freeze(cell: Mapping[str, Any]) -> tuple:
+    """A cell as a dict key (its items in column order)."""
+    return tuple(cell.items())
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def sort_key(value: Any) -> tuple:
+    """Orders None last, numbers numerically, everything else by its text."""
+    if value is None:
+        return (2, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0, str(value))
+
+
+def cell_order(cell: Mapping[str, Any]) -> tuple:
+    """Cells by dataset, model, augment, epochs, ... in that order, each value by `sort_key`."""
+    return tuple(sort_key(value) for value in cell.values())
+
+
+def arm_order(arm: str) -> tuple:
+    """Sort key of optimizer arms: SGD (the baseline) first, then SAM, then the other optimizers by name."""
+    name = arm.split("[")[0]
+    return (0 if name == BASELINE else 1 if name == "sam" else 2, arm)
+
+
+def value_label(value: Any) -> str:
+    """A cell value as text: None -> "—", 0.2 -> "0.2", 200.0 -> "200"."""
+    if value is None:
+        return ABSENT
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(value_label(v) for v in value) + "]"
+    return str(value)
+
+
+def cell_label(cell: Mapping[str, Any]) -> str:
+    """`dataset=cifar10, model=wrn28_10, ...` with unset keys (and zero label noise) left out."""
+    shown = {k: v for k, v in cell.items() if v is not None and not (k == "label_noise" and v == 0)}
+    return ", ".join(f"{k}={value_label(v)}" for k, v in shown.items())
+
+
+def is_run_specific(dotted: str) -> bool:
+    """A config key that may differ between averaged runs (see RUN_SPECIFIC_KEYS; `_`-keys are bookkeeping)."""
+    parts = dotted.split(".")
+    return any(p.startswith("_") for p in parts) or any(
+        dotted == k or dotted.startswith(k + ".") for k in RUN_SPECIFIC_KEYS
+    )
+
+
+def mixed_config_warnings(groups: Mapping[tuple, Mapping[str, list[RunRecord]]], excluded: set[str]) -> list[str]:
+    """Arms whose finished runs differ in more than the seed: their mean would mix experiments."""
+    warnings = []
+    for cell in sorted(groups, key=lambda c: cell_order(dict(c))):
+        for arm in sorted(groups[cell]):
+            runs = [r for r in groups[cell][arm] if r.source not in excluded]
+            flats = [flatten_config(r.config) for r in runs]
+            keys = sorted({k for flat in flats for k in flat if not is_run_specific(k)})
+            differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+            if differing:
+                warnings.append(
+                    f"{cell_label(dict(cell))}, {arm}: averaged runs differ in {', '.join(differing)} "
+                    "(split them with --group-by)"
+                )
+            seeds = [r.seed for r in runs]
+            repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=sort_key)
+            if repeated:
+                shown = ", ".join(map(str, repeated))
+                warnings.append(f"{cell_label(dict(cell))}, {arm}: seed(s) {shown} ran more than once")
+    return warnings
