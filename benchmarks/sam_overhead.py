@@ -13,7 +13,6 @@ benchmarks/results/sam_overhead.json with the raw times and provenance.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from sam_repro.analysis.loading import open_run
-from sam_repro.cli import analyze, eval as eval_cli
+from sam_repro.cli import analyze
+from sam_repro.cli import eval as eval_cli
 from sam_repro.data.sources import cache_path
 from sam_repro.engine.checkpoint import load_checkpoint
 from sam_repro.errors import CheckpointError

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from fixtures.data_formats import (
     encode_png_batch,
     idx_bytes,
@@ -29,8 +31,6 @@ from fixtures.data_formats import (
     write_idx_gz,
     write_svhn_mat,
 )
-from PIL import Image
-
 from sam_repro.data import cifar, download, fashion_mnist, imagenet, sources, svhn
 from sam_repro.data.arrays import Splits, sha256_array, splits_sha256, verify_sha256
 from sam_repro.data.sources import DATASETS, RemoteFile, load_arrays, prepare

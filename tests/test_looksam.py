@@ -7,7 +7,6 @@ from sam_repro.optim import SAM
 from sam_repro.optim.looksam import LookSAM
 
 
-
 def linear_problem(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(16, 5, generator=g, dtype=torch.float64)

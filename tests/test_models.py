@@ -42,7 +42,7 @@ def count_on_meta(name: str, num_classes: int = 10, **kwargs) -> int:
     return _count_on_meta(name, num_classes, tuple(sorted(kwargs.items())))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _count_on_meta(name: str, num_classes: int, kwargs: tuple) -> int:
     with torch.device("meta"):
         return count_parameters(create_model(name, num_classes, **dict(kwargs)))
@@ -288,7 +288,7 @@ def test_pyramidnet_shakedrop_follows_the_linear_decay_rule():
     keep = [m.keep_prob for m in model.modules() if isinstance(m, ShakeDrop)]
     n = len(keep)
     assert n == 6
-    assert keep == pytest.approx([1 - (l / n) * 0.5 for l in range(1, n + 1)])
+    assert keep == pytest.approx([1 - (layer / n) * 0.5 for layer in range(1, n + 1)])
     assert keep[-1] == 0.5
 
 

@@ -228,7 +228,7 @@ def test_label_noise_rho_is_automatic_and_falls_back_to_0_1(compose_train):
 def test_label_noise_preset_requires_the_noise_level(compose_train):
     cfg = compose_train(["experiment=table4/resnet32_noise", "optimizer=sam"])
     with pytest.raises(InterpolationKeyError, match="required.label_noise"):
-        cfg.dataset.label_noise
+        _ = cfg.dataset.label_noise
     # Once given, nothing dangles: the whole config resolves, with no placeholder left for a logger to trip on.
     cfg = compose_train(["experiment=table4/resnet32_noise", "optimizer=sam", "dataset.label_noise=0.4"])
     assert "???" not in OmegaConf.to_yaml(cfg, resolve=True)
@@ -238,7 +238,7 @@ def test_finetuning_preset_requires_a_local_checkpoint(compose_train):
     # Without it b7 would silently train from scratch: the model config's own default is null.
     cfg = compose_train(["experiment=table3/efficientnet_b7", "optimizer=sam"])
     with pytest.raises(InterpolationKeyError, match="required.pretrained_path"):
-        cfg.model.pretrained_path
+        _ = cfg.model.pretrained_path
     cfg = compose_train(["experiment=table3/efficientnet_b7", "optimizer=sam", "model.pretrained_path=/ckpt/b7.pth"])
     assert cfg.model.pretrained_path == "/ckpt/b7.pth"
     assert "???" not in OmegaConf.to_yaml(cfg, resolve=True)

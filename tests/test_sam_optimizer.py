@@ -163,7 +163,9 @@ def test_state_dict_round_trip_gives_same_next_step():
         torch.nn.functional.mse_loss(m(x), y).backward()
         opt.second_step()
 
-    make = lambda m: SAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    def make(m):
+        return SAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
     opt = make(model)
     for _ in range(3):
         step(model, opt)
