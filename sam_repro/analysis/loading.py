@@ -1,8 +1,8 @@
 """Inputs and outputs of the analysis commands (`sam-analyze`, `sam-eval`).
 
 Owns four things the analyses share, so that each of them is only its mathematics:
-  * `open_run` / `load_run`: a trained network back from a run directory (`<run>/checkpoints/last.pt`, see the
-    run-directory contract) or a `.pt` checkpoint written by `sam-train`, rebuilt with
+  * `open_run` / `load_run`: a trained network back from a run directory (`<run>/checkpoints/last.pt`, where
+    sam-train writes it: README, "Outputs") or a `.pt` checkpoint written by `sam-train`, rebuilt with
     `hydra.utils.instantiate(cfg.model)` from the config stored in the checkpoint itself (so the weights and the
     architecture always come from the same file);
   * `load_split`: the images of a dataset split (the test split, or the training set exactly as the run saw it) as
@@ -41,8 +41,8 @@ from sam_repro.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 CHECKPOINT_FORMAT = FORMAT
-# Prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) put on state-dict keys. The contract says
-# checkpoints hold the plain model; stripping them anyway lets a hand-saved checkpoint load too.
+# Prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) put on state-dict keys. sam-train saves the
+# unwrapped model's state dict; stripping them anyway lets a hand-saved checkpoint load too.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
