@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from sam_repro.data.sources import cache_path
+from helpers.training import BIN, TINY
 from sam_repro.engine.provenance import REDACTED, redact
 
-BIN = Path(sys.executable).parent
 API_KEY = "sk-live-planted-7d1e5c0ffee"
 TOKEN = "tok-planted-42a9beef"
 
@@ -30,13 +27,12 @@ def test_redact_replaces_credential_values_and_keys():
     assert redact("seed=1", env) == "seed=1"  # a short value ("1") is not treated as a secret
 
 
-@pytest.mark.skipif(not cache_path("cifar10").exists(), reason="CIFAR-10 is not prepared: run `sam-data cifar10`")
+@pytest.mark.data
 def test_planted_credentials_reach_no_output(tmp_path):
     env = {**os.environ, "SAM_RUNS_DIR": str(tmp_path), "WANDB_API_KEY": API_KEY, "MY_SERVICE_TOKEN": TOKEN,
            "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [str(BIN / "sam-train"), "model=resnet8", "dataset.train_subset=256", "dataset.test_subset=200",
-         "trainer.batch_size=64", "trainer.max_steps=1", "trainer.threads=1", "logger.mode=offline",
+        [str(BIN / "sam-train"), *TINY, "dataset.test_subset=200", "trainer.max_steps=1", "logger.mode=offline",
          "logger.project=${oc.env:MY_SERVICE_TOKEN}", f"logger.entity={TOKEN}",
          "logger.tags=[demo,${oc.env:WANDB_API_KEY}]"],
         env=env, capture_output=True, text=True, timeout=600)

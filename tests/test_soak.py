@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from sam_repro.data.sources import cache_path
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cache_path("cifar10").exists(), reason="CIFAR-10 is not prepared: run `sam-data cifar10`")
+@pytest.mark.data
 def test_soak_recovers_from_every_fault(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--kills", "20", "--workdir",
                            str(tmp_path / "work"), "--out", str(tmp_path / "soak.json")],
