@@ -6,26 +6,20 @@ go through timm's weights-only loader (`.safetensors` accepted)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers.training import TINY, train
 from sam_repro.analysis.loading import open_run
 from sam_repro.cli import analyze
 from sam_repro.cli import eval as eval_cli
-from sam_repro.data.sources import cache_path
 from sam_repro.engine.checkpoint import load_checkpoint
 from sam_repro.errors import CheckpointError
 
-BIN = Path(sys.executable).parent
-TINY = ["model=resnet8", "dataset.train_subset=256", "dataset.test_subset=200", "trainer.batch_size=64",
-        "trainer.eval_batch_size=200", "logger.mode=disabled", "trainer.threads=1"]
-needs_cifar10 = pytest.mark.skipif(not cache_path("cifar10").exists(),
-                                   reason="CIFAR-10 is not prepared: run `sam-data cifar10` (make test does)")
+# debug=tiny, evaluated on 200 test images in one batch.
+RUN_ARGS = [*TINY, "dataset.test_subset=200", "trainer.eval_batch_size=200"]
 
 
 class Payload:
@@ -41,11 +35,6 @@ class Payload:
 def malicious_checkpoint(path: Path, marker: Path, **state) -> Path:
     torch.save({"format": 1, "model": {}, **state, "payload": Payload(marker)}, path)
     return path
-
-
-def sam_train(runs: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SAM_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([str(BIN / "sam-train"), *overrides], env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_a_checkpoint_with_code_is_refused_unread(tmp_path):
@@ -98,7 +87,7 @@ def test_sam_eval_and_sam_analyze_refuse_it_in_one_line(tmp_path, capsys):
         open_run(path)
 
 
-@needs_cifar10
+@pytest.mark.data
 @pytest.mark.parametrize("switches", [
     ["optimizer=sgd"],
     ["optimizer=sam", "trainer.m=32"],
@@ -107,7 +96,7 @@ def test_sam_eval_and_sam_analyze_refuse_it_in_one_line(tmp_path, capsys):
     ["optimizer=sam", "trainer.precision=fp16"],
 ])
 def test_everything_sam_train_writes_loads_weights_only(tmp_path, switches):
-    proc = sam_train(tmp_path, *TINY, "trainer.max_steps=2", *switches)
+    proc = train(tmp_path, *RUN_ARGS, "trainer.max_steps=2", *switches, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [path] = tmp_path.rglob("last.pt")
     state = load_checkpoint(path)
@@ -119,16 +108,16 @@ def test_everything_sam_train_writes_loads_weights_only(tmp_path, switches):
     assert open_run(path.parent.parent).model is not None  # and the analyses read it through the same loader
 
 
-@needs_cifar10
+@pytest.mark.data
 def test_resume_refuses_a_checkpoint_with_code(tmp_path):
-    assert sam_train(tmp_path, *TINY, "trainer.max_steps=1").returncode == 0
+    assert train(tmp_path, *RUN_ARGS, "trainer.max_steps=1", check=False).returncode == 0
     [path] = tmp_path.rglob("last.pt")
     run = path.parent.parent
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
     marker = tmp_path / "ran"
     malicious_checkpoint(path, marker)
-    proc = sam_train(tmp_path, *TINY, "trainer.max_steps=1")
+    proc = train(tmp_path, *RUN_ARGS, "trainer.max_steps=1", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out
     assert f"error: checkpoint {path} was refused unread" in out

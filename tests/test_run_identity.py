@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sam_repro.data.sources import cache_path
+from helpers.training import TINY, only_run_dir, train
 from sam_repro.engine.rundir import ABSENT, config_changes, run_name
 from sam_repro.run_keys import IDENTITY_NEUTRAL, NEUTRAL_KEYS, RUN_NAME_NEUTRAL, TABLE_NEUTRAL, matches
 
-BIN = Path(sys.executable).parent
-TINY = ["model=resnet8", "dataset.train_subset=256", "dataset.test_subset=200", "trainer.batch_size=64",
-        "trainer.eval_batch_size=200", "logger.mode=disabled", "trainer.threads=1", "trainer.max_steps=2"]
-needs_cifar10 = pytest.mark.skipif(not cache_path("cifar10").exists(),
-                                   reason="CIFAR-10 is not prepared: run `sam-data cifar10` (make test does)")
+# debug=tiny, evaluated on 200 test images in one batch.
+RUN_ARGS = [*TINY, "dataset.test_subset=200", "trainer.eval_batch_size=200", "trainer.max_steps=2"]
 
 
 # ---------------------------------------------------------------------------------------------- the comparison
@@ -95,31 +89,16 @@ def test_one_base_list_with_named_additions():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def sam_train(runs: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SAM_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([str(BIN / "sam-train"), *overrides], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"sam-train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
 def fingerprint(run_dir: Path) -> dict[str, str]:
     """SHA-256 of every file of the run except the log, which may grow."""
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != "train.log"}
 
 
-def only_run_dir(runs: Path) -> Path:
-    dirs = [p.parent for p in runs.rglob("config.yaml") if p.parent.name.startswith("seed")]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
-@needs_cifar10
+@pytest.mark.data
 def test_a_changed_value_in_an_explicit_run_dir_is_refused_before_any_work(tmp_path):
     run = tmp_path / "mine"
-    sam_train(tmp_path, *TINY, "optimizer=sam", f"hydra.run.dir={run}")
+    train(tmp_path, *RUN_ARGS, "optimizer=sam", f"hydra.run.dir={run}")
     before = fingerprint(run)
     assert ".hydra/config.yaml" in before and ".hydra/overrides.yaml" in before  # Hydra's record, written by us
     for finished in (True, False):
@@ -127,7 +106,7 @@ def test_a_changed_value_in_an_explicit_run_dir_is_refused_before_any_work(tmp_p
             summary = json.loads((run / "summary.json").read_text())
             (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
             before = fingerprint(run)
-        proc = sam_train(tmp_path, *TINY, "optimizer=sam", "optimizer.lr=0.2", "trainer.label_smoothing=0.1",
+        proc = train(tmp_path, *RUN_ARGS, "optimizer=sam", "optimizer.lr=0.2", "trainer.label_smoothing=0.1",
                          f"hydra.run.dir={run}", check=False)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2 and "Traceback" not in out
@@ -137,58 +116,58 @@ def test_a_changed_value_in_an_explicit_run_dir_is_refused_before_any_work(tmp_p
         assert fingerprint(run) == before  # config.yaml, summary.json, metrics.jsonl, checkpoint, .hydra/
 
 
-@needs_cifar10
+@pytest.mark.data
 def test_an_edited_preset_is_refused_and_force_continues_on_record(tmp_path):
     presets = tmp_path / "presets"
     (presets / "experiment").mkdir(parents=True)
     preset = presets / "experiment" / "mine.yaml"
     preset.write_text("# @package _global_\noptimizer:\n  lr: 0.1\n")
-    args = [*TINY, f"hydra.searchpath=[file://{presets}]", "experiment=mine", "trainer.max_steps=1"]
-    sam_train(tmp_path, *args)
+    args = [*RUN_ARGS, f"hydra.searchpath=[file://{presets}]", "experiment=mine", "trainer.max_steps=1"]
+    train(tmp_path, *args)
     run = only_run_dir(tmp_path)
     (run / "summary.json").write_text(json.dumps({**json.loads((run / "summary.json").read_text()),
                                                   "status": "interrupted"}))
     preset.write_text("# @package _global_\noptimizer:\n  lr: 0.05\n")
     before = fingerprint(run)
-    refused = sam_train(tmp_path, *args, check=False)
+    refused = train(tmp_path, *args, check=False)
     assert refused.returncode == 2 and f"optimizer.lr: 0.1 in {run}, 0.05 now" in refused.stdout + refused.stderr
     assert fingerprint(run) == before
 
-    sam_train(tmp_path, *args, "trainer.resume=force")
+    train(tmp_path, *args, "trainer.resume=force")
     assert only_run_dir(tmp_path) == run  # trainer.resume is not part of the directory's name
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished"
     [forced] = summary["resume_forced"]
     assert forced["changes"] == [{"key": "optimizer.lr", "recorded": 0.1, "current": 0.05}]
     assert yaml.safe_load((run / "config.yaml").read_text())["optimizer"]["lr"] == 0.05
-    again = sam_train(tmp_path, *args)  # the run now carries the new value: the same command is accepted
+    again = train(tmp_path, *args)  # the run now carries the new value: the same command is accepted
     assert "already finished" in again.stdout + again.stderr
 
 
-@needs_cifar10
+@pytest.mark.data
 def test_keys_that_change_nothing_and_older_records_resume(tmp_path):
-    args = [*TINY, "optimizer=sgd"]
-    sam_train(tmp_path, *args)
+    args = [*RUN_ARGS, "optimizer=sgd"]
+    train(tmp_path, *args)
     run = only_run_dir(tmp_path)
-    neutral = sam_train(tmp_path, *args, "trainer.eval_every=3", "trainer.progress=off", "trainer.compile=false")
+    neutral = train(tmp_path, *args, "trainer.eval_every=3", "trainer.progress=off", "trainer.compile=false")
     assert "already finished" in neutral.stdout + neutral.stderr
     # A record written before trainer.label_smoothing existed: equal to its default, so the run is accepted ...
     record = yaml.safe_load((run / "config.yaml").read_text())
     del record["trainer"]["label_smoothing"]
     (run / "config.yaml").write_text(yaml.safe_dump(record))
-    older = sam_train(tmp_path, *args)
+    older = train(tmp_path, *args)
     assert "already finished" in older.stdout + older.stderr
     # ... unless the command sets it to something else.
-    changed = sam_train(tmp_path, *args, "trainer.label_smoothing=0.1", f"hydra.run.dir='{run}'", check=False)
+    changed = train(tmp_path, *args, "trainer.label_smoothing=0.1", f"hydra.run.dir='{run}'", check=False)
     assert changed.returncode == 2
     assert f"trainer.label_smoothing: absent in {run}, 0.1 now" in changed.stdout + changed.stderr
 
 
-@needs_cifar10
+@pytest.mark.data
 @pytest.mark.parametrize("override", ["trainer.epochs=0", "trainer.resume=sometimes",
                                       "trainer.inject_nonfinite_at_step=-3"])
 def test_a_refused_new_run_leaves_no_directory_behind(tmp_path, override):
-    proc = sam_train(tmp_path / "runs", *TINY, override, check=False)
+    proc = train(tmp_path / "runs", *RUN_ARGS, override, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert f"error: {override.split('=')[0]} must be" in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
