@@ -6,8 +6,9 @@ The work is done in four modules, one job each:
     analysis/aggregate.py    runs -> Report: intervals over seeds, SAM − SGD, the SGD baseline rule
     analysis/render.py       Report -> Markdown, CSV, LaTeX; the files sam-tables writes and their provenance
 
-    report = build_report(load_runs(["runs/"]))
-    print(render_markdown(report))
+    from sam_repro.analysis.runs import load_runs
+    from sam_repro.analysis.tables import build_report, render_markdown
+    print(render_markdown(build_report(load_runs(["runs/"]))))
 """
 
 from __future__ import annotations
