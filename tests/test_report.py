@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -78,3 +79,29 @@ def test_cell_slug_is_a_file_name():
     assert cell_slug(cell) == (
         "cifar10-wrn28_10-basic-200ep-noise0.4-trainer.m=32-model.pretrained_path=_ckpt_b7_final.pt"
     )
+
+
+def test_memorized_share_is_drawn_beside_the_test_error(tmp_path: Path):
+    from sam_repro.analysis.plots import error_curves_figure
+
+    root = tmp_path / "runs"
+    for seed, shift in enumerate((0.0, 10.0)):
+        for optimizer, memorized in (("sgd", [20.0, 50.0, 80.0]), ("sam", [10.0, 12.0, 15.0])):
+            run = write_run(root, optimizer=optimizer, seed=seed, test_error=60.0, model="resnet20", epochs=3,
+                            label_noise=0.4, curve=[70.0, 65.0, 60.0])
+            rows = [{**json.loads(line), "memorized": m + shift}
+                    for line, m in zip((run / "metrics.jsonl").read_text().splitlines(), memorized)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report"
+    assert report_cli.main([str(root), "--out", str(out)]) == 0
+    index = (out / "index.md").read_text()
+    assert "![test error and memorized share per epoch](curves/cifar10-resnet20-basic-3ep-noise0.4.png)" in index
+    # The figure itself: two panels, the right one the mean memorized share over the two seeds, per epoch.
+    curves = {arm: [Curve(np.arange(1.0, 4.0), np.array(m) + shift, True) for shift in (0.0, 10.0)]
+              for arm, m in (("sgd", [20.0, 50.0, 80.0]), ("sam", [10.0, 12.0, 15.0]))}
+    errors = {arm: [Curve(np.arange(1.0, 4.0), np.array([70.0, 65.0, 60.0]), True)] for arm in curves}
+    figure = error_curves_figure("noisy", errors, {}, curves)
+    assert len(figure.axes) == 2 and figure.axes[1].get_ylim() == (0.0, 100.0)
+    drawn = {line.get_label().split(" ")[0]: line.get_ydata().tolist() for line in figure.axes[1].lines}
+    assert drawn == {"sgd": [25.0, 55.0, 85.0], "sam": [15.0, 17.0, 20.0]}
+    assert len(error_curves_figure("clean", errors, {}).axes) == 1  # no memorized share: one panel

@@ -540,18 +540,47 @@ def test_doubled_epoch_cell_with_sam_runs_keeps_its_own_sgd(tmp_path: Path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_committed_cpu_scale_table_regenerates_exactly(tmp_path: Path):
-    """`sam-tables results/cpu_scale` (run from the repository root) gives the committed files byte for byte."""
-    root = Path(__file__).resolve().parents[1]
-    committed = root / "results" / "cpu_scale"
-    if not (committed / "tables.md").exists():
-        pytest.skip("no committed CPU-scale results")
+COMMITTED_TABLES = sorted(p.parent.name for p in (REPOSITORY / "results").glob("*/provenance.json")
+                          if (p.parent / "tables.md").exists())
+
+
+@pytest.mark.parametrize("folder", COMMITTED_TABLES)
+def test_committed_tables_regenerate_exactly(tmp_path: Path, folder: str):
+    """Each committed results folder's tables come back byte for byte from the command its provenance.json
+    records (run from the repository root), e.g. `sam-tables results/cpu_scale --out results/cpu_scale`."""
+    committed = REPOSITORY / "results" / folder
+    command = json.loads((committed / "provenance.json").read_text())["command"]
+    assert command[0] == "sam-tables" and "--out" in command
+    args = command[1:]
     out = tmp_path / "regenerated"
-    command = [sys.executable, "-m", "sam_repro.cli.tables", "results/cpu_scale", "--out", str(out)]
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+    args[args.index("--out") + 1] = str(out)
+    result = subprocess.run([sys.executable, "-m", "sam_repro.cli.tables", *args], cwd=REPOSITORY,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for name in ("tables.md", "tables.csv", "runs.csv"):
         assert (out / name).read_text() == (committed / name).read_text(), name
     # Every committed run is a finished one and is averaged: the table is not built on partial runs.
     rows = (committed / "runs.csv").read_text().splitlines()[1:]
     assert rows and all(",finished," in row and ",yes," in row for row in rows)
+
+
+def test_show_adds_summary_values_as_mean_and_interval(tmp_path: Path, capsys):
+    for seed, (error, memorized) in enumerate([(40.0, 82.0), (44.0, 86.0), (42.0, 90.0)]):
+        run = write_run(tmp_path, optimizer="sgd", seed=seed, test_error=error, model="resnet20", label_noise=0.4)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "memorized": memorized}))
+    run = write_run(tmp_path, optimizer="sam", seed=0, test_error=30.0, model="resnet20", label_noise=0.4)
+    plain = render_markdown(build_report(load_runs([tmp_path])))
+    assert "memorized" not in plain  # only when asked
+    report = build_report(load_runs([tmp_path]), extra_metrics=["memorized"])
+    sgd, sam = (_row(report, None, arm, model="resnet20") for arm in ("sgd", "sam"))
+    assert sgd.extras["memorized"].mean == pytest.approx(86.0)
+    assert sgd.extras["memorized"].half_width == pytest.approx(T_975_DF2 * 4.0 / math.sqrt(3))  # sd of 82, 86, 90
+    assert sam.extras["memorized"] is None  # its summary records none
+    text = render_markdown(report)
+    assert "| memorized |" in text.splitlines()[6] and f"86.00 ± {T_975_DF2 * 4 / math.sqrt(3):.2f} (3)" in text
+    header = render_csv(report).splitlines()[0].split(",")
+    assert header[-2:] == ["memorized_mean", "memorized_ci95"]
+    assert tables_cli.main([str(tmp_path), "--show", "memorized", "best_test_error"]) == 0
+    out = capsys.readouterr().out
+    assert "| memorized | best test error |" in out

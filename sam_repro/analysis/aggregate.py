@@ -56,6 +56,7 @@ class Row:
     not_finished: int  # runs of this cell and arm that were listed, not averaged
     seeds: tuple[int | None, ...] = ()
     epochs_used: int | float | None = None  # SGD only: set when its runs are the doubled-epoch ones (see below)
+    extras: Mapping[str, Estimate | None] = field(default_factory=dict)  # `extra_metrics`, over the same runs
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Report:
     excluded: list[Exclusion]
     warnings: list[str] = field(default_factory=list)
     baseline_choices: list[BaselineChoice] = field(default_factory=list)
+    extra_metrics: tuple[str, ...] = ()
 
 
 def build_report(
@@ -101,11 +103,14 @@ def build_report(
     group_by: Iterable[str] = (),
     paper: Mapping[int, PaperTable] | None = None,
     sgd_best_of_doubled: bool = True,
+    extra_metrics: Sequence[str] = (),
 ) -> Report:
     """Group `runs` into the paper's tables. `table`: "auto" (each cell to the table it belongs to, the rest under
     "Other runs") or a table id (only that table's cells, and every cell of the paper's table, run or not).
     `paper`: the paper's tables (default: the packaged ones, `sam_repro.paper`).
-    `sgd_best_of_doubled`: the paper's baseline rule (see `_best_of_doubled_epochs`)."""
+    `sgd_best_of_doubled`: the paper's baseline rule (see `_best_of_doubled_epochs`).
+    `extra_metrics`: summary.json keys (e.g. `memorized`, `best_test_error`) shown as mean ± interval beside the
+    test error, over the same runs; none by default."""
     paper = paper if paper is not None else paper_tables()
     runs = sorted(runs, key=lambda r: r.source)  # every order below derives from this one
     grouping = Grouping.parse(group_by)
@@ -143,14 +148,16 @@ def build_report(
     for table_id in table_ids:
         reports.append(
             _table_report(paper[table_id], by_table.get(table_id, []), groups, grouping, excluded_sources,
-                          include_missing_cells=selected is not None, warnings=warnings, epochs_used=epochs_used)
+                          include_missing_cells=selected is not None, warnings=warnings, epochs_used=epochs_used,
+                          extra_metrics=tuple(extra_metrics))
         )  # fmt: skip
     if selected is None and by_table.get(None):
         reports.append(
-            _table_report(None, by_table[None], groups, grouping, excluded_sources, False, warnings, epochs_used)
+            _table_report(None, by_table[None], groups, grouping, excluded_sources, False, warnings, epochs_used,
+                          tuple(extra_metrics))
         )
     excluded.sort(key=lambda e: e.source)
-    return Report(reports, runs, grouping, excluded, warnings, choices)
+    return Report(reports, runs, grouping, excluded, warnings, choices, tuple(extra_metrics))
 
 
 def _best_of_doubled_epochs(
@@ -215,6 +222,7 @@ def _table_report(
     include_missing_cells: bool,
     warnings: list[str],
     epochs_used: Mapping[tuple, int | float] | None = None,
+    extra_metrics: tuple[str, ...] = (),
 ) -> TableReport:
     unit = spec.unit if spec else "error"
     metrics = spec.metrics if spec else ("test_error",)
@@ -235,6 +243,8 @@ def _table_report(
             samples = {arm: _samples(arms.get(arm, []), metric, unit, excluded, warnings) for arm in shown}
             for arm in shown:
                 row = _row(cell, arm, metric, samples, paper_cell, arms.get(arm, []), excluded)
+                if extra_metrics:
+                    row = dataclasses.replace(row, extras=_extras(arms.get(arm, []), extra_metrics, excluded))
                 if arm == BASELINE and epochs_used and frozen in epochs_used:
                     row = dataclasses.replace(row, epochs_used=epochs_used[frozen])
                 order = paper_cell.order if paper_cell is not None else math.inf
@@ -277,6 +287,16 @@ def _samples(
             continue
         by_seed[run.seed].append(100.0 - value if unit == "accuracy" else float(value))
     return by_seed
+
+
+def _extras(runs: list[RunRecord], keys: tuple[str, ...], excluded: set[str]) -> dict[str, Estimate | None]:
+    """Mean ± interval of each summary key over the averaged runs that record it (None where none does)."""
+    out = {}
+    for key in keys:
+        values = [float(r.summary[key]) for r in sorted(runs, key=lambda r: r.source)
+                  if r.source not in excluded and is_number(r.summary.get(key))]
+        out[key] = mean_ci(values) if values else None
+    return out
 
 
 def _row(

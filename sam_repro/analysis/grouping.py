@@ -19,18 +19,14 @@ from typing import Any
 
 from sam_repro.analysis.runs import RunRecord, flatten_config
 from sam_repro.paper import CELL_KEYS, CELL_SOURCES, run_cell
+from sam_repro.run_keys import TABLE_NEUTRAL
 
 BASELINE = "sgd"
 
-# Config keys that may differ between the runs of one arm without making them different experiments: seeds,
-# paths, logging and execution details. Any other difference is reported as a warning (a mean over runs with
-# different learning rates is not a number anyone wants).
-RUN_SPECIFIC_KEYS = (
-    "seed", "run_root", "experiment", "logger", "hydra", "dataset.root", "dataset.noise_seed", "trainer.device",
-    "trainer.progress", "trainer.log_every", "trainer.threads", "trainer.eval_batch_size",
-    "trainer.on_corrupt_checkpoint", "trainer.compile", "trainer.channels_last", "trainer.deterministic",
-    "trainer.name",  # a label of the trainer preset (absent from older runs): its values are compared one by one
-)  # fmt: skip
+# Config keys that may differ between the runs of one arm without making them different experiments: the keys that
+# never change a result, plus seeds and labels (sam_repro.run_keys). Any other difference is reported as a warning
+# (a mean over runs with different learning rates is not a number anyone wants).
+RUN_SPECIFIC_KEYS = TABLE_NEUTRAL
 
 ABSENT = "—"
 

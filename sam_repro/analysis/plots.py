@@ -59,23 +59,51 @@ def curve_band(curves: Sequence[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndar
     return epochs, np.nanmean(table, axis=0), np.nanmin(table, axis=0), np.nanmax(table, axis=0)
 
 
-def error_curves_figure(title: str, arms: Mapping[str, Sequence[Curve]], paper: Mapping[str, float]) -> Figure:
+def error_curves_figure(title: str, arms: Mapping[str, Sequence[Curve]], paper: Mapping[str, float],
+                        memorized: Mapping[str, Sequence[Curve]] | None = None) -> Figure:
     """Mean test error per epoch of each arm's finished runs, shaded between the best and worst seed.
 
     Unfinished runs are drawn as thin dotted lines; `paper` (arm -> test error %) as dashed horizontal lines.
     The y axis is logarithmic: the first epochs (tens of percent) and the end of training (a few percent, where
-    SAM and SGD differ) both stay readable.
+    SAM and SGD differ) both stay readable. With `memorized` (label-noise runs: the share of flipped training
+    labels the network predicts, per epoch), a second panel beside it shows that, on a linear 0-100 axis.
     """
-    figure = Figure(figsize=(7.0, 4.2), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(12.0 if memorized else 7.0, 4.2), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    axes = figure.add_subplot(1, 2 if memorized else 1, 1)
     colours = arm_colours(list(arms))
+    _draw_curves(axes, arms, colours, "%")
+    for arm in sorted(arms, key=arm_order):
+        if arm in paper:
+            axes.axhline(paper[arm], color=colours[arm], linestyle="--", linewidth=1.0,
+                         label=f"{arm}, paper: {paper[arm]:g}%")
+    axes.set_yscale("log")
+    axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
+    axes.set_ylabel("test error (%)")
+    axes.legend(fontsize=8, loc="upper right", title="shaded: min–max over seeds", title_fontsize=7)
+    if memorized:
+        right = figure.add_subplot(1, 2, 2)
+        _draw_curves(right, memorized, {**colours, **arm_colours(list(memorized))}, "%")
+        right.set_ylim(0, 100)
+        right.set_ylabel("memorized: flipped training labels predicted (%)")
+        right.legend(fontsize=8, loc="upper left", title="shaded: min–max over seeds", title_fontsize=7)
+    for ax in figure.axes:
+        ax.set_xlabel("epoch")
+        ax.grid(True, which="major", alpha=0.3)
+    figure.suptitle("\n".join(textwrap.wrap(title, 90 if not memorized else 150)), fontsize=10)  # wraps, never clips
+    return figure
+
+
+def _draw_curves(axes, arms: Mapping[str, Sequence[Curve]], colours: Mapping[str, str], unit: str) -> None:
+    """Each arm's finished runs as their mean with a min-max band, its unfinished ones as dotted lines."""
     for arm in sorted(arms, key=arm_order):
         colour = colours[arm]
         finished = [c for c in arms[arm] if c.finished and len(c.epochs)]
         if finished:
             epochs, mean, low, high = curve_band(finished)
-            label = f"{arm} (mean of {len(finished)}, final {mean[-1]:.2f}%)"
+            label = f"{arm} (mean of {len(finished)}, final {mean[-1]:.2f}{unit})"
             axes.plot(epochs, mean, color=colour, linewidth=1.8, label=label)
             if len(finished) > 1:
                 axes.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
@@ -83,19 +111,6 @@ def error_curves_figure(title: str, arms: Mapping[str, Sequence[Curve]], paper: 
         for i, curve in enumerate(unfinished):
             label = f"{arm}, {len(unfinished)} unfinished (not averaged)" if i == 0 else None
             axes.plot(curve.epochs, curve.values, color=colour, linewidth=0.8, linestyle=":", label=label)
-        if arm in paper:
-            axes.axhline(paper[arm], color=colour, linestyle="--", linewidth=1.0,
-                         label=f"{arm}, paper: {paper[arm]:g}%")
-    axes.set_yscale("log")
-    axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-    axes.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-    axes.yaxis.set_minor_formatter(NullFormatter())
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("test error (%)")
-    axes.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=10)  # a long cell label wraps, never clips
-    axes.grid(True, which="major", alpha=0.3)
-    axes.legend(fontsize=8, loc="upper right", title="shaded: min–max over seeds", title_fontsize=7)
-    return figure
 
 
 def table_bars_figure(table: TableReport) -> Figure | None:
@@ -162,15 +177,16 @@ def save_figure(figure: Figure, path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_curve(run: RunRecord) -> Curve | None:
-    """The test-error curve of a run directory's metrics.jsonl (None for runs without one, e.g. from W&B)."""
+def run_curve(run: RunRecord, key: str = "test_error") -> Curve | None:
+    """The curve of `key` (test_error, memorized, ...) in a run directory's metrics.jsonl (None for runs without
+    one, e.g. from W&B, or without that key)."""
     if run.directory is None:
         return None
-    records = [r for r in load_metrics(run.directory) if r.get("test_error") is not None and "epoch" in r]
+    records = [r for r in load_metrics(run.directory) if r.get(key) is not None and "epoch" in r]
     if not records:
         return None
     epochs = np.array([r["epoch"] for r in records], dtype=float)
-    values = np.array([r["test_error"] for r in records], dtype=float)
+    values = np.array([r[key] for r in records], dtype=float)
     return Curve(epochs, values, run.finished)
 
 
@@ -207,9 +223,11 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
             lines += [f"![{table_heading(table)}: ours vs paper](bars/{name}.png)", ""]
         cells = list(dict.fromkeys(tuple(row.cell.items()) for row in table.rows))
         for cell in cells:
-            arms = {arm: [c for c in map(run_curve, sorted(runs, key=lambda r: r.source)) if c is not None]
-                    for arm, runs in runs_by_cell.get(cell, {}).items()}
+            arms, memorized = ({arm: [c for r in sorted(runs, key=lambda r: r.source) if (c := run_curve(r, key))]
+                                for arm, runs in runs_by_cell.get(cell, {}).items()}
+                               for key in ("test_error", "memorized"))
             arms = {arm: curves for arm, curves in arms.items() if curves}
+            memorized = {arm: curves for arm, curves in memorized.items() if curves}
             if not arms:
                 continue
             slug = cell_slug(dict(cell))
@@ -219,9 +237,10 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
             paper = {row.arm: (100.0 - row.paper.value if table.unit == "accuracy" else row.paper.value)
                      for row in table.rows
                      if tuple(row.cell.items()) == cell and row.metric == "test_error" and row.paper}
-            figure = error_curves_figure(cell_label(dict(cell)), arms, paper)
+            figure = error_curves_figure(cell_label(dict(cell)), arms, paper, memorized or None)
             written.append(save_figure(figure, out / "curves" / f"{slug}.png"))
-            lines += [f"**{cell_label(dict(cell))}**", "", f"![test error per epoch](curves/{slug}.png)", ""]
+            what = "test error and memorized share" if memorized else "test error"
+            lines += [f"**{cell_label(dict(cell))}**", "", f"![{what} per epoch](curves/{slug}.png)", ""]
     lines += render_notices_markdown(report)
     index = out / "index.md"
     index.write_text("\n".join(lines), encoding="utf-8")

@@ -36,6 +36,9 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
                              "optimizer.* keys (optimizer.rho) split the optimizer column instead")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT",
                         help="also read the runs of this W&B project through the public API")
+    parser.add_argument("--show", nargs="+", default=[], metavar="KEY",
+                        help="also show these summary.json values as mean ± interval, e.g. memorized (the share "
+                             "of flipped training labels learnt, label-noise runs) or best_test_error")
     parser.add_argument("--sgd-epochs", choices=["best", "as-run"], default="best",
                         help="best (default): as the paper, where SGD-only runs at twice a cell's epochs exist, show "
                              "the SGD budget with the lower mean error; as-run: every epoch count its own cell")
@@ -67,7 +70,7 @@ def load_report(args: argparse.Namespace):
     """The runs named on the command line and their report; warnings go to stderr (shared with sam-report)."""
     runs = collect_runs(args.run_dirs, args.wandb)
     report = build_report(runs, table=args.table, group_by=args.group_by,
-                          sgd_best_of_doubled=args.sgd_epochs == "best")
+                          sgd_best_of_doubled=args.sgd_epochs == "best", extra_metrics=args.show)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return runs, report
