@@ -15,6 +15,7 @@ root config), so a refused start leaves the run directory as it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -27,9 +28,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from sam_repro.engine.distributed import read_launch_env
-from sam_repro.engine.rundir import (ABSENT, CONFIG_FILE, Change, config_changes, identity_error, override_key,
-                                     read_recorded_config, register_resolvers)
 from sam_repro.engine.provenance import redact
+from sam_repro.engine.rundir import (
+    ABSENT,
+    CONFIG_FILE,
+    LOCK_FILE,
+    Change,
+    RunDirLock,
+    config_changes,
+    identity_error,
+    override_key,
+    read_recorded_config,
+    register_resolvers,
+)
 from sam_repro.errors import ConfigError, SamReproError
 from sam_repro.run_keys import flatten, matches
 
@@ -109,7 +120,7 @@ def _remove_new_run_dir(run_dir: Path, run_root: Path) -> None:
     the runs root, so bad input leaves no run directory behind."""
     if (run_dir / CONFIG_FILE).exists() or not run_dir.is_dir():
         return
-    if any(p.name not in ("train.log", HYDRA_RECORD) for p in run_dir.iterdir()):
+    if any(p.name not in ("train.log", HYDRA_RECORD, LOCK_FILE) for p in run_dir.iterdir()):
         return
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
@@ -133,11 +144,15 @@ def _app(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.experiment = hc.runtime.choices.get("experiment")
     try:
-        cfg = resolved_config(cfg)
-        forced = check_run_identity(cfg, run_dir, list(hc.overrides.task))
-        if hc.output_subdir is None and _rank() == 0:
-            _write_hydra_record(hc, task_cfg, run_dir)
-        summary = train(cfg, run_dir, forced=[c.as_record() for c in forced])
+        # Rank 0 holds the run directory while it trains (the other ranks of a job share it).
+        with RunDirLock(run_dir) if _rank() == 0 else contextlib.nullcontext() as lock:
+            cfg = resolved_config(cfg)
+            forced = check_run_identity(cfg, run_dir, list(hc.overrides.task))
+            if _rank() == 0:
+                lock.claim()
+                if hc.output_subdir is None:
+                    _write_hydra_record(hc, task_cfg, run_dir)
+            summary = train(cfg, run_dir, forced=[c.as_record() for c in forced])
     except SamReproError as exc:
         log.error("error: %s", exc)
         if new_run and _rank() == 0:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +174,24 @@ def test_a_refused_new_run_leaves_no_directory_behind(tmp_path, override):
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert f"error: {override.split('=')[0]} must be" in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path):
+    from sam_repro.engine.rundir import RunDirLock
+    from sam_repro.errors import ConfigError
+
+    run = tmp_path / "run"
+    with RunDirLock(run) as held:
+        held.claim()
+        assert f"pid {os.getpid()}" in (run / ".lock").read_text()
+        # Another process trying the same directory (flock locks belong to the open file, so a child process
+        # is a faithful second sam-train).
+        probe = ("import sys; from sam_repro.engine.rundir import RunDirLock\n"
+                 "try:\n    RunDirLock(sys.argv[1]).__enter__()\nexcept Exception as e:\n    print(e); sys.exit(3)")
+        proc = subprocess.run([sys.executable, "-c", probe, str(run)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 3 and f"{run} is in use by sam-train pid {os.getpid()}" in proc.stdout
+    with RunDirLock(run):  # released: the next start gets it
+        pass
+    with pytest.raises(ConfigError):  # and within one process a second holder is refused as well
+        with RunDirLock(run), RunDirLock(run):
+            pass

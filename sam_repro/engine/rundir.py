@@ -14,7 +14,10 @@ written before the key existed) is compared with the value the key takes when th
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,8 @@ from sam_repro.run_keys import IDENTITY_NEUTRAL, RUN_NAME_NEUTRAL, flatten, matc
 
 MAX_NAME = 180
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
+log = logging.getLogger("sam_repro")
 
 
 def override_key(override: str) -> str:
@@ -130,3 +135,45 @@ def identity_error(run_dir: Path, changes: Sequence[Change]) -> str:
              "Train in another directory (hydra.run.dir=..., or another SAM_RUNS_DIR), or pass trainer.resume=force "
              "to continue this run with the new values (recorded in its summary.json)."]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One process per run directory
+
+
+class RunDirLock:
+    """Holds `<run_dir>/.lock` (an flock, released by the kernel however the process ends, kill -9 included) while
+    a run trains there: a second sam-train on the same directory (a job submitted twice, a sweep point started by
+    hand) stops with one line instead of both writing the same checkpoint and metrics. `claim()` then writes who
+    holds it (called once the start is accepted, so a refused start leaves the file as it was). File systems
+    without flock (some network mounts) get a warning and no lock."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.handle = None
+
+    def __enter__(self) -> RunDirLock:
+        from sam_repro.errors import ConfigError
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.run_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held until __exit__
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another sam-train"
+            self.handle.close()
+            raise ConfigError(f"{self.run_dir} is in use by {holder}: wait for that run to end (or stop it) before "
+                              "starting it again") from None
+        except OSError as exc:  # ENOLCK / EOPNOTSUPP: no flock on this file system
+            log.warning("cannot lock %s (%s); make sure no other sam-train uses this directory", self.run_dir, exc)
+        return self
+
+    def claim(self) -> None:
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"sam-train pid {os.getpid()} on {os.uname().nodename}\n")
+        self.handle.flush()
+
+    def __exit__(self, *exc_info) -> None:
+        self.handle.close()  # closing the descriptor releases the flock
