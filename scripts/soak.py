@@ -6,7 +6,7 @@ Every training run here is a small SAM run with m-groups (ResNet-8, 256 CIFAR-10
 4 epochs, one thread), started through `sam-train` exactly as a user would, so its outputs are compared with one
 uninterrupted reference run of the same command. The faults, and what "recovered" means for each:
   * kill -9 at random moments (`--kills`, at least 20): a fixed share lands while a checkpoint is being written
-    (the writes are slowed down in the child, so the kill finds the temporary file on disk), the rest after a
+    (the child holds the write half-way, so the kill finds the temporary file on disk), the rest after a
     random number of optimizer steps. Re-running the same command resumes, and the run ends with the reference
     run's metrics (epoch by epoch) and weights (bit for bit);
   * SIGTERM and SIGUSR1 delivered while a checkpoint is being written: the run stops at the next step with exit
@@ -46,7 +46,6 @@ RUN = ["model=resnet8", "dataset.train_subset=256", "dataset.test_subset=200", "
        "trainer.device=cpu", "logger.mode=disabled", "trainer.progress=log", "trainer.log_every=1"]
 TIMING = {"images_per_second", "epoch_time_s"}
 STEP_LINE = " step "  # Progress' log line for every optimizer step (trainer.log_every=1)
-SLOW_WRITE_S = 0.5  # how long a slowed checkpoint write stays half-written
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,7 +53,9 @@ SLOW_WRITE_S = 0.5  # how long a slowed checkpoint write stays half-written
 
 
 def _child(argv: list[str]) -> None:
-    """`soak.py --child FAULT ARG -- OVERRIDES...`: run sam-train in this process with FAULT planted."""
+    """`soak.py --child FAULT ARG -- OVERRIDES...`: run sam-train in this process with FAULT planted:
+    hold-write PATH (every checkpoint write stops half-written until PATH exists: a kill then lands mid-write
+    whatever the load), signal-in-write SIGNAL, enospc-at N (the Nth checkpoint write), wandb-fail-after N."""
     fault, arg, overrides = argv[0], argv[1], argv[3:]
     import torch
 
@@ -68,15 +69,16 @@ def _child(argv: list[str]) -> None:
         data = buffer.getvalue()
         f.write(data[: len(data) // 2])
         f.flush()
-        if fault == "slow-write":
-            time.sleep(float(arg))
+        if fault == "hold-write":  # wait, half-written, until the parent kills us (or PATH appears)
+            while not Path(arg).exists():
+                time.sleep(0.01)
         elif fault == "signal-in-write" and calls[0] == 1:
             os.kill(os.getpid(), signal.Signals[arg])
         elif fault == "enospc-at" and calls[0] == int(arg):
             raise OSError(28, "No space left on device")
         f.write(data[len(data) // 2:])
 
-    if fault in ("slow-write", "signal-in-write", "enospc-at"):
+    if fault in ("hold-write", "signal-in-write", "enospc-at"):
         torch.save = half_written
     elif fault == "wandb-fail-after":
         import wandb.sdk.wandb_run as wandb_run
@@ -184,7 +186,7 @@ class Soak:
             runs = self.work / f"kills{life}"
             while True:
                 mid_write = self.rng.random() < 0.4
-                fault = ("slow-write", str(SLOW_WRITE_S)) if mid_write else None
+                fault = ("hold-write", str(self.work / "never")) if mid_write else None
                 stale = set(runs.rglob(".last.pt.*.tmp"))
                 proc, log = self.launch(runs, fault=fault)
                 landed = (self._kill_in_write(proc, runs, stale) if mid_write
@@ -211,8 +213,7 @@ class Soak:
         earlier kill is not it; the child removes those at start)."""
         while proc.poll() is None:
             if set(runs.rglob(".last.pt.*.tmp")) - before:
-                time.sleep(self.rng.uniform(0, SLOW_WRITE_S / 2))  # half-written, whatever the load
-                proc.kill()
+                proc.kill()  # the writer is held half-way: the kill lands mid-write whatever the load
                 return True
             time.sleep(0.005)
         return False

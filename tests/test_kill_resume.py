@@ -2,11 +2,15 @@
 from scratch when none was written yet), and the run ends with exactly the metrics and weights of a run that was
 never interrupted.
 
-The checkpoint is written atomically (engine/checkpoint.py: temp file, fsync, os.replace), so the kills that matter
-most land while `checkpoints/.last.pt.*.tmp` exists: the test polls for that file and kills as soon as it appears.
-A temp file still on disk after the kill proves the kill landed mid-write. The other kills come after seeded random
-delays, which land in start-up (imports, data, resume, rewriting metrics.jsonl) or in an epoch. One SIGTERM among
-them stops the run gracefully mid-epoch, so the kills after it also hit a run resumed from a mid-epoch checkpoint.
+The moments are placed by what the run has done, never by the clock, so the test means the same on a loaded
+machine as on a quiet one: during start-up (as soon as the first log line appears: imports, data, resume and the
+rewrite of metrics.jsonl still to come), after a random number of optimizer steps (each step logs a line), and while
+a checkpoint is being written. For the last one the run is started through the fault harness of
+`scripts/soak.py` (`--child hold-write`), which holds every checkpoint write half-way through: the temporary file
+`checkpoints/.last.pt.*.tmp` is on disk, half-written, when the kill comes. The checkpoint is written atomically
+(engine/checkpoint.py: temp file, fsync, os.replace), so those kills must leave the previous checkpoint intact. One
+SIGTERM, after a random number of steps, stops the run gracefully mid-epoch, so the kills after it also hit a run
+resumed from a mid-epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +36,19 @@ from sam_repro.engine.rundir import run_name
 pytestmark = pytest.mark.data
 
 EPOCHS = 5
-ARGS = [*TINY, "trainer.device=cpu", f"trainer.epochs={EPOCHS}", "optimizer=sam"]
-# In order: kill -9 after a random delay ("delay") or during the first or second checkpoint the run writes
-# ("write"); SIGTERM at a random moment of training ("term"). The exit status each one ends the run with.
-MOMENTS = ("delay", "write", "term", "delay", "write", "delay", "write")
-EXIT_STATUS = {"delay": -signal.SIGKILL, "write": -signal.SIGKILL, "term": 128 + signal.SIGTERM}
+STEPS = 4 * EPOCHS  # debug=tiny: 256 examples in batches of 64
+ARGS = [*TINY, "trainer.device=cpu", f"trainer.epochs={EPOCHS}", "optimizer=sam", "trainer.progress=log",
+        "trainer.log_every=1"]
+SOAK = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
+# In order: kill -9 in start-up ("startup"), after a random number of steps ("steps") or while the first or second
+# checkpoint of the attempt is half-written ("write"); SIGTERM after a random number of steps ("term"). The exit
+# status each one ends the run with.
+MOMENTS = ("steps", "write", "term", "startup", "write", "steps", "write")
+EXIT_STATUS = {"startup": -signal.SIGKILL, "steps": -signal.SIGKILL, "write": -signal.SIGKILL,
+               "term": 128 + signal.SIGTERM}
 TRAINING = "rank(s) on cpu"  # the set-up line logged after the resume, just before the first step
+STEP_LINE = re.compile(r"epoch \d+/\d+ step \d+/\d+ ")  # one per optimizer step (trainer.log_every=1)
+HANG_GUARD_S = 1800  # only against a hung child: every wait below ends on what the run does
 RESUMED = re.compile(r"resumed from .*last\.pt at epoch (\d+), step (\d+)")
 
 
@@ -53,10 +65,15 @@ def run_dir_of(runs: Path) -> Path:
     return runs / run_name(None, ARGS) / "seed0"
 
 
-def sam_train(runs: Path, log: Path) -> subprocess.Popen:
+def sam_train(runs: Path, log: Path, hold_writes: bool = False) -> subprocess.Popen:
+    """The same command each time; with `hold_writes`, through the soak's fault harness, which holds every
+    checkpoint write half-way until the test kills the run (the file it waits for never appears)."""
+    cmd = [str(BIN / "sam-train"), *ARGS]
+    if hold_writes:
+        cmd = [sys.executable, str(SOAK), "--child", "hold-write", str(runs / "never"), "--", *ARGS]
     with open(log, "w") as out:  # the child keeps its own descriptor
-        return subprocess.Popen([str(BIN / "sam-train"), *ARGS], env={**env_for(runs), "OMP_NUM_THREADS": "1"},
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env={**env_for(runs), "OMP_NUM_THREADS": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def temp_files(ckpt_dir: Path) -> set[str]:
@@ -75,42 +92,42 @@ def checkpoint_on_disk(ckpt: Path) -> tuple[int, int] | None:
     return state["epoch"], state["step"]
 
 
-def kill_at_write(proc: subprocess.Popen, ckpt_dir: Path, nth: int, after: float, timeout: float = 120) -> None:
-    """SIGKILL `after` seconds once the nth new `.last.pt.*.tmp` of this run appears. The file lives about 12 ms
-    here (torch.save, fsync, os.replace), so a kill after 0 s finds it empty and one after a few ms written."""
-    seen, count, deadline = temp_files(ckpt_dir), 0, time.monotonic() + timeout
+def wait_for(proc: subprocess.Popen, ready) -> bool:
+    """Poll until `ready()` (True) or the run ended (False)."""
+    deadline = time.monotonic() + HANG_GUARD_S
     while proc.poll() is None and time.monotonic() < deadline:
-        new = temp_files(ckpt_dir) - seen
-        if new:
-            count, seen = count + 1, seen | new
-            if count == nth:
-                time.sleep(after)
-                proc.kill()
-                return
-        time.sleep(0.0005)
+        if ready():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def steps_logged_text(text: str) -> int:
+    return len(STEP_LINE.findall(text))
+
+
+def steps_logged(log: Path) -> int:
+    return steps_logged_text(log.read_text())
+
+
+def kill_in_write(proc: subprocess.Popen, ckpt_dir: Path) -> None:
+    """SIGKILL once this attempt's first checkpoint write is on disk, held half-written by the harness."""
+    seen = temp_files(ckpt_dir)
+    wait_for(proc, lambda: temp_files(ckpt_dir) - seen)
     proc.kill()
 
 
-def term_in_training(proc: subprocess.Popen, log: Path, after: float, timeout: float = 120) -> None:
-    """SIGTERM `after` seconds into training (StopSignal's handler is installed by then)."""
-    deadline = time.monotonic() + timeout
-    while TRAINING not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            return
-        time.sleep(0.01)
-    time.sleep(after)
-    proc.send_signal(signal.SIGTERM)
+def signal_after_steps(proc: subprocess.Popen, log: Path, steps: int, sig: int) -> None:
+    """`sig` once this attempt has logged `steps` optimizer steps (StopSignal's handler is installed by then)."""
+    if wait_for(proc, lambda: steps_logged(log) >= steps):
+        proc.send_signal(sig)
 
 
 def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp_path):
-    t0 = time.monotonic()
     reference = subprocess.run([str(BIN / "sam-train"), *ARGS], env={**env_for(tmp_path / "a"), "OMP_NUM_THREADS": "1"},
-                               capture_output=True, text=True, timeout=300)
+                               capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert reference.returncode == 0, reference.stdout + reference.stderr
-    # Delays up to 60% of a whole run reach at most an epoch or two past start-up (about 40% of a run here), so
-    # the checkpoints advance a little per attempt and the kills spread over the run instead of the first one
-    # running nearly to the end.
-    longest_delay = 0.6 * (time.monotonic() - t0)
+    assert steps_logged_text(reference.stdout + reference.stderr) == STEPS
     ref_dir = run_dir_of(tmp_path / "a")
 
     runs = tmp_path / "b"
@@ -120,21 +137,17 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp_
     attempts: list[Attempt] = []
     for i, moment in enumerate(MOMENTS):
         started_from = checkpoint_on_disk(ckpt)
-        done = started_from[0] if started_from else 0  # complete epochs
         before = temp_files(ckpt.parent)
         log = tmp_path / f"attempt{i}.log"
-        proc = sam_train(runs, log)
-        if moment == "write" and done < EPOCHS:
-            # at once the first time (certain to land mid-write), a few ms into the write afterwards
-            after = rng.uniform(0, 0.005) if any(a.moment == "write" for a in attempts) else 0.0
-            kill_at_write(proc, ckpt.parent, nth=rng.randint(1, min(2, EPOCHS - done)), after=after)
-        elif moment == "term":
-            term_in_training(proc, log, after=rng.uniform(0, 1.0))
-        else:
-            try:
-                proc.wait(timeout=rng.uniform(0.2, longest_delay))
-            except subprocess.TimeoutExpired:
+        proc = sam_train(runs, log, hold_writes=moment == "write")
+        if moment == "write":
+            kill_in_write(proc, ckpt.parent)
+        elif moment == "startup":
+            if wait_for(proc, lambda: log.read_text().strip()):  # the first log line: set-up has only begun
                 proc.kill()
+        else:  # a few steps into this attempt (of the 4 an epoch), so the kills spread over the whole run
+            sig = signal.SIGTERM if moment == "term" else signal.SIGKILL
+            signal_after_steps(proc, log, rng.randint(1, 6), sig)
         proc.wait()
         attempts.append(Attempt(moment, started_from, proc.returncode, bool(temp_files(ckpt.parent) - before),
                                 log.read_text()))
@@ -162,7 +175,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp_
     started_from = checkpoint_on_disk(ckpt)
     finished = json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
     final = subprocess.run([str(BIN / "sam-train"), *ARGS], env={**env_for(runs), "OMP_NUM_THREADS": "1"},
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     output = final.stdout + final.stderr
     assert final.returncode == 0, output
     if finished:
