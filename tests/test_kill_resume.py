@@ -143,7 +143,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp_
         if moment == "write":
             kill_in_write(proc, ckpt.parent)
         elif moment == "startup":
-            if wait_for(proc, lambda: log.read_text().strip()):  # the first log line: set-up has only begun
+            if wait_for(proc, lambda log=log: log.read_text().strip()):  # the first log line: set-up has begun
                 proc.kill()
         else:  # a few steps into this attempt (of the 4 an epoch), so the kills spread over the whole run
             sig = signal.SIGTERM if moment == "term" else signal.SIGKILL
