@@ -4,10 +4,11 @@
     sam-train -m experiment=demo optimizer=sgd,sam seed=0,1  # a sweep (each job in its own derived run dir)
     sam-train experiment=table1/wrn28_10_200ep --cfg job --resolve   # print the resolved config
 
-Bad values stop before any work with one line naming the key (`error: trainer.epochs must be >= 1 (got 0)`), and
-a start with a configuration other than the one its run directory was started with stops with one line per
-changed key (`sam_repro.engine.rundir`); a new run directory is then removed again. In a multirun, a job that
-fails that way is recorded as failed and the sweep goes on.
+Bad values and unknown keys stop before any work with one line naming the key (`error: trainer.epochs must be
+>= 1 (got 0)`; the rules are `sam_repro.engine.config.RULES`), and a start with a configuration other than the
+one its run directory was started with stops with one line per changed key (`sam_repro.engine.rundir`); a new run
+directory is then removed again. In a multirun, a job that fails that way is recorded as failed and the sweep goes
+on.
 
 Hydra's own record of a run (`.hydra/`) is written here, after those checks (`hydra.output_subdir` is null in the
 root config), so a refused start leaves the run directory as it was.
@@ -25,8 +26,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
+from sam_repro.engine.config import resolve_config, validate_config
 from sam_repro.engine.distributed import read_launch_env
 from sam_repro.engine.provenance import redact
 from sam_repro.engine.rundir import (
@@ -60,16 +61,8 @@ def _rank() -> int:
 def resolved_config(cfg: DictConfig) -> DictConfig:
     """The composed config with every interpolation resolved (what the run trains with and records) and credentials
     redacted (`engine.provenance.redact`). An interpolation that cannot be resolved is a ConfigError naming the key
-    (`dataset.label_noise must be set ...` for a preset's required value)."""
-    try:
-        container = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as exc:
-        key, message = getattr(exc, "full_key", None) or "config", str(exc).splitlines()[0]
-        if "required." in message:
-            raise ConfigError(f"{key} must be set on the command line: this preset requires it "
-                              f"(e.g. {key}=...)") from None
-        raise ConfigError(f"{key}: {message}") from None
-    resolved = OmegaConf.create(redact(container))
+    (`engine.config.resolve_config`: `dataset.label_noise must be set ...` for a preset's required value)."""
+    resolved = OmegaConf.create(redact(resolve_config(cfg)))
     OmegaConf.set_struct(resolved, True)
     return resolved
 
@@ -147,6 +140,7 @@ def _app(cfg: DictConfig) -> float | None:
         # Rank 0 holds the run directory while it trains (the other ranks of a job share it).
         with RunDirLock(run_dir) if _rank() == 0 else contextlib.nullcontext() as lock:
             cfg = resolved_config(cfg)
+            validate_config(cfg)  # types, ranges and unknown keys, before the run directory is compared
             forced = check_run_identity(cfg, run_dir, list(hc.overrides.task))
             if _rank() == 0:
                 lock.claim()

@@ -1,6 +1,7 @@
 """Shared test set-up: one torch thread per test process (the CI machine has two cores; the heavier tests run
-training subprocesses beside the test process), the skip of tests that need the real CIFAR-10, and fixtures that
-several modules use. Shared helper functions live in tests/helpers/."""
+training subprocesses beside the test process), the skip of tests that need the real CIFAR-10, fixtures that
+several modules use, and `figures`, lines a test leaves for the end of the run (how many cases a fuzz test tried),
+printed in pytest's terminal summary. Shared helper functions live in tests/helpers/."""
 
 import types
 
@@ -11,6 +12,7 @@ from helpers.checkpoints import fake_arrays
 from sam_repro.data import sources
 
 CIFAR10_MISSING = "CIFAR-10 is not prepared: run `sam-data cifar10` (make test does)"
+FIGURES = pytest.StashKey[list]()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,3 +44,17 @@ def fake_dataset(monkeypatch):
 
     monkeypatch.setattr(sources, "load_arrays", load_arrays)
     return types.SimpleNamespace(arrays=arrays, calls=calls)
+
+
+@pytest.fixture(scope="session")
+def figures(pytestconfig):
+    """`figures(line)` shows `line` in the terminal summary."""
+    return pytestconfig.stash.setdefault(FIGURES, []).append
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    lines = config.stash.get(FIGURES, [])
+    if lines:
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -117,6 +117,11 @@ def test_a_changed_value_in_an_explicit_run_dir_is_refused_before_any_work(tmp_p
         assert f"trainer.label_smoothing: 0.0 in {run}, 0.1 now" in out
         assert "trainer.resume=force" in out and "already finished" not in out
         assert fingerprint(run) == before  # config.yaml, summary.json, metrics.jsonl, checkpoint, .hydra/
+        if finished:  # a bad value is refused before the run directory is looked at, even one that changes nothing
+            proc = train(tmp_path, *RUN_ARGS, "optimizer=sam", "trainer.progress=loud", f"hydra.run.dir={run}",
+                         check=False)
+            assert proc.returncode == 2 and "error: trainer.progress must be one of" in proc.stdout + proc.stderr
+            assert "already finished" not in proc.stdout + proc.stderr and fingerprint(run) == before
 
 
 @pytest.mark.data

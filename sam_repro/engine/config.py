@@ -1,12 +1,273 @@
-"""Checks of the composed config before any work starts: one ConfigError naming the key, no traceback."""
+"""Checks of the composed config before any work starts: one ConfigError naming the key, no traceback.
+
+Two layers:
+  * `RULES`, the schema: one rule per leaf of the trainer, optimizer, schedule, dataset, augment and logger groups
+    (type, range, null or not, choices). `validate_config(cfg)` resolves the config (`resolve_config`: an
+    interpolation that does not resolve, such as a preset's required value, names its key), checks every leaf of
+    those groups against its rule, and refuses a leaf without one (`unknown key trainer.foo`, e.g. from
+    `+trainer.foo=1`) and a missing one. It needs nothing but the config: tests call it on a composed config,
+    `sam-train` before it looks at the run directory.
+  * `validate(cfg, env)`: the schema, then the constraints between keys and with the machine (`trainer.m` divides
+    the per-rank micro-batch, `trainer.sync_bn` needs GPUs, ...). The trainer calls it after `init_distributed`.
+
+A new key in one of the groups needs its rule in `RULES`, one line; tests/test_configs.py fails for any leaf of
+any option without one.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from sam_repro.data.sources import DATASETS
+from sam_repro.engine.distributed import DEVICE_SPECS, is_device_spec
 from sam_repro.errors import ConfigError
+from sam_repro.optim.factory import BASE_OPTIMIZERS, SAM_FAMILY
 
+SCHEMA_GROUPS = ("trainer", "optimizer", "schedule", "dataset", "augment", "logger")
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOAUGMENT_POLICIES = ("cifar10", "svhn", "imagenet")  # torchvision's, as sam_repro.data.autoaugment.POLICIES
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one leaf may hold. kind: int | float | bool | str | choice | floats | strings (lists of those).
+    Numbers (and list items) lie within low..high, each bound closed unless `*_open`; floats are finite."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    length: int | None = None  # lists: exactly this many items
+    valid: Callable[[object], bool] | None = None  # str: accepted values, described by `means`
+    means: str = ""
+    null: bool = False  # null is allowed
+    optional: bool = False  # absent from some options of the group (optimizer.rho: the SAM family only)
+
+    def error(self, key: str, value: object) -> str | None:
+        """The one-line refusal of `value` at `key`, or None when the rule accepts it."""
+        if value is None and self.null:
+            return None
+        expected = self._expected(value)
+        if expected is None:
+            return None
+        return f"{key} must be {expected}{' or null' if self.null else ''} (got {show(value)})"
+
+    def _expected(self, value: object) -> str | None:
+        """What `value` should have been, or None when it is accepted."""
+        kind = self.kind
+        if kind == "int":
+            if not _is_int(value):
+                return "an integer"
+            return None if self._in_range(value) else self.range()
+        if kind == "float":
+            if not _is_number(value):
+                return "a number"
+            if not math.isfinite(value):
+                return "a finite number"
+            return None if self._in_range(value) else self.range()
+        if kind == "bool":
+            return None if isinstance(value, bool) else "true or false"
+        if kind == "str" and self.valid is not None:
+            return None if self.valid(value) else self.means
+        if kind == "str":
+            return None if isinstance(value, str) else "a string"
+        if kind == "choice":
+            if any(_same(value, choice) for choice in self.choices):
+                return None
+            return "one of " + ", ".join(map(_word, self.choices))
+        if kind == "floats":
+            if (
+                isinstance(value, list)
+                and (self.length is None or len(value) == self.length)
+                and all(_is_number(v) and math.isfinite(v) and self._in_range(v) for v in value)
+            ):
+                return None
+            size = f"{self.length} " if self.length is not None else ""
+            if self.low is None and self.high is None:
+                return f"a list of {size}numbers"
+            bounds = self.range()
+            return f"a list of {size}positive numbers" if bounds == "positive" else f"a list of {size}numbers {bounds}"
+        if kind == "strings":
+            return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
+        raise AssertionError(f"unknown rule kind {kind!r}")
+
+    def _in_range(self, v: float) -> bool:
+        low_ok = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        high_ok = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return low_ok and high_ok
+
+    def range(self) -> str:
+        """`>= 1`, `positive`, `in [0, 1)`."""
+        low, high = self.low, self.high
+        if low is not None and high is not None:
+            return f"in {'(' if self.low_open else '['}{low:g}, {high:g}{')' if self.high_open else ']'}"
+        if low is not None:
+            return "positive" if low == 0 and self.low_open else f"{'>' if self.low_open else '>='} {low:g}"
+        return f"{'<' if self.high_open else '<='} {high:g}"
+
+
+def _bounds(min=None, above=None, max=None, below=None, positive=False) -> dict:
+    if positive:
+        above = 0
+    return dict(
+        low=above if above is not None else min,
+        low_open=above is not None,
+        high=below if below is not None else max,
+        high_open=below is not None,
+    )
+
+
+# Rule constructors, the vocabulary of RULES. `above` / `below` are open bounds, `min` / `max` closed ones.
+def integer(*, min=None, above=None, max=None, positive=False, null=False, optional=False) -> Rule:
+    return Rule("int", **_bounds(min, above, max, None, positive), null=null, optional=optional)
+
+
+def number(*, min=None, above=None, max=None, below=None, positive=False, null=False, optional=False) -> Rule:
+    return Rule("float", **_bounds(min, above, max, below, positive), null=null, optional=optional)
+
+
+def flag(*, optional=False) -> Rule:
+    return Rule("bool", optional=optional)
+
+
+def text(*, null=False, optional=False, valid=None, means="") -> Rule:
+    return Rule("str", valid=valid, means=means, null=null, optional=optional)
+
+
+def one_of(*choices, null=False, optional=False) -> Rule:
+    return Rule("choice", choices=choices, null=null, optional=optional)
+
+
+def numbers(*, length=None, min=None, above=None, max=None, below=None, positive=False, optional=False) -> Rule:
+    return Rule("floats", **_bounds(min, above, max, below, positive), length=length, optional=optional)
+
+
+def texts(*, optional=False) -> Rule:
+    return Rule("strings", optional=optional)
+
+
+RULES: dict[str, Rule] = {
+    # ---- trainer -------------------------------------------------------------------------------------------------
+    "trainer.name": text(),
+    "trainer.epochs": integer(min=1),
+    "trainer.epoch_scale": number(positive=True),
+    "trainer.max_steps": integer(positive=True, null=True),
+    "trainer.batch_size": integer(positive=True),
+    "trainer.eval_batch_size": integer(positive=True),
+    "trainer.eval_every": integer(min=1),
+    "trainer.m": integer(positive=True, null=True),
+    "trainer.accumulate": integer(min=1),
+    "trainer.grad_clip": number(positive=True, null=True),
+    "trainer.label_smoothing": number(min=0, below=1),
+    "trainer.precision": one_of(*PRECISIONS),
+    "trainer.device": text(valid=is_device_spec, means=DEVICE_SPECS),
+    "trainer.threads": integer(positive=True, null=True),
+    "trainer.channels_last": flag(),
+    "trainer.compile": flag(),
+    "trainer.sync_bn": flag(),
+    "trainer.deterministic": flag(),
+    "trainer.progress": one_of("auto", "bar", "log", "off"),
+    "trainer.log_every": integer(min=1),
+    "trainer.on_corrupt_checkpoint": one_of("error", "restart"),
+    "trainer.resume": one_of("auto", "force"),
+    "trainer.inject_nonfinite_at_step": integer(positive=True, null=True),
+    # ---- optimizer: sgd, then what the SAM family adds -----------------------------------------------------------
+    "optimizer.name": one_of("sgd", *SAM_FAMILY),
+    "optimizer.base": one_of(*BASE_OPTIMIZERS),
+    "optimizer.lr": number(positive=True),
+    "optimizer.momentum": number(min=0, below=1),
+    "optimizer.nesterov": flag(),
+    "optimizer.weight_decay": number(min=0),
+    "optimizer.weight_decay_mode": one_of("l2", "base_optimizer"),
+    "optimizer.betas": numbers(length=2, min=0, below=1, optional=True),  # optimizer.base=adamw only
+    "optimizer.rho": number(min=0, optional=True),
+    "optimizer.p": one_of(2, math.inf, optional=True),
+    "optimizer.adaptive": flag(optional=True),
+    "optimizer.eta": number(min=0, optional=True),
+    "optimizer.k": integer(min=1, optional=True),  # looksam
+    "optimizer.alpha": number(min=0, optional=True),  # looksam
+    # ---- schedule ------------------------------------------------------------------------------------------------
+    "schedule.name": one_of("cosine", "constant"),
+    "schedule.warmup_epochs": number(min=0),
+    "schedule.min_lr": number(min=0),
+    # ---- dataset -------------------------------------------------------------------------------------------------
+    "dataset.name": one_of(*DATASETS, "imagenet"),
+    "dataset.root": text(),
+    "dataset.num_classes": integer(min=2),
+    "dataset.in_channels": integer(positive=True),
+    "dataset.image_size": integer(positive=True),
+    "dataset.mean": numbers(min=0, max=1),
+    "dataset.std": numbers(positive=True),
+    "dataset.train_subset": integer(positive=True, null=True),
+    "dataset.subset_seed": integer(min=0),
+    "dataset.val_fraction": number(min=0, below=1),
+    "dataset.test_subset": integer(positive=True, null=True),
+    "dataset.label_noise": number(min=0, below=1),
+    "dataset.noise_seed": integer(min=0),
+    "dataset.workers": integer(min=0, optional=True),  # imagenet
+    # ---- augment -------------------------------------------------------------------------------------------------
+    "augment.name": text(),
+    "augment.crop": one_of(True, False, "inception"),
+    "augment.pad": integer(min=0),
+    "augment.pad_mode": one_of("reflect", "constant"),
+    "augment.flip": flag(),
+    "augment.cutout": integer(min=0),
+    "augment.cutout_per_image": flag(),
+    "augment.autoaugment": one_of(*AUTOAUGMENT_POLICIES, null=True),
+    "augment.crop_area": numbers(length=2, above=0, max=1, optional=True),  # imagenet
+    "augment.crop_aspect_ratio": numbers(length=2, positive=True, optional=True),  # imagenet
+    "augment.crop_attempts": integer(min=1, optional=True),  # imagenet
+    "augment.interpolation": one_of("bicubic", optional=True),  # imagenet
+    # ---- logger --------------------------------------------------------------------------------------------------
+    "logger.name": one_of("wandb", "none"),
+    "logger.mode": one_of("offline", "online", "disabled"),
+    "logger.project": text(optional=True),
+    "logger.entity": text(null=True, optional=True),
+    "logger.group": text(null=True, optional=True),
+    "logger.tags": texts(optional=True),
+    "logger.init_timeout": number(positive=True, optional=True),
+    # ---- top level -----------------------------------------------------------------------------------------------
+    "seed": integer(min=0),
+}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _same(value: object, choice: object) -> bool:
+    """Equal and of the same kind: true is not 1, 2.0 is 2."""
+    if isinstance(choice, bool) or isinstance(value, bool):
+        return value is choice
+    if _is_number(choice):
+        return _is_number(value) and value == choice
+    return type(value) is type(choice) and value == choice
+
+
+def _word(choice: object) -> str:
+    return choice if isinstance(choice, str) else show(choice)
+
+
+def show(value: object) -> str:
+    """A value as the command line writes it, on one line: 0, 1.5, inf, true, null, 'abc', [1, 2]."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    written = repr(value)
+    return written if len(written) <= 80 else written[:77] + "..."
 
 
 def _require(ok: bool, message: str) -> None:
@@ -14,47 +275,101 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _refuse(problem: str | None) -> None:
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def resolve_config(cfg: DictConfig) -> dict:
+    """`cfg` as plain containers with every interpolation resolved. One that does not resolve, or a value left
+    `???`, is a ConfigError naming the key (`dataset.label_noise must be set ...` for a preset's required value)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(f"{key} has no value (???): set it on the command line ({key}=...)") from None
+    except OmegaConfBaseException as exc:
+        key, message = getattr(exc, "full_key", None) or "config", str(exc).splitlines()[0]
+        if "required." in message:
+            raise ConfigError(
+                f"{key} must be set on the command line: this preset requires it (e.g. {key}=...)"
+            ) from None
+        raise ConfigError(f"{key}: {message}") from None
+
+
+def _unknown(key: str) -> str:
+    group, (parent, name) = key.split(".")[0], key.rsplit(".", 1)
+    siblings = [k.rsplit(".", 1)[1] for k in RULES if k.rsplit(".", 1)[0] == parent]
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
+    hint = f"did you mean {parent}.{close[0]}?" if close else "`sam-train --cfg job` prints the settings there are"
+    return f"unknown key {key}: the {group} group has no such setting ({hint})"
+
+
+def _check(node: dict, prefix: str, present: set[str]) -> None:
+    """Every leaf below `node` (a key with a rule is a leaf, whatever its value) against its rule."""
+    for name, value in node.items():
+        key = f"{prefix}.{name}"
+        if key in RULES:
+            present.add(key)
+            _refuse(RULES[key].error(key, value))
+        elif isinstance(value, dict) and value:
+            _check(value, key, present)
+        else:
+            raise ConfigError(_unknown(key))
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Every leaf of SCHEMA_GROUPS, and the top-level keys with a rule, against their rules: present unless
+    optional, and no leaf without a rule. The config resolves first (`resolve_config`)."""
+    tree = resolve_config(cfg)
+    present = {key for key in RULES if "." not in key and key in tree}
+    for key in present:
+        _refuse(RULES[key].error(key, tree[key]))
+    for group in SCHEMA_GROUPS:
+        _require(
+            isinstance(tree.get(group), dict),
+            f"{group} is not a config group here; choose one of its options ({group}=...)",
+        )
+        _check(tree[group], group, present)
+    for key, rule in RULES.items():
+        _require(key in present or rule.optional, f"{key} is missing; give it a value (+{key}=...)")
+
+
 def validate(cfg: DictConfig, env) -> None:
+    """`validate_config`, then what depends on several keys or on the machine (`env`: a DistEnv)."""
+    validate_config(cfg)
     tr, opt, ds = cfg.trainer, cfg.optimizer, cfg.dataset
-    _require(tr.epochs >= 1, f"trainer.epochs must be >= 1 (got {tr.epochs})")
-    _require(tr.epoch_scale > 0, f"trainer.epoch_scale must be > 0 (got {tr.epoch_scale})")
-    _require(tr.batch_size > 0, f"trainer.batch_size must be positive (got {tr.batch_size})")
-    _require(tr.eval_batch_size > 0, f"trainer.eval_batch_size must be positive (got {tr.eval_batch_size})")
-    _require(tr.eval_every >= 1, f"trainer.eval_every must be >= 1 (got {tr.eval_every})")
-    _require(tr.max_steps is None or tr.max_steps > 0, f"trainer.max_steps must be positive or null (got {tr.max_steps})")
-    _require(tr.accumulate >= 1, f"trainer.accumulate must be >= 1 (got {tr.accumulate})")
-    _require(tr.precision in PRECISIONS, f"trainer.precision must be one of {PRECISIONS} (got {tr.precision!r})")
-    _require(tr.grad_clip is None or tr.grad_clip > 0, f"trainer.grad_clip must be positive or null (got {tr.grad_clip})")
-    _require(0.0 <= tr.label_smoothing < 1.0, f"trainer.label_smoothing must be in [0, 1) (got {tr.label_smoothing})")
-    _require(tr.progress in ("auto", "bar", "log", "off"), f"trainer.progress must be auto, bar, log or off (got {tr.progress!r})")
-    _require(tr.on_corrupt_checkpoint in ("error", "restart"),
-             f"trainer.on_corrupt_checkpoint must be error or restart (got {tr.on_corrupt_checkpoint!r})")
-    _require(tr.get("resume", "auto") in ("auto", "force"),
-             f"trainer.resume must be auto or force (got {tr.get('resume')!r})")
-    inject = tr.get("inject_nonfinite_at_step")
-    _require(inject is None or (isinstance(inject, int) and not isinstance(inject, bool) and inject >= 1),
-             f"trainer.inject_nonfinite_at_step must be a positive step or null (got {inject!r})")
-    _require(opt.lr > 0, f"optimizer.lr must be positive (got {opt.lr})")
-    _require(opt.weight_decay >= 0, f"optimizer.weight_decay must be >= 0 (got {opt.weight_decay})")
-    if "rho" in opt and opt.name != "sgd":
-        _require(opt.rho >= 0, f"optimizer.rho must be >= 0 (got {opt.rho})")
-    if "eta" in opt and opt.name != "sgd":
-        _require(opt.eta >= 0, f"optimizer.eta must be >= 0 (got {opt.eta})")
-    _require(0.0 <= ds.label_noise < 1.0, f"dataset.label_noise must be in [0, 1) (got {ds.label_noise})")
-    _require(ds.train_subset is None or ds.train_subset > 0,
-             f"dataset.train_subset must be positive or null (got {ds.train_subset})")
+    _require(
+        not (opt.base == "sgd" and opt.nesterov) or opt.momentum > 0,
+        f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.momentum}); set "
+        "optimizer.nesterov=false for plain SGD",
+    )
+    for stat in ("mean", "std"):
+        _require(
+            len(ds[stat]) == ds.in_channels,
+            f"dataset.{stat} must have one value per channel "
+            f"(dataset.in_channels={ds.in_channels}; got {show(list(ds[stat]))})",
+        )
     world = env.world_size
-    _require(tr.batch_size % world == 0,
-             f"trainer.batch_size ({tr.batch_size}) must divide evenly over {world} ranks")
+    _require(tr.batch_size % world == 0, f"trainer.batch_size ({tr.batch_size}) must divide evenly over {world} ranks")
     per_rank = tr.batch_size // world
-    _require(per_rank % tr.accumulate == 0,
-             f"trainer.accumulate ({tr.accumulate}) must divide the per-rank batch ({per_rank})")
+    _require(
+        per_rank % tr.accumulate == 0,
+        f"trainer.accumulate ({tr.accumulate}) must divide the per-rank batch ({per_rank})",
+    )
     micro = per_rank // tr.accumulate
     if tr.m is not None:
-        _require(tr.m > 0 and micro % tr.m == 0,
-                 f"trainer.m ({tr.m}) must divide the per-rank micro-batch (batch_size / ranks / accumulate = {micro})")
+        _require(
+            micro % tr.m == 0,
+            f"trainer.m ({tr.m}) must divide the per-rank micro-batch (batch_size / ranks / accumulate = {micro})",
+        )
     if tr.sync_bn:
-        _require(env.device.type == "cuda", "trainer.sync_bn=true needs GPUs (PyTorch's SyncBatchNorm refuses CPU "
-                                            "tensors); on CPU keep the default per-device statistics")
-        _require(tr.m is None or tr.m == micro, "trainer.sync_bn=true cannot be combined with trainer.m groups "
-                                                "smaller than the per-rank batch")
+        _require(
+            env.device.type == "cuda",
+            "trainer.sync_bn=true needs GPUs (PyTorch's SyncBatchNorm refuses CPU "
+            "tensors); on CPU keep the default per-device statistics",
+        )
+        _require(
+            tr.m is None or tr.m == micro,
+            "trainer.sync_bn=true cannot be combined with trainer.m groups smaller than the per-rank batch",
+        )

@@ -230,15 +230,28 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
 # ---- device ----------------------------------------------------------------------------------------------------
 
 
+DEVICE_SPECS = "auto, cpu, cuda or cuda:N"
+
+
+def _device_spec(spec: object) -> re.Match | None:
+    """(kind, index) of a `device` value written as one of DEVICE_SPECS, else None."""
+    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", spec.strip().lower()) if isinstance(spec, str) else None
+    return None if match is None or (match.group(2) is not None and match.group(1) != "cuda") else match
+
+
+def is_device_spec(spec: object) -> bool:
+    return _device_spec(spec) is not None
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """`device` config value -> torch.device. auto: this rank's GPU if CUDA is available, else the CPU.
 
     A rank's GPU is cuda:<local rank>. When SLURM binds one GPU per task (CUDA_VISIBLE_DEVICES holds one id), every
     rank sees a single device and uses cuda:0.
     """
-    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", str(spec).strip().lower())
-    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N (got {spec!r})")
+    match = _device_spec(spec)
+    if match is None:
+        raise ConfigError(f"device must be {DEVICE_SPECS} (got {spec!r})")
     kind, index = match.group(1), match.group(2)
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
