@@ -24,6 +24,8 @@ from sam_repro.analysis.render import (
     MARKDOWN_LEGEND,
     METRIC_LABELS,
     UNIT_LABELS,
+    VALUE_COLUMNS,
+    extra_columns,
     render_notices_markdown,
     render_table_markdown,
     table_heading,
@@ -212,11 +214,12 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
         runs_by_cell.setdefault(cell, {}).setdefault(report.grouping.arm(run), []).append(run)
 
     written: list[Path] = []
+    columns = (*VALUE_COLUMNS, *extra_columns(report))
     lines = ["# SAM vs SGD: report", "", MARKDOWN_LEGEND, ""]
     slugs: set[str] = set()
     for table in report.tables:
         name = f"table{table.id}" if table.id is not None else "other"
-        lines += [f"## {table_heading(table)}", ""] + render_table_markdown(table)
+        lines += [f"## {table_heading(table)}", ""] + render_table_markdown(table, columns)
         bars = table_bars_figure(table)
         if bars is not None:
             written.append(save_figure(bars, out / "bars" / f"{name}.png"))
