@@ -6,21 +6,29 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export SAM_DATA_DIR ?= $(HOME)/.cache/sam_repro/data
 CIFAR10_READY := $(SAM_DATA_DIR)/cifar10/prepared.npz
+# `make wheelhouse` fetches wheels for this Python and glibc 2.28+ Linux x86_64 unless told otherwise, e.g.
+# `make wheelhouse WHEEL_PY=3.12 WHEEL_PLATFORM=manylinux_2_28_x86_64` for a node with Python 3.12.
+WHEEL_PY ?= $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+WHEEL_PLATFORM ?= manylinux_2_28_x86_64
 
-.PHONY: setup data demo test test-all bench clean-runs cluster-up cluster-down help
+.PHONY: setup data demo test test-all bench wheelhouse clean-runs cluster-up cluster-down help
 
 help:
 	@echo "make demo      SGD vs SAM on real CIFAR-10, sized for a CPU (sets everything up)"
 	@echo "make test      fast test suite (sets everything up)"
 	@echo "make test-all  every test, slow ones included"
 	@echo "make bench     benchmarks under benchmarks/ (results in benchmarks/results/)"
+	@echo "make wheelhouse  wheels of every dependency but PyTorch, for an offline install (WHEEL_PY=, WHEEL_PLATFORM=)"
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The tested versions come from constraints.txt; in a venv that already sees a PyTorch in range (made with
+# --system-site-packages over a node's PyTorch, say) its PyTorch block is left out, so that PyTorch stays.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python scripts/deps.py constraints $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 data: $(CIFAR10_READY)
@@ -40,6 +48,9 @@ test-all: $(STAMP) $(CIFAR10_READY)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sam_overhead.py
+
+wheelhouse:
+	$(PY) scripts/deps.py wheelhouse --dest wheelhouse --python-version $(WHEEL_PY) --platform $(WHEEL_PLATFORM)
 
 cluster-up:
 	bash scripts/slurm/local_cluster.sh up
