@@ -138,7 +138,8 @@ sys.meta_path.insert(0, Block())
 
 
 def test_the_core_imports_and_steps_with_pytorch_alone():
-    """optim, models, the step and the loaders import (and take a SAM step) where only torch and numpy exist."""
+    """optim, models, the step, the loaders and the GPU check import (and take a SAM step) where only torch and numpy
+    exist."""
     code = BLOCKER + f"BLOCKED = {BLOCKED!r}\n" + """
 import torch
 from sam_repro.data import Data, select_train_indices
@@ -153,6 +154,7 @@ from sam_repro.models import create_model
 from sam_repro.optim.factory import build_optimizer, build_schedule
 from sam_repro.optim.looksam import LookSAM
 from sam_repro.optim.sam import SAM
+import sam_repro.acceptance.run  # the GPU check, with all its parts
 model = create_model("resnet8", num_classes=10)
 opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
 images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
