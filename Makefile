@@ -6,19 +6,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export SAM_DATA_DIR ?= $(HOME)/.cache/sam_repro/data
 CIFAR10_READY := $(SAM_DATA_DIR)/cifar10/prepared.npz
+# `make demo` runs the GPU demo where CUDA is available and the CPU demo elsewhere; DEMO=cpu|gpu forces one.
+DEMO ?= auto
 # `make wheelhouse` fetches wheels for this Python and glibc 2.28+ Linux x86_64 unless told otherwise, e.g.
 # `make wheelhouse WHEEL_PY=3.12 WHEEL_PLATFORM=manylinux_2_28_x86_64` for a node with Python 3.12.
 WHEEL_PY ?= $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 WHEEL_PLATFORM ?= manylinux_2_28_x86_64
 
-.PHONY: setup data demo test test-all bench wheelhouse clean-runs cluster-up cluster-down help
+.PHONY: setup data demo test test-all bench wheelhouse gpu-check clean-runs cluster-up cluster-down help
 
 help:
-	@echo "make demo      SGD vs SAM on real CIFAR-10, sized for a CPU (sets everything up)"
+	@echo "make demo      SGD vs SAM on real CIFAR-10, sized for a GPU or a CPU, whichever is here (DEMO=cpu|gpu)"
 	@echo "make test      fast test suite (sets everything up)"
 	@echo "make test-all  every test, slow ones included"
 	@echo "make bench     benchmarks under benchmarks/ (results in benchmarks/results/)"
 	@echo "make wheelhouse  wheels of every dependency but PyTorch, for an offline install (WHEEL_PY=, WHEEL_PLATFORM=)"
+	@echo "make gpu-check   the GPU acceptance run (benchmarks/gpu_check.py; needs only PyTorch)"
 
 setup: $(STAMP)
 
@@ -37,7 +40,7 @@ $(CIFAR10_READY): | $(STAMP)
 	$(BIN)/sam-data cifar10
 
 demo: $(STAMP) $(CIFAR10_READY)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py --profile $(DEMO)
 
 # pytest exits 5 when it collects no tests: report it and count it as success rather than an obscure failure.
 test: $(STAMP) $(CIFAR10_READY)
@@ -51,6 +54,9 @@ bench: $(STAMP)
 
 wheelhouse:
 	$(PY) scripts/deps.py wheelhouse --dest wheelhouse --python-version $(WHEEL_PY) --platform $(WHEEL_PLATFORM)
+
+gpu-check:
+	$(PY) benchmarks/gpu_check.py
 
 cluster-up:
 	bash scripts/slurm/local_cluster.sh up
