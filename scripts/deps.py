@@ -96,7 +96,8 @@ def constraints_for_env(torch_version: str | None, python: tuple[int, int], path
         return [], (f"constraints.txt was resolved for Python >= {TESTED_PYTHON[0]}.{TESTED_PYTHON[1]}; on "
                     f"{python[0]}.{python[1]} pip installs within the ranges of pyproject.toml")
     if torch_version is not None and TORCH_RANGE[0] <= _release(torch_version) < TORCH_RANGE[1]:
-        return other, f"keeping this environment's torch {torch_version} (the PyTorch block of constraints.txt is left out)"
+        return other, (f"keeping this environment's torch {torch_version} (the PyTorch block of constraints.txt is "
+                       "left out)")
     return torch_block + other, "installing the tested set of constraints.txt"
 
 
@@ -104,7 +105,8 @@ def constraints_for_env(torch_version: str | None, python: tuple[int, int], path
 
 
 def target_platforms(platform: str) -> list[str]:
-    """pip takes wheels for exactly the platforms given; a node with glibc 2.28 also runs every older manylinux wheel."""
+    """pip takes wheels for exactly the platforms given; a node with glibc 2.28 also runs every older manylinux
+    wheel."""
     match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
     if not match:
         return [platform]
@@ -148,7 +150,8 @@ def stub_wheel(folder: Path, name: str, version: str) -> Path:
     dist = f"{name}-{version}"
     files = {
         f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: sam-repro\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist}.dist-info/WHEEL": ("Wheel-Version: 1.0\nGenerator: sam-repro\nRoot-Is-Purelib: true\n"
+                                    "Tag: py3-none-any\n"),
     }
     record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).decode().rstrip('=')}"
               f",{len(text.encode())}" for path, text in files.items()]

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         for path, text in outputs.items():
             current = path.read_text() if path.exists() else ""
             if current == text:
-                print(f"{path}: up to date ({len(cells['cells']) if path == args.output else len(cost['cells'])} cells)")
+                count = len(cells["cells"]) if path == args.output else len(cost["cells"])
+                print(f"{path}: up to date ({count} cells)")
                 continue
             stale = True
             sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path),

@@ -36,16 +36,19 @@ def best_rates(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
     return best
 
 
-def cost_table(cells: dict, rows: list[dict], flops: Callable[[str, int, int, int], float]) -> dict:
-    """`flops(model, image_size, in_channels, num_classes)`: FLOPs per training image, for the FLOP-ratio estimates."""
+def cost_table(cells: dict, rows: list[dict], flops: Callable[[str, int, int, int], float],
+               measured_m: Callable[[str, int], int] = lambda model, m: m) -> dict:
+    """`flops(model, image_size, in_channels, num_classes)`: FLOPs per training image, for the FLOP-ratio estimates;
+    `measured_m(model, m)`: the m the rows of `model` stand for a cell's m with (itself, but at smoke size)."""
     rates = best_rates(rows)
     out, totals = [], {}
     for name, cell in cells["cells"].items():
         data = cells["datasets"][cell["dataset"]]
         classes = 1000 if cell["dataset"] == "imagenet" else (100 if cell["dataset"] == "cifar100" else 10)
-        source_model = cell["model"] if (cell["model"], cell["optimizer"], cell["m"]) in rates \
-            else STAND_INS.get(cell["model"])
-        measured = rates.get((source_model, cell["optimizer"], cell["m"])) if source_model else None
+        own = (cell["model"], cell["optimizer"], measured_m(cell["model"], cell["m"]))
+        source_model = cell["model"] if own in rates else STAND_INS.get(cell["model"])
+        measured = rates.get((source_model, cell["optimizer"], measured_m(source_model, cell["m"]))) \
+            if source_model else None
         row = {"cell": name, "table": cell["table"], "model": cell["model"], "dataset": cell["dataset"],
                "optimizer": cell["optimizer"], "epochs": cell["epochs"], "m": cell["m"],
                "images": cell["epochs"] * data["num_train"], "images_per_second": None, "gpu_hours": None,
@@ -61,8 +64,8 @@ def cost_table(cells: dict, rows: list[dict], flops: Callable[[str, int, int, in
                                  f"({measured['precision']} {measured['mode']}) x FLOP ratio {ratio:.3f}")
             else:
                 row["source"] = f"measured ({measured['precision']} {measured['mode']})"
-            row["images_per_second"] = round(rate, 1)
-            row["gpu_hours"] = round(row["images"] / rate / 3600, 2)
+            row["images_per_second"] = float(f"{rate:.6g}")
+            row["gpu_hours"] = float(f"{row['images'] / rate / 3600:.6g}")
         out.append(row)
         table = f"table{cell['table']}"
         totals.setdefault(table, {"cells": 0, "gpu_hours": 0.0, "not_measured": 0})
@@ -70,8 +73,8 @@ def cost_table(cells: dict, rows: list[dict], flops: Callable[[str, int, int, in
         if row["gpu_hours"] is None:
             totals[table]["not_measured"] += 1
         else:
-            totals[table]["gpu_hours"] = round(totals[table]["gpu_hours"] + row["gpu_hours"], 2)
-    grand = round(sum(t["gpu_hours"] for t in totals.values()), 2)
+            totals[table]["gpu_hours"] = float(f"{totals[table]['gpu_hours'] + row['gpu_hours']:.6g}")
+    grand = float(f"{sum(t['gpu_hours'] for t in totals.values()):.6g}")
     return {"cells": out, "totals": totals, "total_gpu_hours": grand,
             "note": "one seed per cell; the paper reports means over seeds, and its SGD baseline also runs at twice "
                     "the epochs (docs/presets.md): multiply accordingly"}

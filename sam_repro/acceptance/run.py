@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time limit (default 480)")
     parser.add_argument("--smoke", action="store_true", help="the same code on a CPU at toy sizes (needs --out)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="the JSON file (the .md beside it); default benchmarks/results/gpu_check-<gpu>-<date>.json")
+                        help="the JSON file (the .md beside it); default "
+                             "benchmarks/results/gpu_check-<gpu>-<date>.json")
     parser.add_argument("--data", default=None,
                         help="a `sam-data cifar10 --export-subset N` file for the real-data part (default: the "
                              "prepared cache if there is one)")
@@ -220,7 +221,9 @@ def _main(args: argparse.Namespace) -> int:
             flops_cache[key] = throughput.flops_per_image(model, size, channels, classes, arches.get(model, ()))
         return flops_cache[key]
 
-    table = cost.cost_table(cost.load_cells(), rows, flops)
+    smoke_m = {net.model: {net.m: net.smoke_m} for net in (WRN, *OTHERS)}
+    table = cost.cost_table(cost.load_cells(), rows, flops, measured_m=(
+        lambda model, m: smoke_m.get(model, {}).get(m, m)) if smoke else (lambda model, m: m))
     report["cost"] = table
     for name, total in table["totals"].items():
         print(f"cost {name}: {total['gpu_hours']:.1f} GPU-hours for {total['cells'] - total['not_measured']} of "
@@ -237,7 +240,8 @@ def _main(args: argparse.Namespace) -> int:
         run = training.short_training(arrays, device, seconds=max(30.0, min(180.0, budget.left() - 20)), smoke=smoke)
         run["source"] = source
         report["real_data"] = run
-        print(f"real data: {run['epochs']} epochs on {run['num_train']} images: SAM - SGD = {run['sam_minus_sgd']:+.2f} "
+        print(f"real data: {run['epochs']} epochs on {run['num_train']} images: "
+              f"SAM - SGD = {run['sam_minus_sgd']:+.2f} "
               f"points of test error", flush=True)
     for skipped in budget.skipped:
         print(f"skipped: {skipped['part']}: {skipped['reason']}", flush=True)
@@ -268,7 +272,8 @@ def _rate(rows: list[dict], model: str, optimizer: str, m: int | None = None, pr
 
 
 def _faster(rows: list[dict], model: str, mode: str, than: str) -> bool:
-    a, b = _rate(rows, model, "sgd", precision="bf16", mode=mode), _rate(rows, model, "sgd", precision="bf16", mode=than)
+    a = _rate(rows, model, "sgd", precision="bf16", mode=mode)
+    b = _rate(rows, model, "sgd", precision="bf16", mode=than)
     return bool(a and b and a > b)
 
 
@@ -290,7 +295,8 @@ def _comparisons(rows: list[dict]) -> list[dict]:
             continue
         small, whole = ms[0], ms[-1]
         where = f"{model} {precision} {mode}"
-        pairs = {f"SGD with m = {small} BatchNorm groups vs the whole batch ({where})": (("sgd", small), ("sgd", whole)),
+        pairs = {f"SGD with m = {small} BatchNorm groups vs the whole batch ({where})":
+                 (("sgd", small), ("sgd", whole)),
                  f"SAM m = {small} vs SGD m = {small} ({where})": (("sam", small), ("sgd", small)),
                  f"SAM vs SGD, whole batch ({where})": (("sam", whole), ("sgd", whole))}
         for name, ((opt_a, m_a), (opt_b, m_b)) in pairs.items():
@@ -357,8 +363,8 @@ def render_markdown(report: dict) -> str:
     lines += [f"- {c['name']}: {c['ratio']:.2f}" for c in report["comparisons"]]
     lines += [f"- target {t['status']}: {t['name']} ({t['detail']})" for t in report["targets"]]
     table = report["cost"]
-    lines += ["", "## Cost on this GPU", "", table["note"] + ".", "", "| table | cells | GPU-hours | cells not measured |",
-              "|---|---|---|---|"]
+    lines += ["", "## Cost on this GPU", "", table["note"] + ".", "",
+              "| table | cells | GPU-hours | cells not measured |", "|---|---|---|---|"]
     lines += [f"| {name} | {t['cells']} | {t['gpu_hours']:.1f} | {t['not_measured']} |"
               for name, t in table["totals"].items()]
     lines += [f"| all | {sum(t['cells'] for t in table['totals'].values())} | {table['total_gpu_hours']:.1f} | |", "",
@@ -372,7 +378,8 @@ def render_markdown(report: dict) -> str:
     else:
         lines += [f"{real['model']}, {real['precision']}, batch {real['batch']}, m = {real['m']}, {real['epochs']} "
                   f"epochs on {real['num_train']} training images from {real['source']}; test error on "
-                  f"{real['num_test']} images. SAM - SGD after the last epoch: {real['sam_minus_sgd']:+.2f} points.", "",
+                  f"{real['num_test']} images. SAM - SGD after the last epoch: {real['sam_minus_sgd']:+.2f} points.",
+                  "",
                   "| epoch | SGD test error % | SAM test error % |", "|---|---|---|"]
         sgd, sam = real["runs"]["sgd"]["test_error"], real["runs"]["sam"]["test_error"]
         lines += [f"| {i + 1} | {a:.2f} | {b:.2f} |" for i, (a, b) in enumerate(zip(sgd, sam))]

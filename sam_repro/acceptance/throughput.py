@@ -76,7 +76,8 @@ class Timing:
 
 @dataclass
 class Bench:
-    """Models and compiled wrappers shared across rows, so each (network, mode) is built and compiled once."""
+    """The model (and its compiled wrapper) shared by the consecutive rows of one (network, mode), so each is built and
+    compiled once; the previous one is dropped first, so a row's peak memory is its own network's."""
 
     device: torch.device
     timing: Timing
@@ -91,6 +92,9 @@ class Bench:
         """(module, what the step calls): the same module, or its torch.compile wrapper."""
         key = (spec.model, spec.arch, spec.mode, spec.image_size, spec.num_classes)
         if key not in self._models:
+            self._models.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
             torch.manual_seed(0)
             module = create_model(spec.model, num_classes=spec.num_classes, **dict(spec.arch)).to(self.device)
             if "channels_last" in spec.mode:
@@ -181,17 +185,22 @@ class Bench:
         achieved = flops / seconds / 1e12
         loader = self.loader_seconds(spec)
         out.update({
-            "images_per_second": round(spec.batch / seconds, 1), "step_s": round(seconds, 5), "steps": steps,
-            "step_tflop": round(flops / 1e12, 4),
+            "images_per_second": _sig(spec.batch / seconds), "step_s": _sig(seconds), "steps": steps,
+            "step_tflop": _sig(flops / 1e12),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
             if self.device.type == "cuda" else None,
-            "mfu": {"datasheet": round(achieved / self.datasheet, 4) if self.datasheet else None,
-                    "measured_matmul": round(achieved / self.matmul_tflops, 4) if self.matmul_tflops else None},
-            "data_share": round(min(1.0, loader / seconds), 4) if loader is not None else None,
+            "mfu": {"datasheet": _sig(achieved / self.datasheet) if self.datasheet else None,
+                    "measured_matmul": _sig(achieved / self.matmul_tflops) if self.matmul_tflops else None},
+            "data_share": _sig(min(1.0, loader / seconds)) if loader is not None else None,
         })
         if loader is None:
             out["note"] = "fixed batch: ImageNet's data path is JPEG decoding in DataLoader workers, not measured"
         return out
+
+
+def _sig(value: float, digits: int = 6) -> float:
+    """`value` to `digits` significant digits: short in the JSON, exact enough to recompute one field from others."""
+    return float(f"{value:.{digits}g}")
 
 
 def format_row(row: dict) -> str:

@@ -23,7 +23,7 @@ from sam_repro.acceptance.common import MEAN, STD, basic_augment, synthetic_imag
 from sam_repro.data import Data
 from sam_repro.data.loader import EvalLoader, TrainLoader
 
-NUM_TRAIN, BATCH = 256, 64
+NUM_TRAIN, BATCH = 128, 64
 TIMING_KEYS = {"images_per_second", "epoch_time_s"}
 
 
@@ -32,7 +32,7 @@ def synthetic_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1
     images, labels = synthetic_images(NUM_TRAIN, 32, 3, device, seed=11)
     train = TrainLoader(images, labels, int(cfg.trainer.batch_size), basic_augment(32), seed=int(cfg.seed),
                         rank=rank, world_size=world_size)
-    test_images, test_labels = synthetic_images(128, 32, 3, device, seed=12)
+    test_images, test_labels = synthetic_images(64, 32, 3, device, seed=12)
     test = EvalLoader(test_images, test_labels, int(cfg.trainer.eval_batch_size), MEAN, STD, rank, world_size)
     return Data(train=train, test=test, val=None, num_train=NUM_TRAIN, info={"num_train": NUM_TRAIN})
 
