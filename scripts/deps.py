@@ -88,16 +88,20 @@ def installed_torch() -> str | None:
         return None
 
 
-def constraints_for_env(torch_version: str | None, python: tuple[int, int], path: Path = CONSTRAINTS
-                        ) -> tuple[list[str], str]:
+def constraints_for_env(
+    torch_version: str | None, python: tuple[int, int], path: Path = CONSTRAINTS
+) -> tuple[list[str], str]:
     """The pins to install with, and a note saying which were left out and why."""
     torch_block, other = read_blocks(path)
     if python < TESTED_PYTHON:
-        return [], (f"constraints.txt was resolved for Python >= {TESTED_PYTHON[0]}.{TESTED_PYTHON[1]}; on "
-                    f"{python[0]}.{python[1]} pip installs within the ranges of pyproject.toml")
+        return [], (
+            f"constraints.txt was resolved for Python >= {TESTED_PYTHON[0]}.{TESTED_PYTHON[1]}; on "
+            f"{python[0]}.{python[1]} pip installs within the ranges of pyproject.toml"
+        )
     if torch_version is not None and TORCH_RANGE[0] <= _release(torch_version) < TORCH_RANGE[1]:
-        return other, (f"keeping this environment's torch {torch_version} (the PyTorch block of constraints.txt is "
-                       "left out)")
+        return other, (
+            f"keeping this environment's torch {torch_version} (the PyTorch block of constraints.txt is left out)"
+        )
     return torch_block + other, "installing the tested set of constraints.txt"
 
 
@@ -150,11 +154,15 @@ def stub_wheel(folder: Path, name: str, version: str) -> Path:
     dist = f"{name}-{version}"
     files = {
         f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist}.dist-info/WHEEL": ("Wheel-Version: 1.0\nGenerator: sam-repro\nRoot-Is-Purelib: true\n"
-                                    "Tag: py3-none-any\n"),
+        f"{dist}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: sam-repro\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
-    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).decode().rstrip('=')}"
-              f",{len(text.encode())}" for path, text in files.items()]
+    record = [
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).decode().rstrip('=')}"
+        f",{len(text.encode())}"
+        for path, text in files.items()
+    ]
     files[f"{dist}.dist-info/RECORD"] = "\n".join(record + [f"{dist}.dist-info/RECORD,,"]) + "\n"
     path = folder / f"{dist}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as archive:
@@ -163,8 +171,9 @@ def stub_wheel(folder: Path, name: str, version: str) -> Path:
     return path
 
 
-def build_wheelhouse(dest: Path, python_version: str, platform: str, constraints: Path = CONSTRAINTS,
-                     project: Path = ROOT, log=print) -> list[Path]:
+def build_wheelhouse(
+    dest: Path, python_version: str, platform: str, constraints: Path = CONSTRAINTS, project: Path = ROOT, log=print
+) -> list[Path]:
     start = time.perf_counter()
     torch_block, other = read_blocks(constraints)
     dest.mkdir(parents=True, exist_ok=True)
@@ -175,32 +184,64 @@ def build_wheelhouse(dest: Path, python_version: str, platform: str, constraints
     if missing:
         log(f"wheelhouse: downloading {len(missing)} of {len(other)} packages for Python {python_version}, {platform}")
         # --no-deps: the pins are the whole closure already; it also lets pip fetch an sdist where no wheel exists.
-        _check(_pip("download", "--quiet", "--no-deps", "--prefer-binary", "--dest", str(dest), *target, *missing),
-               "pip download")
+        _check(
+            _pip("download", "--quiet", "--no-deps", "--prefer-binary", "--dest", str(dest), *target, *missing),
+            "pip download",
+        )
     for sdist in sorted([*dest.glob("*.tar.gz"), *dest.glob("*.zip")]):
         log(f"wheelhouse: building {sdist.name} into a wheel")
         before = set(dest.glob("*.whl"))
-        _check(_pip("wheel", "--quiet", "--no-deps", "--no-index", "--find-links", str(dest), "--wheel-dir",
-                    str(dest), str(sdist), offline=True), f"building {sdist.name}")
+        _check(
+            _pip(
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "--no-index",
+                "--find-links",
+                str(dest),
+                "--wheel-dir",
+                str(dest),
+                str(sdist),
+                offline=True,
+            ),
+            f"building {sdist.name}",
+        )
         built = [p.name for p in set(dest.glob("*.whl")) - before]
         if not all(name.endswith("-none-any.whl") for name in built):
-            raise DepsError(f"{sdist.name} built into {', '.join(built)}, which is for this machine only, not the "
-                            f"target: build the wheelhouse on a machine like the node")
+            raise DepsError(
+                f"{sdist.name} built into {', '.join(built)}, which is for this machine only, not the "
+                f"target: build the wheelhouse on a machine like the node"
+            )
         sdist.unlink()
 
     for old in dest.glob("sam_repro-*.whl"):
         old.unlink()
     with tempfile.TemporaryDirectory(prefix="sam-wheelhouse-src-") as src:
         # A clean copy of what the build reads, so no stale build/ folder of the checkout leaks into the wheel.
-        shutil.copytree(project / "sam_repro", Path(src) / "sam_repro",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            project / "sam_repro", Path(src) / "sam_repro", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
         for name in ("pyproject.toml", "README.md"):
             shutil.copy2(project / name, Path(src) / name)
-        _check(_pip("wheel", "--quiet", "--no-deps", "--no-index", "--find-links", str(dest), "--wheel-dir",
-                    str(dest), src, offline=True), "building the project's wheel")
+        _check(
+            _pip(
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "--no-index",
+                "--find-links",
+                str(dest),
+                "--wheel-dir",
+                str(dest),
+                src,
+                offline=True,
+            ),
+            "building the project's wheel",
+        )
 
-    forbidden = [p.name for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) in
-                 {pin(line)[0] for line in torch_block}]
+    forbidden = [
+        p.name for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) in {pin(line)[0] for line in torch_block}
+    ]
     if forbidden:
         raise DepsError(f"{dest} holds PyTorch-stack wheels ({', '.join(forbidden)}); a node brings its own")
 
@@ -210,15 +251,32 @@ def build_wheelhouse(dest: Path, python_version: str, platform: str, constraints
         pins = dict(pin(line) for line in torch_block)
         for name in STUBBED:
             stub_wheel(stubs, name, pins[name])
-        _check(_pip("install", "--dry-run", "--ignore-installed", "--no-index", "--only-binary=:all:",
-                    "--find-links", str(dest), "--find-links", str(stubs), *target, "--target", str(Path(tmp) / "t"),
-                    "sam-repro[dev,wandb-report]", offline=True),
-               f"resolving sam-repro[dev,wandb-report] from {dest} alone (a wheel is missing)")
+        _check(
+            _pip(
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--no-index",
+                "--only-binary=:all:",
+                "--find-links",
+                str(dest),
+                "--find-links",
+                str(stubs),
+                *target,
+                "--target",
+                str(Path(tmp) / "t"),
+                "sam-repro[dev,wandb-report]",
+                offline=True,
+            ),
+            f"resolving sam-repro[dev,wandb-report] from {dest} alone (a wheel is missing)",
+        )
 
     wheels = sorted(dest.glob("*.whl"))
     size = sum(p.stat().st_size for p in wheels) / 2**20
-    log(f"wheelhouse: {len(wheels)} wheels, {size:.0f} MB in {dest} ({time.perf_counter() - start:.0f} s); "
-        f"complete for Python {python_version} on {platform} beside the node's torch and torchvision")
+    log(
+        f"wheelhouse: {len(wheels)} wheels, {size:.0f} MB in {dest} ({time.perf_counter() - start:.0f} s); "
+        f"complete for Python {python_version} on {platform} beside the node's torch and torchvision"
+    )
     return wheels
 
 

@@ -21,10 +21,14 @@ BIN = Path(sys.executable).parent
 
 def fake_arrays(n_train: int = 300, n_test: int = 120) -> DatasetArrays:
     rng = np.random.default_rng(1)
-    return DatasetArrays("cifar10", 10, rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
-                         rng.integers(0, 10, n_train).astype(np.int64),
-                         rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
-                         rng.integers(0, 10, n_test).astype(np.int64))
+    return DatasetArrays(
+        "cifar10",
+        10,
+        rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, n_train).astype(np.int64),
+        rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, n_test).astype(np.int64),
+    )
 
 
 def test_export_holds_the_train_subset_and_the_first_test_images(tmp_path):
@@ -55,10 +59,19 @@ def test_a_changed_pixel_is_caught(tmp_path):
 def test_size_limit_and_bad_counts_are_one_line_errors(tmp_path):
     arrays = fake_arrays()
     assert export_size(arrays, 10_000, 2_000) <= MAX_BYTES < export_size(arrays, 12_000, 2_000)
-    big = DatasetArrays("cifar10", 10, np.zeros((13_000, 32, 32, 3), np.uint8), np.zeros(13_000, np.int64),
-                        arrays.test_images, arrays.test_labels)
-    with pytest.raises(DataError, match=r"--export-subset 13000 --test-subset 100 would write 40\.4 MB, more than "
-                                        r"the 40 MB"):
+    big = DatasetArrays(
+        "cifar10",
+        10,
+        np.zeros((13_000, 32, 32, 3), np.uint8),
+        np.zeros(13_000, np.int64),
+        arrays.test_images,
+        arrays.test_labels,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"--export-subset 13000 --test-subset 100 would write 40\.4 MB, more than "
+        r"the 40 MB",
+    ):
         export_subset(big, 13_000, 100, tmp_path / "big.npz")
     assert not (tmp_path / "big.npz").exists()
     with pytest.raises(DataError, match=r"--export-subset must be in \[1, 300\] \(got 301\)"):
@@ -75,8 +88,12 @@ def test_size_limit_and_bad_counts_are_one_line_errors(tmp_path):
 @pytest.mark.skipif(not cache_path("cifar10").exists(), reason="CIFAR-10 is not prepared (make test does)")
 def test_cli_exports_real_cifar10_within_40_mb(tmp_path):
     out = tmp_path / "cifar10-subset10000.npz"
-    result = subprocess.run([str(BIN / "sam-data"), "cifar10", "--export-subset", "10000", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(BIN / "sam-data"), "cifar10", "--export-subset", "10000", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "exported 10000 training and 2000 test images" in result.stdout
     assert out.stat().st_size <= 40_000_000
@@ -88,7 +105,11 @@ def test_cli_exports_real_cifar10_within_40_mb(tmp_path):
     assert meta["source"]["sha256"] == cache_meta["sha256"]
     json.dumps(meta)  # plain JSON metadata
 
-    too_big = subprocess.run([str(BIN / "sam-data"), "cifar10", "--export-subset", "20000", "--out",
-                              str(tmp_path / "big.npz")], capture_output=True, text=True, timeout=600)
+    too_big = subprocess.run(
+        [str(BIN / "sam-data"), "cifar10", "--export-subset", "20000", "--out", str(tmp_path / "big.npz")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert too_big.returncode == 2 and too_big.stderr.startswith("error: --export-subset 20000 --test-subset 2000")
     assert len(too_big.stderr.strip().splitlines()) == 1 and not (tmp_path / "big.npz").exists()

@@ -35,8 +35,9 @@ def test_profile_follows_cuda_unless_forced(monkeypatch):
 
 
 def test_make_demo_passes_the_profile():
-    dry = subprocess.run(["make", "-n", "demo", "DEMO=gpu", "VENV=/nonexistent"], cwd=ROOT, capture_output=True,
-                         text=True)
+    dry = subprocess.run(
+        ["make", "-n", "demo", "DEMO=gpu", "VENV=/nonexistent"], cwd=ROOT, capture_output=True, text=True
+    )
     assert "scripts/demo.py --profile gpu" in dry.stdout
     dry = subprocess.run(["make", "-n", "demo", "VENV=/nonexistent"], cwd=ROOT, capture_output=True, text=True)
     assert "scripts/demo.py --profile auto" in dry.stdout
@@ -57,13 +58,27 @@ def test_gpu_preset_is_all_clean_cifar10_on_a_wrn_in_bf16_for_minutes():
 def test_gpu_profile_code_path_at_toy_size():
     """`scripts/demo.py --profile gpu` end to end on this CPU: the GPU preset, shrunk."""
     runs = Path("runs") / f"test-demo-gpu-{uuid.uuid4().hex[:8]}"  # relative: the demo prints paths under the root
-    toy = ["trainer.device=cpu", "model.depth=10", "model.widen_factor=1", "dataset.train_subset=256",
-           "dataset.test_subset=500", "trainer.batch_size=64", "trainer.epochs=1", "trainer.eval_every=1",
-           "logger.mode=disabled", "trainer.threads=1"]
+    toy = [
+        "trainer.device=cpu",
+        "model.depth=10",
+        "model.widen_factor=1",
+        "dataset.train_subset=256",
+        "dataset.test_subset=500",
+        "trainer.batch_size=64",
+        "trainer.epochs=1",
+        "trainer.eval_every=1",
+        "logger.mode=disabled",
+        "trainer.threads=1",
+    ]
     try:
-        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--profile", "gpu", *toy],
-                                cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                                env={**os.environ, "SAM_RUNS_DIR": str(runs)})
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "demo.py"), "--profile", "gpu", *toy],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            env={**os.environ, "SAM_RUNS_DIR": str(runs)},
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "demo: the gpu profile (experiment=demo_gpu)" in result.stdout
         assert "SGD vs SAM on real CIFAR-10 (experiment=demo_gpu" in result.stdout

@@ -35,9 +35,18 @@ def test_budget_runs_what_fits_and_says_why_it_skipped():
     assert budget.skipped == [{"part": "b", "reason": "needs about 31 s, 30 s of the budget left"}]
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
-                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
-                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("Quadro X", None)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Quadro X", None),
+    ],
+)
 def test_datasheet_peak_by_name(name, peak):
     assert throughput.datasheet_peak(name) == peak
 
@@ -64,25 +73,86 @@ def test_flops_per_image_is_the_closed_form_of_the_convolutions():
 
 
 def test_cost_is_images_over_rate_with_flop_ratio_stand_ins():
-    cells = {"datasets": {"cifar10": {"num_train": 50_000, "image_size": 32, "in_channels": 3},
-                          "fashion_mnist": {"num_train": 60_000, "image_size": 28, "in_channels": 1},
-                          "imagenet": {"num_train": 1_281_167, "image_size": 224, "in_channels": 3}},
-             "cells": {"t1/a": {"table": 1, "model": "wrn28_10", "dataset": "cifar10", "optimizer": "sam",
-                                "epochs": 200, "batch_size": 256, "m": 32},
-                       "t5/b": {"table": 5, "model": "wrn28_10", "dataset": "fashion_mnist", "optimizer": "sam",
-                                "epochs": 200, "batch_size": 256, "m": 32},
-                       "t2/c": {"table": 2, "model": "resnet152", "dataset": "imagenet", "optimizer": "sgd",
-                                "epochs": 100, "batch_size": 4096, "m": 128},
-                       "t2/d": {"table": 2, "model": "resnet50", "dataset": "imagenet", "optimizer": "sam",
-                                "epochs": 100, "batch_size": 4096, "m": 128}}}
-    rows = [{"model": "wrn28_10", "optimizer": "sam", "m": 32, "images_per_second": 1000.0, "image_size": 32,
-             "precision": "bf16", "mode": "channels_last"},
-            {"model": "wrn28_10", "optimizer": "sam", "m": 32, "images_per_second": 800.0, "image_size": 32,
-             "precision": "bf16", "mode": "eager"},
-            {"model": "resnet50", "optimizer": "sgd", "m": 128, "images_per_second": 3000.0, "image_size": 224,
-             "precision": "bf16", "mode": "eager"}]
-    flops = {("wrn28_10", 32, 3): 31.0, ("wrn28_10", 28, 1): 24.0, ("resnet50", 224, 3): 12.0,
-             ("resnet152", 224, 3): 34.0}
+    cells = {
+        "datasets": {
+            "cifar10": {"num_train": 50_000, "image_size": 32, "in_channels": 3},
+            "fashion_mnist": {"num_train": 60_000, "image_size": 28, "in_channels": 1},
+            "imagenet": {"num_train": 1_281_167, "image_size": 224, "in_channels": 3},
+        },
+        "cells": {
+            "t1/a": {
+                "table": 1,
+                "model": "wrn28_10",
+                "dataset": "cifar10",
+                "optimizer": "sam",
+                "epochs": 200,
+                "batch_size": 256,
+                "m": 32,
+            },
+            "t5/b": {
+                "table": 5,
+                "model": "wrn28_10",
+                "dataset": "fashion_mnist",
+                "optimizer": "sam",
+                "epochs": 200,
+                "batch_size": 256,
+                "m": 32,
+            },
+            "t2/c": {
+                "table": 2,
+                "model": "resnet152",
+                "dataset": "imagenet",
+                "optimizer": "sgd",
+                "epochs": 100,
+                "batch_size": 4096,
+                "m": 128,
+            },
+            "t2/d": {
+                "table": 2,
+                "model": "resnet50",
+                "dataset": "imagenet",
+                "optimizer": "sam",
+                "epochs": 100,
+                "batch_size": 4096,
+                "m": 128,
+            },
+        },
+    }
+    rows = [
+        {
+            "model": "wrn28_10",
+            "optimizer": "sam",
+            "m": 32,
+            "images_per_second": 1000.0,
+            "image_size": 32,
+            "precision": "bf16",
+            "mode": "channels_last",
+        },
+        {
+            "model": "wrn28_10",
+            "optimizer": "sam",
+            "m": 32,
+            "images_per_second": 800.0,
+            "image_size": 32,
+            "precision": "bf16",
+            "mode": "eager",
+        },
+        {
+            "model": "resnet50",
+            "optimizer": "sgd",
+            "m": 128,
+            "images_per_second": 3000.0,
+            "image_size": 224,
+            "precision": "bf16",
+            "mode": "eager",
+        },
+    ]
+    flops = {
+        ("wrn28_10", 32, 3): 31.0,
+        ("wrn28_10", 28, 1): 24.0,
+        ("resnet50", 224, 3): 12.0,
+        ("resnet152", 224, 3): 34.0,
+    }
     table = cost.cost_table(cells, rows, lambda model, size, channels, classes: flops[(model, size, channels)])
     by = {c["cell"]: c for c in table["cells"]}
     assert by["t1/a"]["gpu_hours"] == pytest.approx(200 * 50_000 / 1000.0 / 3600, rel=1e-5)  # the faster row
@@ -100,27 +170,43 @@ def test_the_shipped_cells_name_only_networks_the_check_can_rate():
     timed = {run.WRN.model, *(net.model for net in run.OTHERS)}
     assert {c["model"] for c in cells.values()} <= timed | set(cost.STAND_INS)
     assert set(cost.STAND_INS.values()) <= timed
-    assert {c["m"] for c in cells.values() if c["model"] in timed | set(cost.STAND_INS)} <= \
-        {net.m for net in (run.WRN, *run.OTHERS)}
+    assert {c["m"] for c in cells.values() if c["model"] in timed | set(cost.STAND_INS)} <= {
+        net.m for net in (run.WRN, *run.OTHERS)
+    }
 
 
 def test_targets_and_comparisons_from_rows():
     def row(optimizer, m, ips, mfu=None):
-        return {"model": "wrn28_10", "optimizer": optimizer, "m": m, "precision": "bf16", "mode": "channels_last",
-                "images_per_second": ips, "mfu": {"datasheet": None, "measured_matmul": mfu}}
+        return {
+            "model": "wrn28_10",
+            "optimizer": optimizer,
+            "m": m,
+            "precision": "bf16",
+            "mode": "channels_last",
+            "images_per_second": ips,
+            "mfu": {"datasheet": None, "measured_matmul": mfu},
+        }
+
     rows = [row("sgd", 32, 1000.0, 0.55), row("sgd", 256, 1100.0), row("sam", 32, 480.0), row("sam", 256, 560.0)]
     checks = [{"name": "no synchronisation in a step", "status": "failed", "detail": "loader: synchronises"}]
     targets = {t["name"].split(" at ")[0]: t["status"] for t in run._targets(rows, checks, smoke=False)}
     assert list(targets.values()) == ["met", "not met", "not met"]  # 55% MFU; 0.48x; a synchronisation
     ratios = {c["name"].split(" (")[0]: c["ratio"] for c in run._comparisons(rows)}
-    assert ratios == {"SGD with m = 32 BatchNorm groups vs the whole batch": round(1000 / 1100, 3),
-                      "SAM m = 32 vs SGD m = 32": 0.48, "SAM vs SGD, whole batch": round(560 / 1100, 3)}
+    assert ratios == {
+        "SGD with m = 32 BatchNorm groups vs the whole batch": round(1000 / 1100, 3),
+        "SAM m = 32 vs SGD m = 32": 0.48,
+        "SAM vs SGD, whole batch": round(560 / 1100, 3),
+    }
     assert run.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
 def test_smoke_without_out_is_refused():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "--smoke needs --out FILE" in result.stderr
 
 
@@ -132,12 +218,23 @@ def smoke(tmp_path_factory) -> tuple[dict, str, Path]:
     """`gpu_check.py --smoke` once for the tests below, on a CIFAR-10 export when the data is prepared. The budget
     is set out of reach so that what runs does not depend on this machine's speed."""
     tmp = tmp_path_factory.mktemp("gpu_check")
-    args = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp / "check.json"),
-            "--budget-s", "1e9"]
+    args = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_check.py"),
+        "--smoke",
+        "--out",
+        str(tmp / "check.json"),
+        "--budget-s",
+        "1e9",
+    ]
     if cache_path("cifar10").exists():
         export = tmp / "cifar10-subset256.npz"
-        made = subprocess.run([str(BIN / "sam-data"), "cifar10", "--export-subset", "256", "--test-subset", "200",
-                               "--out", str(export)], capture_output=True, text=True, timeout=600)
+        made = subprocess.run(
+            [str(BIN / "sam-data"), "cifar10", "--export-subset", "256", "--test-subset", "200", "--out", str(export)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert made.returncode == 0, made.stderr[-2000:]
         args += ["--data", str(export)]
     result = subprocess.run(args, capture_output=True, text=True, timeout=1800, cwd=tmp)
@@ -151,8 +248,9 @@ def test_smoke_reports_every_check_and_none_fails(smoke):
 
     names = [c["name"] for c in report["correctness"]]
     assert names == [c.name for c in CHECKS]
-    assert all(set(c) >= {"name", "status", "detail"} and c["status"] in ("passed", "skipped")
-               for c in report["correctness"])
+    assert all(
+        set(c) >= {"name", "status", "detail"} and c["status"] in ("passed", "skipped") for c in report["correctness"]
+    )
     for check, result in zip(CHECKS, report["correctness"]):
         assert (result["status"] == "skipped") == check.needs_cuda, result
         assert f"check {result['status']}: {result['name']}: " in stdout
@@ -185,8 +283,12 @@ def test_smoke_throughput_rows_are_consistent(smoke):
 def test_smoke_cost_covers_tables_1_2_4_5(smoke):
     report, _, _ = smoke
     table = report["cost"]
-    assert {name: t["cells"] for name, t in table["totals"].items()} == {"table1": 60, "table2": 18, "table4": 8,
-                                                                         "table5": 16}
+    assert {name: t["cells"] for name, t in table["totals"].items()} == {
+        "table1": 60,
+        "table2": 18,
+        "table4": 8,
+        "table5": 16,
+    }
     for cell in table["cells"]:
         if cell["gpu_hours"] is not None:
             assert cell["gpu_hours"] == pytest.approx(cell["images"] / cell["images_per_second"] / 3600, rel=1e-4)
@@ -208,7 +310,13 @@ def test_smoke_writes_json_and_markdown_with_provenance(smoke):
     assert set(report["provenance"]) >= {"command", "git_commit", "packages", "machine", "time"}
     assert report["smoke"] is True and report["gpu"] == "cpu"
     md = (tmp / "check.md").read_text()
-    for heading in ("# GPU check: cpu (smoke", "## Correctness", "## Throughput", "## Cost on this GPU", "## Real data",
-                    "## Skipped"):
+    for heading in (
+        "# GPU check: cpu (smoke",
+        "## Correctness",
+        "## Throughput",
+        "## Cost on this GPU",
+        "## Real data",
+        "## Skipped",
+    ):
         assert heading in md
     assert re.search(r"\| table1 \| 60 \| [\d.]+ \| 0 \|", md)

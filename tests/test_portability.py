@@ -43,7 +43,7 @@ def test_torch_is_a_range_from_2_5_with_a_matching_torchvision():
     assert "2.5.0" in requirements["torch"] and "2.4.1" not in requirements["torch"]
     assert "2.11.0" in requirements["torch"] and "3.0.0" not in requirements["torch"]
     assert "0.20.0" in requirements["torchvision"] and "0.19.1" not in requirements["torchvision"]
-    assert not any(str(s).startswith("==") for spec in requirements.values() for s in spec)
+    assert not any(str(s).startswith("==") for name in ("torch", "torchvision") for s in requirements[name])
 
 
 def test_every_declared_dependency_is_pinned_inside_its_range():
@@ -86,18 +86,31 @@ def test_the_torch_block_holds_only_what_pytorch_alone_needs():
     others = {deps.pin(line)[0] for line in OTHER_BLOCK}
     assert {"torch", "torchvision", "triton"} <= {deps.pin(line)[0] for line in TORCH_BLOCK}
     assert not others & {"torch", "torchvision", "triton"}
-    assert {"numpy", "pillow", "hydra-core", "omegaconf", "antlr4-python3-runtime", "setuptools", "wheel",
-            "hypothesis", "ruff", "wandb-workspaces"} <= others
+    assert {
+        "numpy",
+        "pillow",
+        "hydra-core",
+        "omegaconf",
+        "antlr4-python3-runtime",
+        "setuptools",
+        "wheel",
+        "hypothesis",
+        "ruff",
+        "wandb-workspaces",
+    } <= others
 
 
-@pytest.mark.parametrize("torch_version, python, kept", [
-    ("2.11.0+cu130", (3, 12), "other"),   # a node's own build in range: keep it
-    ("2.5.0", (3, 11), "other"),
-    (None, (3, 11), "all"),               # no PyTorch: install the tested one
-    ("2.4.1", (3, 11), "all"),            # too old: replaced by the tested one
-    ("3.0.0", (3, 11), "all"),
-    ("2.11.0", (3, 10), "none"),          # the pins were resolved for 3.11+
-])
+@pytest.mark.parametrize(
+    "torch_version, python, kept",
+    [
+        ("2.11.0+cu130", (3, 12), "other"),  # a node's own build in range: keep it
+        ("2.5.0", (3, 11), "other"),
+        (None, (3, 11), "all"),  # no PyTorch: install the tested one
+        ("2.4.1", (3, 11), "all"),  # too old: replaced by the tested one
+        ("3.0.0", (3, 11), "all"),
+        ("2.11.0", (3, 10), "none"),  # the pins were resolved for 3.11+
+    ],
+)
 def test_setup_keeps_an_in_range_pytorch(torch_version, python, kept):
     pins, note = deps.constraints_for_env(torch_version, python)
     expected = {"other": OTHER_BLOCK, "all": TORCH_BLOCK + OTHER_BLOCK, "none": []}[kept]
@@ -140,7 +153,10 @@ sys.meta_path.insert(0, Block())
 def test_the_core_imports_and_steps_with_pytorch_alone():
     """optim, models, the step, the loaders and the GPU check import (and take a SAM step) where only torch and numpy
     exist."""
-    code = BLOCKER + f"BLOCKED = {BLOCKED!r}\n" + """
+    code = (
+        BLOCKER
+        + f"BLOCKED = {BLOCKED!r}\n"
+        + """
 import torch
 from sam_repro.data import Data, select_train_indices
 from sam_repro.data.augment import BatchAugment
@@ -165,6 +181,7 @@ for x, y in loader:
 assert torch.isfinite(stats.loss_sum)
 print("ok", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
 """
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -174,8 +191,13 @@ print("ok", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
 def test_the_blocker_does_block():
     """The check above would pass vacuously if the blocker let the modules through."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", BLOCKER + "import sam_repro.engine.trainer"], capture_output=True,
-                            text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKER + "import sam_repro.engine.trainer"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode != 0 and "blocked: omegaconf" in result.stderr
 
 
@@ -184,15 +206,25 @@ def test_the_blocker_does_block():
 CACHE = Path(os.environ.get("SAM_WHEELHOUSE_CACHE", "~/.cache/sam_repro/wheelhouse-test")).expanduser()
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 OFFLINE = {"PIP_CONFIG_FILE": os.devnull}
-TINY = ["model=resnet8", "dataset.train_subset=256", "dataset.test_subset=500", "trainer.batch_size=64",
-        "trainer.epochs=1", "logger.mode=disabled", "trainer.threads=1"]
+TINY = [
+    "model=resnet8",
+    "dataset.train_subset=256",
+    "dataset.test_subset=500",
+    "trainer.batch_size=64",
+    "trainer.epochs=1",
+    "logger.mode=disabled",
+    "trainer.threads=1",
+]
 
 
 def clean_env(**extra: str) -> dict:
     """The environment of a user's shell on a node: nothing pointing at this checkout or this machine's wheels."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT",
-                        "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("PYTHONPATH", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT", "VIRTUAL_ENV")
+    }
     return {**env, **extra}
 
 
@@ -202,10 +234,24 @@ def wheelhouse() -> Path:
     wheel is rebuilt every time)."""
     key = hashlib.sha256((ROOT / "constraints.txt").read_bytes()).hexdigest()[:12]
     dest = CACHE / f"py{PYTHON}-{key}"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "deps.py"), "wheelhouse", "--dest", str(dest),
-                             "--python-version", PYTHON], capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, ("building the wheelhouse needs PyPI the first time (deselect with "
-                                    f"-m 'not network'):\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "deps.py"),
+            "wheelhouse",
+            "--dest",
+            str(dest),
+            "--python-version",
+            PYTHON,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, (
+        "building the wheelhouse needs PyPI the first time (deselect with "
+        f"-m 'not network'):\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+    )
     return dest
 
 
@@ -252,13 +298,20 @@ def test_offline_install_beside_an_existing_pytorch_trains(wheelhouse, tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     exposed = torch_only_site(tmp_path / "node-pytorch")
     (site / "node-pytorch.pth").write_text(f"{exposed}\n")
     probe = "import json, torch; print(json.dumps([torch.__version__, torch.__file__]))"
-    before = json.loads(subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True,
-                                       env=clean_env()).stdout)
+    before = json.loads(
+        subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True, env=clean_env()).stdout
+    )
     assert before == [torch.__version__, str(exposed / "torch" / "__init__.py")]
     assert subprocess.run([str(python), "-c", "import omegaconf"], capture_output=True, env=clean_env()).returncode
 
@@ -267,22 +320,49 @@ def test_offline_install_beside_an_existing_pytorch_trains(wheelhouse, tmp_path)
     shutil.copytree(ROOT / "sam_repro", source / "sam_repro", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index",
-                              "--find-links", str(wheelhouse), str(source)], capture_output=True, text=True,
-                             env=clean_env(**OFFLINE), timeout=1200)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-index",
+            "--find-links",
+            str(wheelhouse),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(**OFFLINE),
+        timeout=1200,
+    )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
 
     # PyTorch stayed where it was; the rest came from the wheelhouse into the venv.
-    after = json.loads(subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True,
-                                      env=clean_env()).stdout)
+    after = json.loads(
+        subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True, env=clean_env()).stdout
+    )
     assert after == before and not (site / "torch").exists()
-    hydra_file = subprocess.run([str(python), "-c", "import hydra; print(hydra.__file__)"], capture_output=True,
-                                text=True, check=True, env=clean_env()).stdout.strip()
+    hydra_file = subprocess.run(
+        [str(python), "-c", "import hydra; print(hydra.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=clean_env(),
+    ).stdout.strip()
     assert Path(hydra_file).is_relative_to(site)
 
     runs = tmp_path / "runs"
-    train = subprocess.run([str(venv / "bin" / "sam-train"), *TINY], cwd=tmp_path, capture_output=True, text=True,
-                           env=clean_env(SAM_RUNS_DIR=str(runs)), timeout=900)
+    train = subprocess.run(
+        [str(venv / "bin" / "sam-train"), *TINY],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=clean_env(SAM_RUNS_DIR=str(runs)),
+        timeout=900,
+    )
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
     (summary_path,) = runs.rglob("summary.json")
     summary = json.loads(summary_path.read_text())

@@ -97,15 +97,16 @@ def _params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _relative_update_error(before: list[torch.Tensor], after: list[torch.Tensor], ref_before: list[torch.Tensor],
-                           ref_after: list[torch.Tensor]) -> float:
+def _relative_update_error(
+    before: list[torch.Tensor], after: list[torch.Tensor], ref_before: list[torch.Tensor], ref_after: list[torch.Tensor]
+) -> float:
     """|| (a1 - a0) - (r1 - r0) || / || r1 - r0 ||, in float64 on the CPU."""
     num = den = 0.0
     for a0, a1, r0, r1 in zip(before, after, ref_before, ref_after):
-        da = (a1.double().cpu() - a0.double().cpu())
-        dr = (r1.double().cpu() - r0.double().cpu())
+        da = a1.double().cpu() - a0.double().cpu()
+        dr = r1.double().cpu() - r0.double().cpu()
         num += float(((da - dr) ** 2).sum())
-        den += float((dr ** 2).sum())
+        den += float((dr**2).sum())
     return (num / max(den, 1e-300)) ** 0.5
 
 
@@ -126,7 +127,7 @@ def sam_equals_float64_reference(env: CheckEnv) -> tuple[str, str]:
     inputs = {"device": (x.to(env.device), y.to(env.device)), "cpu64": (x.double(), y)}
     probe = copy.deepcopy(models["cpu64"])
     nn.functional.cross_entropy(probe(x.double()), y).backward()
-    clip = 0.5 * float(torch.sqrt(sum((p.grad ** 2).sum() for p in probe.parameters())))  # binds
+    clip = 0.5 * float(torch.sqrt(sum((p.grad**2).sum() for p in probe.parameters())))  # binds
     before = {k: _params(v) for k, v in models.items()}
     for name, model in models.items():
         opt = make_optimizer("sam", model)
@@ -134,14 +135,21 @@ def sam_equals_float64_reference(env: CheckEnv) -> tuple[str, str]:
             sam_step(model, opt, *inputs[name], StepContext(group_size=m, grad_clip=clip))
     after = {k: _params(v) for k, v in models.items()}
     error = _relative_update_error(before["device"], after["device"], before["cpu64"], after["cpu64"])
-    bn = [(a.running_var.double().cpu(), b.running_var) for a, b in zip(
-        (mod for mod in models["device"].modules() if isinstance(mod, nn.BatchNorm2d)),
-        (mod for mod in models["cpu64"].modules() if isinstance(mod, nn.BatchNorm2d)))]
+    bn = [
+        (a.running_var.double().cpu(), b.running_var)
+        for a, b in zip(
+            (mod for mod in models["device"].modules() if isinstance(mod, nn.BatchNorm2d)),
+            (mod for mod in models["cpu64"].modules() if isinstance(mod, nn.BatchNorm2d)),
+        )
+    ]
     bn_error = max(float(((a - b).abs() / b.abs().clamp_min(1e-12)).max()) for a, b in bn)
     ok = error < tolerance and bn_error < tolerance
-    return _verdict(ok, f"relative update difference {error:.1e}, BatchNorm running variance {bn_error:.1e} "
-                        f"(tolerance {tolerance:g}; batch {batch}, m = {m}, 2 steps, clipped at half the gradient's "
-                        f"norm)")
+    return _verdict(
+        ok,
+        f"relative update difference {error:.1e}, BatchNorm running variance {bn_error:.1e} "
+        f"(tolerance {tolerance:g}; batch {batch}, m = {m}, 2 steps, clipped at half the gradient's "
+        f"norm)",
+    )
 
 
 def _fixed_batch_losses(env: CheckEnv, precision: str, steps: int) -> tuple[list[float], int]:
@@ -169,8 +177,11 @@ def _decreasing(env: CheckEnv, precision: str) -> tuple[str, str]:
     first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     ok = finite and last < 0.8 * first
     extra = f", {skipped} steps skipped by the scaler" if precision == "fp16" else ""
-    return _verdict(ok, f"loss {first:.3f} (first {window} of {steps} steps) -> {last:.3f} (last {window}), all "
-                        f"finite: {finite}{extra}")
+    return _verdict(
+        ok,
+        f"loss {first:.3f} (first {window} of {steps} steps) -> {last:.3f} (last {window}), all "
+        f"finite: {finite}{extra}",
+    )
 
 
 def bf16_decreasing(env: CheckEnv) -> tuple[str, str]:
@@ -208,15 +219,25 @@ def fp16_overflow_skips(env: CheckEnv) -> tuple[str, str]:
     sam_step(model, opt, x, y, ctx)
     moved = any(not torch.equal(a, b) for a, b in zip(_params(model), before))
     ok = unchanged and no_momentum and scale == 2.0**7 and moved
-    return _verdict(ok, f"parameters unchanged: {unchanged}, no momentum taken: {no_momentum}, scale 256 -> "
-                        f"{scale:g}; next step moves the weights: {moved}")
+    return _verdict(
+        ok,
+        f"parameters unchanged: {unchanged}, no momentum taken: {no_momentum}, scale 256 -> "
+        f"{scale:g}; next step moves the weights: {moved}",
+    )
 
 
 class _DropoutNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -228,8 +249,10 @@ def stochastic_draws_replayed(env: CheckEnv) -> tuple[str, str]:
     same forward without the replay differs, which shows the draws are random at all."""
     details, ok = [], True
     arch = {"depth": 20, "alpha": 12} if env.smoke else {"depth": 38, "alpha": 48}
-    for name, build in (("ShakeDrop", lambda: create_model("pyramidnet110_shakedrop", num_classes=10, **arch)),
-                        ("dropout", _DropoutNet)):
+    for name, build in (
+        ("ShakeDrop", lambda: create_model("pyramidnet110_shakedrop", num_classes=10, **arch)),
+        ("dropout", _DropoutNet),
+    ):
         torch.manual_seed(3)
         model = build().to(env.device)
         batch, m = env.batch
@@ -270,8 +293,11 @@ def compiled_equals_eager(env: CheckEnv) -> tuple[str, str]:
     sam_error = _relative_update_error(mid_compiled, _params(twin), mid_eager, _params(eager))
     graphs = _compiled_graphs() - before
     ok = sgd_error < tolerance and sam_error < tolerance and (graphs > 0 or before < 0)
-    return _verdict(ok, f"relative update difference SGD {sgd_error:.1e}, SAM {sam_error:.1e} (tolerance "
-                        f"{tolerance:g}, backend {env.compile_backend}, {graphs} graphs compiled)")
+    return _verdict(
+        ok,
+        f"relative update difference SGD {sgd_error:.1e}, SAM {sam_error:.1e} (tolerance "
+        f"{tolerance:g}, backend {env.compile_backend}, {graphs} graphs compiled)",
+    )
 
 
 def _compiled_graphs() -> int:
@@ -331,8 +357,9 @@ def autoaugment_leaves_cuda_generator(env: CheckEnv) -> tuple[str, str]:
     autoaugment_batch(images, "cifar10", torch.Generator().manual_seed(0))
     same_cuda = torch.equal(cuda_before, torch.cuda.get_rng_state())
     same_cpu = torch.equal(cpu_before, torch.get_rng_state())
-    return _verdict(same_cuda and same_cpu,
-                    f"CUDA generator untouched: {same_cuda}, CPU generator restored: {same_cpu}")
+    return _verdict(
+        same_cuda and same_cpu, f"CUDA generator untouched: {same_cuda}, CPU generator restored: {same_cpu}"
+    )
 
 
 # ---- the real trainer, in a subprocess (needs hydra-core and omegaconf) -----------------------------------------
@@ -344,8 +371,10 @@ def _trainer_worker(env: CheckEnv, mode: str, keep_cublas: bool) -> tuple[str, s
         import hydra  # noqa: F401
         import omegaconf  # noqa: F401
     except ImportError:
-        return "skipped", "needs the project installed (hydra-core, omegaconf): pip install --no-index --find-links " \
-                          "wheelhouse ."
+        return (
+            "skipped",
+            "needs the project installed (hydra-core, omegaconf): pip install --no-index --find-links wheelhouse .",
+        )
     child = dict(os.environ)
     child["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [child.get("PYTHONPATH")])])
     if keep_cublas:
@@ -354,9 +383,14 @@ def _trainer_worker(env: CheckEnv, mode: str, keep_cublas: bool) -> tuple[str, s
         child.pop("CUBLAS_WORKSPACE_CONFIG", None)
     device = "cuda" if env.cuda else "cpu"
     workdir = env.workdir / mode
-    proc = subprocess.run([sys.executable, "-m", "sam_repro.acceptance.trainer_worker", mode, str(workdir), device],
-                          capture_output=True, text=True, env=child, timeout=600)
-    result = next((line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sam_repro.acceptance.trainer_worker", mode, str(workdir), device],
+        capture_output=True,
+        text=True,
+        env=child,
+        timeout=600,
+    )
+    result = next((line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if result is None:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         error = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
@@ -394,8 +428,14 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
     SyncBatchNorm normalises locally at world size 1: this checks the conversion and the step, not the sync)."""
     import torch.distributed as dist
 
-    from sam_repro.engine.distributed import (all_reduce_mean_, all_reduce_sum, barrier, broadcast_object,
-                                              cleanup_distributed, init_distributed)
+    from sam_repro.engine.distributed import (
+        all_reduce_mean_,
+        all_reduce_sum,
+        barrier,
+        broadcast_object,
+        cleanup_distributed,
+        init_distributed,
+    )
     from sam_repro.engine.step import average_over_ranks
 
     if dist.is_available() and dist.is_initialized():
@@ -415,8 +455,11 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
         gathered: list = [None]
         dist.all_gather_object(gathered, rng)  # the trainer's checkpoint() gathers every rank's RNG states so
         back = gathered[0]
-        cpu_ok = back["cpu"].device.type == "cpu" and back["cpu"].dtype == torch.uint8 and \
-            torch.equal(back["cpu"], rng["cpu"])
+        cpu_ok = (
+            back["cpu"].device.type == "cpu"
+            and back["cpu"].dtype == torch.uint8
+            and torch.equal(back["cpu"], rng["cpu"])
+        )
         torch.set_rng_state(back["cpu"])  # what a resume does with it
         if env.cuda:
             cpu_ok &= back["cuda"].device.type == "cpu" and torch.equal(back["cuda"], rng["cuda"])
@@ -466,8 +509,10 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
 
 
 CHECKS = (
-    Check("SAM step equals a float64 CPU reference (m-groups, L2 weight decay, clipping; TF32 off)",
-          sam_equals_float64_reference),
+    Check(
+        "SAM step equals a float64 CPU reference (m-groups, L2 weight decay, clipping; TF32 off)",
+        sam_equals_float64_reference,
+    ),
     Check("bf16 SAM: finite, decreasing loss over 50 steps on a fixed batch (6 at smoke size)", bf16_decreasing),
     Check("fp16 SAM: finite, decreasing loss over 50 steps on a fixed batch (6 at smoke size)", fp16_decreasing),
     Check("fp16 with an injected overflow skips the step", fp16_overflow_skips),
@@ -476,8 +521,16 @@ CHECKS = (
     Check("no synchronisation in a step", no_synchronisation, needs_cuda=True),
     Check("AutoAugment leaves the CUDA generator alone", autoaugment_leaves_cuda_generator, needs_cuda=True),
     Check("deterministic mode on CUDA", deterministic_mode, needs_cuda=True, runs_on_cpu=True),
-    Check("resume on CUDA: checkpointed and resumed equals the uninterrupted run bitwise (deterministic)",
-          resume_equals_uninterrupted, needs_cuda=True, runs_on_cpu=True),
-    Check("DDP on one GPU: NCCL set-up, all_gather_object, broadcasts, all-reduces, SyncBatchNorm", process_group,
-          needs_cuda=True, runs_on_cpu=True),
+    Check(
+        "resume on CUDA: checkpointed and resumed equals the uninterrupted run bitwise (deterministic)",
+        resume_equals_uninterrupted,
+        needs_cuda=True,
+        runs_on_cpu=True,
+    ),
+    Check(
+        "DDP on one GPU: NCCL set-up, all_gather_object, broadcasts, all-reduces, SyncBatchNorm",
+        process_group,
+        needs_cuda=True,
+        runs_on_cpu=True,
+    ),
 )

@@ -18,12 +18,24 @@ STEPS = {"sgd": sgd_step, "sam": sam_step}
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]  # CIFAR-like; any values do for synthetic images
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float = 0.1, rho: float = 0.05,
-                   weight_decay: float = 5e-4) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, model: torch.nn.Module, lr: float = 0.1, rho: float = 0.05, weight_decay: float = 5e-4
+) -> torch.optim.Optimizer:
     """The paper's recipe (Nesterov SGD, L2 weight decay inside the ascent gradient), through the project's own
     factory: `name` is sgd or sam."""
-    cfg = SimpleNamespace(name=name, base="sgd", lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay,
-                          weight_decay_mode="l2", rho=rho, adaptive=False, eta=0.0, p=2)
+    cfg = SimpleNamespace(
+        name=name,
+        base="sgd",
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=weight_decay,
+        weight_decay_mode="l2",
+        rho=rho,
+        adaptive=False,
+        eta=0.0,
+        p=2,
+    )
     return build_optimizer(cfg, model)
 
 
@@ -35,14 +47,21 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def step_context(group_size: int, precision: str, device: torch.device, grad_clip: float | None = 5.0,
-                 scaler: torch.amp.GradScaler | None = None) -> StepContext:
-    return StepContext(group_size=group_size, grad_clip=grad_clip, autocast=autocast_for(precision, device),
-                       scaler=scaler)
+def step_context(
+    group_size: int,
+    precision: str,
+    device: torch.device,
+    grad_clip: float | None = 5.0,
+    scaler: torch.amp.GradScaler | None = None,
+) -> StepContext:
+    return StepContext(
+        group_size=group_size, grad_clip=grad_clip, autocast=autocast_for(precision, device), scaler=scaler
+    )
 
 
-def synthetic_images(n: int, size: int, channels: int, device: torch.device, classes: int = 10, seed: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_images(
+    n: int, size: int, channels: int, device: torch.device, classes: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """n uint8 images (N, C, H, W) and labels on `device`, as the device-resident loader holds a dataset."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)

@@ -36,8 +36,12 @@ def best_rates(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
     return best
 
 
-def cost_table(cells: dict, rows: list[dict], flops: Callable[[str, int, int, int], float],
-               measured_m: Callable[[str, int], int] = lambda model, m: m) -> dict:
+def cost_table(
+    cells: dict,
+    rows: list[dict],
+    flops: Callable[[str, int, int, int], float],
+    measured_m: Callable[[str, int], int] = lambda model, m: m,
+) -> dict:
     """`flops(model, image_size, in_channels, num_classes)`: FLOPs per training image, for the FLOP-ratio estimates;
     `measured_m(model, m)`: the m the rows of `model` stand for a cell's m with (itself, but at smoke size)."""
     rates = best_rates(rows)
@@ -47,21 +51,34 @@ def cost_table(cells: dict, rows: list[dict], flops: Callable[[str, int, int, in
         classes = 1000 if cell["dataset"] == "imagenet" else (100 if cell["dataset"] == "cifar100" else 10)
         own = (cell["model"], cell["optimizer"], measured_m(cell["model"], cell["m"]))
         source_model = cell["model"] if own in rates else STAND_INS.get(cell["model"])
-        measured = rates.get((source_model, cell["optimizer"], measured_m(source_model, cell["m"]))) \
-            if source_model else None
-        row = {"cell": name, "table": cell["table"], "model": cell["model"], "dataset": cell["dataset"],
-               "optimizer": cell["optimizer"], "epochs": cell["epochs"], "m": cell["m"],
-               "images": cell["epochs"] * data["num_train"], "images_per_second": None, "gpu_hours": None,
-               "source": "not measured"}
+        measured = (
+            rates.get((source_model, cell["optimizer"], measured_m(source_model, cell["m"]))) if source_model else None
+        )
+        row = {
+            "cell": name,
+            "table": cell["table"],
+            "model": cell["model"],
+            "dataset": cell["dataset"],
+            "optimizer": cell["optimizer"],
+            "epochs": cell["epochs"],
+            "m": cell["m"],
+            "images": cell["epochs"] * data["num_train"],
+            "images_per_second": None,
+            "gpu_hours": None,
+            "source": "not measured",
+        }
         if measured is not None:
             rate = measured["images_per_second"]
             same_input = (measured["image_size"], 3) == (data["image_size"], data["in_channels"])
             if source_model != cell["model"] or not same_input:
                 ratio = flops(source_model, measured["image_size"], 3, classes) / flops(
-                    cell["model"], data["image_size"], data["in_channels"], classes)
+                    cell["model"], data["image_size"], data["in_channels"], classes
+                )
                 rate *= ratio
-                row["source"] = (f"estimated: {source_model} at {measured['image_size']} px measured "
-                                 f"({measured['precision']} {measured['mode']}) x FLOP ratio {ratio:.3f}")
+                row["source"] = (
+                    f"estimated: {source_model} at {measured['image_size']} px measured "
+                    f"({measured['precision']} {measured['mode']}) x FLOP ratio {ratio:.3f}"
+                )
             else:
                 row["source"] = f"measured ({measured['precision']} {measured['mode']})"
             row["images_per_second"] = float(f"{rate:.6g}")
@@ -75,6 +92,10 @@ def cost_table(cells: dict, rows: list[dict], flops: Callable[[str, int, int, in
         else:
             totals[table]["gpu_hours"] = float(f"{totals[table]['gpu_hours'] + row['gpu_hours']:.6g}")
     grand = float(f"{sum(t['gpu_hours'] for t in totals.values()):.6g}")
-    return {"cells": out, "totals": totals, "total_gpu_hours": grand,
-            "note": "one seed per cell; the paper reports means over seeds, and its SGD baseline also runs at twice "
-                    "the epochs (docs/presets.md): multiply accordingly"}
+    return {
+        "cells": out,
+        "totals": totals,
+        "total_gpu_hours": grand,
+        "note": "one seed per cell; the paper reports means over seeds, and its SGD baseline also runs at twice "
+        "the epochs (docs/presets.md): multiply accordingly",
+    }

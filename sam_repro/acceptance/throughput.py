@@ -23,8 +23,17 @@ from sam_repro.models import create_model
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s. Longest name first when matching.
 DATASHEET_BF16_TFLOPS = {
-    "H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100": 989.0, "H800": 989.0,
-    "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "GH200": 989.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
 }
 
 
@@ -100,8 +109,9 @@ class Bench:
             if "channels_last" in spec.mode:
                 module = module.to(memory_format=torch.channels_last)
             # dynamic=False: one graph per batch shape, as a training run (one shape) gets, not a dynamic one
-            called = torch.compile(module, backend=self.compile_backend, dynamic=False) if "compile" in spec.mode \
-                else module
+            called = (
+                torch.compile(module, backend=self.compile_backend, dynamic=False) if "compile" in spec.mode else module
+            )
             self._models[key] = (module, called)
         return self._models[key]
 
@@ -143,11 +153,24 @@ class Bench:
         return self._flops[key]
 
     def row(self, spec: RowSpec) -> dict:
-        out = {"model": spec.model, "arch": dict(spec.arch), "optimizer": spec.optimizer, "m": spec.m,
-               "precision": spec.precision, "mode": spec.mode, "batch": spec.batch, "image_size": spec.image_size,
-               "images_per_second": None, "step_s": None, "peak_memory_gb": None,
-               "mfu": {"datasheet": None, "measured_matmul": None}, "step_tflop": None, "data_share": None,
-               "steps": 0, "note": None}
+        out = {
+            "model": spec.model,
+            "arch": dict(spec.arch),
+            "optimizer": spec.optimizer,
+            "m": spec.m,
+            "precision": spec.precision,
+            "mode": spec.mode,
+            "batch": spec.batch,
+            "image_size": spec.image_size,
+            "images_per_second": None,
+            "step_s": None,
+            "peak_memory_gb": None,
+            "mfu": {"datasheet": None, "measured_matmul": None},
+            "step_tflop": None,
+            "data_share": None,
+            "steps": 0,
+            "note": None,
+        }
         if self.device.type == "cuda":
             set_tf32(spec.precision == "tf32")
         try:
@@ -168,8 +191,9 @@ class Bench:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             steps, start = 0, time.perf_counter()
-            while steps < self.timing.min_steps or (steps < self.timing.max_steps and
-                                                     time.perf_counter() - start < self.timing.min_seconds):
+            while steps < self.timing.min_steps or (
+                steps < self.timing.max_steps and time.perf_counter() - start < self.timing.min_seconds
+            ):
                 run_step(called)
                 steps += 1
             sync(self.device)
@@ -184,15 +208,22 @@ class Bench:
                 set_tf32(False)
         achieved = flops / seconds / 1e12
         loader = self.loader_seconds(spec)
-        out.update({
-            "images_per_second": _sig(spec.batch / seconds), "step_s": _sig(seconds), "steps": steps,
-            "step_tflop": _sig(flops / 1e12),
-            "peak_memory_gb": round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
-            if self.device.type == "cuda" else None,
-            "mfu": {"datasheet": _sig(achieved / self.datasheet) if self.datasheet else None,
-                    "measured_matmul": _sig(achieved / self.matmul_tflops) if self.matmul_tflops else None},
-            "data_share": _sig(min(1.0, loader / seconds)) if loader is not None else None,
-        })
+        out.update(
+            {
+                "images_per_second": _sig(spec.batch / seconds),
+                "step_s": _sig(seconds),
+                "steps": steps,
+                "step_tflop": _sig(flops / 1e12),
+                "peak_memory_gb": round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
+                if self.device.type == "cuda"
+                else None,
+                "mfu": {
+                    "datasheet": _sig(achieved / self.datasheet) if self.datasheet else None,
+                    "measured_matmul": _sig(achieved / self.matmul_tflops) if self.matmul_tflops else None,
+                },
+                "data_share": _sig(min(1.0, loader / seconds)) if loader is not None else None,
+            }
+        )
         if loader is None:
             out["note"] = "fixed batch: ImageNet's data path is JPEG decoding in DataLoader workers, not measured"
         return out

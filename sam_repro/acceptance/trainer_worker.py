@@ -30,8 +30,15 @@ TIMING_KEYS = {"images_per_second", "epoch_time_s"}
 def synthetic_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> Data:
     """Stands in for `build_data`: random uint8 images on the device, the trainer's own loaders around them."""
     images, labels = synthetic_images(NUM_TRAIN, 32, 3, device, seed=11)
-    train = TrainLoader(images, labels, int(cfg.trainer.batch_size), basic_augment(32), seed=int(cfg.seed),
-                        rank=rank, world_size=world_size)
+    train = TrainLoader(
+        images,
+        labels,
+        int(cfg.trainer.batch_size),
+        basic_augment(32),
+        seed=int(cfg.seed),
+        rank=rank,
+        world_size=world_size,
+    )
     test_images, test_labels = synthetic_images(64, 32, 3, device, seed=12)
     test = EvalLoader(test_images, test_labels, int(cfg.trainer.eval_batch_size), MEAN, STD, rank, world_size)
     return Data(train=train, test=test, val=None, num_train=NUM_TRAIN, info={"num_train": NUM_TRAIN})
@@ -41,17 +48,33 @@ def compose(device: str, *extra: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    overrides = ["model=resnet8", "optimizer=sam", f"trainer.device={device}", "trainer.deterministic=true",
-                 f"trainer.batch_size={BATCH}", "trainer.m=32", "trainer.epochs=2", "trainer.grad_clip=5.0",
-                 "trainer.eval_batch_size=128", "trainer.progress=off", "logger=none", *extra]
+    overrides = [
+        "model=resnet8",
+        "optimizer=sam",
+        f"trainer.device={device}",
+        "trainer.deterministic=true",
+        f"trainer.batch_size={BATCH}",
+        "trainer.m=32",
+        "trainer.epochs=2",
+        "trainer.grad_clip=5.0",
+        "trainer.eval_batch_size=128",
+        "trainer.progress=off",
+        "logger=none",
+        *extra,
+    ]
     with initialize_config_module("sam_repro.configs", version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
 
 
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
-            a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -78,9 +101,11 @@ def run(mode: str, workdir: Path, device: str) -> dict:
 
     if mode == "deterministic":
         summary = trainer.train(compose(device, "trainer.epochs=1", "trainer.max_steps=2"), workdir / "run")
-        return {"ok": summary["status"] == "finished",
-                "detail": f"2 steps with trainer.deterministic=true on {device}: {summary['status']} "
-                          f"(CUBLAS_WORKSPACE_CONFIG afterwards: {os.environ.get('CUBLAS_WORKSPACE_CONFIG')})"}
+        return {
+            "ok": summary["status"] == "finished",
+            "detail": f"2 steps with trainer.deterministic=true on {device}: {summary['status']} "
+            f"(CUBLAS_WORKSPACE_CONFIG afterwards: {os.environ.get('CUBLAS_WORKSPACE_CONFIG')})",
+        }
 
     steps_per_epoch = NUM_TRAIN // BATCH
     whole, parted = workdir / "uninterrupted", workdir / "resumed"
@@ -96,9 +121,16 @@ def run(mode: str, workdir: Path, device: str) -> dict:
     same["metrics"] = _metrics(whole) == _metrics(parted)
     ok = resumed and all(same.values())
     differ = [k for k, v in same.items() if not v]
-    return {"ok": ok, "detail": f"resumed from the epoch-1 checkpoint: {resumed}; "
-                                + ("weights, optimizer state, RNG states and metrics equal bitwise"
-                                   if not differ else f"differ: {', '.join(differ)}") + f" (on {device})"}
+    return {
+        "ok": ok,
+        "detail": f"resumed from the epoch-1 checkpoint: {resumed}; "
+        + (
+            "weights, optimizer state, RNG states and metrics equal bitwise"
+            if not differ
+            else f"differ: {', '.join(differ)}"
+        )
+        + f" (on {device})",
+    }
 
 
 def main(argv: list[str]) -> int:

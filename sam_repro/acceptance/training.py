@@ -51,15 +51,22 @@ def short_training(arrays: DatasetArrays, device: torch.device, seconds: float, 
     """SGD, then SAM, for the same number of epochs; returns the per-epoch test errors and the timing."""
     model_name, arch = ("resnet8", {}) if smoke else ("wrn16_4", {})
     if smoke:  # a few hundred images: the code path, not a result
-        arrays = DatasetArrays(arrays.name, arrays.num_classes, arrays.train_images[:256], arrays.train_labels[:256],
-                               arrays.test_images[:200], arrays.test_labels[:200])
+        arrays = DatasetArrays(
+            arrays.name,
+            arrays.num_classes,
+            arrays.train_images[:256],
+            arrays.train_labels[:256],
+            arrays.test_images[:200],
+            arrays.test_labels[:200],
+        )
     batch, m, precision = (64, 32, "bf16")
     mean, std = _channel_stats(arrays.train_images[:10_000])
     augment = BatchAugment({"crop": True, "pad": 4, "flip": True}, mean, std, arrays.train_images.shape[1:3])
     images = to_device_uint8(arrays.train_images, device)
     labels = torch.from_numpy(arrays.train_labels).to(device)
-    test = EvalLoader(to_device_uint8(arrays.test_images, device), torch.from_numpy(arrays.test_labels).to(device),
-                      1000, mean, std)
+    test = EvalLoader(
+        to_device_uint8(arrays.test_images, device), torch.from_numpy(arrays.test_labels).to(device), 1000, mean, std
+    )
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend="gloo", launcher="single")
     if not smoke:
         batch = 256
@@ -71,8 +78,12 @@ def short_training(arrays: DatasetArrays, device: torch.device, seconds: float, 
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(optimizer_name, model)
-        schedule = build_schedule(SimpleNamespace(name="cosine", warmup_epochs=0.0, min_lr=0.0), optimizer,
-                                  epochs * steps_per_epoch, steps_per_epoch)
+        schedule = build_schedule(
+            SimpleNamespace(name="cosine", warmup_epochs=0.0, min_lr=0.0),
+            optimizer,
+            epochs * steps_per_epoch,
+            steps_per_epoch,
+        )
         loader = TrainLoader(images, labels, batch, augment, seed=0)
         ctx = step_context(m, precision, device)
         errors, start = [], time.perf_counter()
@@ -99,6 +110,14 @@ def short_training(arrays: DatasetArrays, device: torch.device, seconds: float, 
         per_epoch = 1.5 * per_sam_step * steps_per_epoch  # SGD costs about half a SAM step
         epochs = max(1, min(30, math.floor(seconds / per_epoch)))
     results = {name: run(name, epochs) for name in ("sgd", "sam")}
-    return {"model": model_name, "precision": precision, "batch": batch, "m": m, "epochs": epochs,
-            "num_train": int(len(arrays.train_labels)), "num_test": int(len(arrays.test_labels)), "runs": results,
-            "sam_minus_sgd": round(results["sam"]["test_error"][-1] - results["sgd"]["test_error"][-1], 2)}
+    return {
+        "model": model_name,
+        "precision": precision,
+        "batch": batch,
+        "m": m,
+        "epochs": epochs,
+        "num_train": int(len(arrays.train_labels)),
+        "num_test": int(len(arrays.test_labels)),
+        "runs": results,
+        "sam_minus_sgd": round(results["sam"]["test_error"][-1] - results["sgd"]["test_error"][-1], 2),
+    }

@@ -31,31 +31,44 @@ def export_size(arrays: DatasetArrays, n_train: int, n_test: int) -> int:
     return (n_train + n_test) * (per_image + 1) + n_train * 8
 
 
-def export_subset(arrays: DatasetArrays, n_train: int, n_test: int, path: Path, subset_seed: int = 0,
-                  source: dict | None = None) -> dict:
+def export_subset(
+    arrays: DatasetArrays, n_train: int, n_test: int, path: Path, subset_seed: int = 0, source: dict | None = None
+) -> dict:
     """Write the extract atomically; returns its metadata. DataError (naming the options) if it would not fit."""
     if not 0 < n_test <= len(arrays.test_labels):
         raise DataError(f"--test-subset must be in [1, {len(arrays.test_labels)}] (got {n_test})")
     size = export_size(arrays, n_train, n_test)
     if size > MAX_BYTES:
-        raise DataError(f"--export-subset {n_train} --test-subset {n_test} would write {size / 1e6:.1f} MB, more than "
-                        f"the {MAX_BYTES / 1e6:.0f} MB an export may take: choose fewer images")
+        raise DataError(
+            f"--export-subset {n_train} --test-subset {n_test} would write {size / 1e6:.1f} MB, more than "
+            f"the {MAX_BYTES / 1e6:.0f} MB an export may take: choose fewer images"
+        )
     try:
         train_idx, _ = select_train_indices(len(arrays.train_labels), 0.0, n_train, subset_seed)
     except Exception as exc:  # ConfigError naming dataset.train_subset: say it in this command's words
         raise DataError(f"--export-subset must be in [1, {len(arrays.train_labels)}] (got {n_train})") from exc
-    splits = Splits(arrays.train_images[train_idx], arrays.train_labels[train_idx].astype(np.uint8),
-                    arrays.test_images[:n_test], arrays.test_labels[:n_test].astype(np.uint8))
-    meta = {"format": EXPORT_FORMAT, "dataset": arrays.name, "num_classes": arrays.num_classes,
-            "num_train": n_train, "num_test": n_test, "subset_seed": subset_seed, "sha256": splits_sha256(splits),
-            "source": source or {}}
+    splits = Splits(
+        arrays.train_images[train_idx],
+        arrays.train_labels[train_idx].astype(np.uint8),
+        arrays.test_images[:n_test],
+        arrays.test_labels[:n_test].astype(np.uint8),
+    )
+    meta = {
+        "format": EXPORT_FORMAT,
+        "dataset": arrays.name,
+        "num_classes": arrays.num_classes,
+        "num_train": n_train,
+        "num_test": n_test,
+        "subset_seed": subset_seed,
+        "sha256": splits_sha256(splits),
+        "source": source or {},
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f"{path.name}.part-{os.getpid()}")
     try:
         with open(part, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), train_indices=train_idx.astype(np.int64),
-                     **splits._asdict())
+            np.savez(f, meta=np.array(json.dumps(meta)), train_indices=train_idx.astype(np.int64), **splits._asdict())
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
@@ -70,13 +83,16 @@ def read_export(path: Path) -> tuple[DatasetArrays, dict]:
             meta = json.loads(str(npz["meta"]))
             splits = Splits(*(npz[key] for key in SPLIT_KEYS))
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist: write it with `sam-data cifar10 --export-subset N --out {path}`") \
-            from None
+        raise DataError(
+            f"{path} does not exist: write it with `sam-data cifar10 --export-subset N --out {path}`"
+        ) from None
     except Exception as exc:
         raise DataError(f"{path} is not a sam-data export ({type(exc).__name__}: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise DataError(f"{path}: export format {meta.get('format') if isinstance(meta, dict) else None}, "
-                        f"expected {EXPORT_FORMAT}: export it again")
+        raise DataError(
+            f"{path}: export format {meta.get('format') if isinstance(meta, dict) else None}, "
+            f"expected {EXPORT_FORMAT}: export it again"
+        )
     if not isinstance(meta.get("sha256"), dict) or set(meta["sha256"]) != set(SPLIT_KEYS):
         raise DataError(f"{path}: its metadata does not record a checksum for every array: export it again")
     verify_sha256(splits, meta["sha256"], str(path))
