@@ -143,6 +143,25 @@ def _check(result: subprocess.CompletedProcess, what: str) -> None:
         raise DepsError(f"{what} failed:\n{tail}")
 
 
+def _build_wheel(source: str, dest: Path, what: str) -> None:
+    """A wheel of `source` (an sdist or a project folder) into `dest`, its build requirements from `dest` alone."""
+    _check(
+        _pip(
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--find-links",
+            str(dest),
+            "--wheel-dir",
+            str(dest),
+            source,
+            offline=True,
+        ),
+        what,
+    )
+
+
 def _wheel_pin(path: Path) -> tuple[str, str]:
     """`numpy-2.4.6-cp312-cp312-manylinux_2_28_x86_64.whl` -> ("numpy", "2.4.6")."""
     name, version = path.name.split("-")[:2]
@@ -191,21 +210,7 @@ def build_wheelhouse(
     for sdist in sorted([*dest.glob("*.tar.gz"), *dest.glob("*.zip")]):
         log(f"wheelhouse: building {sdist.name} into a wheel")
         before = set(dest.glob("*.whl"))
-        _check(
-            _pip(
-                "wheel",
-                "--quiet",
-                "--no-deps",
-                "--no-index",
-                "--find-links",
-                str(dest),
-                "--wheel-dir",
-                str(dest),
-                str(sdist),
-                offline=True,
-            ),
-            f"building {sdist.name}",
-        )
+        _build_wheel(str(sdist), dest, f"building {sdist.name}")
         built = [p.name for p in set(dest.glob("*.whl")) - before]
         if not all(name.endswith("-none-any.whl") for name in built):
             raise DepsError(
@@ -223,21 +228,7 @@ def build_wheelhouse(
         )
         for name in ("pyproject.toml", "README.md"):
             shutil.copy2(project / name, Path(src) / name)
-        _check(
-            _pip(
-                "wheel",
-                "--quiet",
-                "--no-deps",
-                "--no-index",
-                "--find-links",
-                str(dest),
-                "--wheel-dir",
-                str(dest),
-                src,
-                offline=True,
-            ),
-            "building the project's wheel",
-        )
+        _build_wheel(src, dest, "building the project's wheel")
 
     forbidden = [
         p.name for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) in {pin(line)[0] for line in torch_block}
