@@ -7,18 +7,27 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export SAM_DATA_DIR ?= $(HOME)/.cache/sam_repro/data
 CIFAR10_READY := $(SAM_DATA_DIR)/cifar10/prepared.npz
+# `make demo` runs the GPU demo where CUDA is available and the CPU demo elsewhere; DEMO=cpu|gpu forces one.
+DEMO ?= auto
+# `make wheelhouse` fetches wheels for this Python and glibc 2.28+ Linux x86_64 unless told otherwise, e.g.
+# `make wheelhouse WHEEL_PY=3.12 WHEEL_PLATFORM=manylinux_2_28_x86_64` for a node with Python 3.12.
+WHEEL_PY ?= $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+WHEEL_PLATFORM ?= manylinux_2_28_x86_64
 
-.PHONY: help setup data demo test test-all lint format bench cluster-up cluster-down clean-runs
+.PHONY: help setup data demo test test-all lint format bench wheelhouse gpu-check cluster-up cluster-down clean-runs
 
 help: ## this list
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z-]*:.*## / { printf "make %-13s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 setup: $(STAMP) ## create .venv and install the package with its dev tools (pytest, ruff)
 
-$(STAMP): pyproject.toml
+# The tested versions come from constraints.txt; in a venv that already sees a PyTorch in range (made with
+# --system-site-packages over a node's PyTorch, say) its PyTorch block is left out, so that PyTorch stays.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python scripts/deps.py constraints $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 data: $(CIFAR10_READY) ## download, verify and cache CIFAR-10 into $SAM_DATA_DIR
@@ -26,8 +35,8 @@ data: $(CIFAR10_READY) ## download, verify and cache CIFAR-10 into $SAM_DATA_DIR
 $(CIFAR10_READY): | $(STAMP)
 	$(BIN)/sam-data cifar10
 
-demo: $(STAMP) $(CIFAR10_READY) ## SGD vs SAM on real CIFAR-10, sized for a CPU (sets everything up)
-	$(BIN)/python scripts/demo.py
+demo: $(STAMP) $(CIFAR10_READY) ## SGD vs SAM on real CIFAR-10, sized for this machine's GPU or CPU (DEMO=cpu|gpu)
+	$(BIN)/python scripts/demo.py --profile $(DEMO)
 
 # pytest exits 5 when it collects no tests: report it and count it as success rather than an obscure failure.
 test: $(STAMP) $(CIFAR10_READY) ## the fast test suite, `pytest -m "not slow"` (sets everything up)
@@ -46,6 +55,12 @@ format: $(STAMP) ## ruff: apply the safe lint fixes (import order, ...), then fo
 
 bench: $(STAMP) ## SAM's step time over SGD's (benchmarks/sam_overhead.py; results in benchmarks/results/)
 	$(BIN)/python benchmarks/sam_overhead.py
+
+wheelhouse: ## wheels of every dependency but PyTorch, for an offline install (WHEEL_PY=3.12 WHEEL_PLATFORM=...)
+	$(PY) scripts/deps.py wheelhouse --dest wheelhouse --python-version $(WHEEL_PY) --platform $(WHEEL_PLATFORM)
+
+gpu-check: ## the GPU acceptance run (benchmarks/gpu_check.py; needs only PyTorch)
+	$(PY) benchmarks/gpu_check.py
 
 cluster-up: ## start the local single-node SLURM cluster the `slurm` tests run on
 	bash scripts/slurm/local_cluster.sh up

@@ -10,6 +10,7 @@ Also: the SGD/SAM split of rho, the required keys, the Table 1 SLURM array and t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "sam_repro" / "configs"
 SUBMIT_TABLE1 = ROOT / "scripts" / "slurm" / "submit_table1.sh"
 DOCS = ROOT / "docs" / "presets.md"
+COST_CELLS = ROOT / "sam_repro" / "acceptance" / "paper_cells.json"  # the GPU check's cost table reads it, no OmegaConf
 
 # ---- the paper's values, typed from docs/paper_reference.md (independently of the presets) ----------------------
 
@@ -180,6 +182,30 @@ def test_file_is_what_the_generator_writes():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "write_hyperparameters.py"), "--check"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_cost_cells_are_tables_1_2_4_5_of_the_file(recorded):
+    """The JSON the GPU check reads (without OmegaConf) says what the checked hyperparameters file says."""
+    data = json.loads(COST_CELLS.read_text())
+    assert set(data["cells"]) == {cell for cell in recorded if cell.split("/")[0] in ("table1", "table2", "table4",
+                                                                                      "table5")}
+    for cell, row in data["cells"].items():
+        values = recorded[cell]
+        assert row == {"table": int(cell.split("/")[0][-1]), "model": values["model"], "dataset": values["dataset"],
+                       "optimizer": values["optimizer"], "epochs": values["epochs"],
+                       "batch_size": values["batch_size"], "m": values["m"]}, cell
+    assert set(data["datasets"]) == {row["dataset"] for row in data["cells"].values()}
+
+
+def test_cost_datasets_match_the_dataset_configs(compose_train):
+    data = json.loads(COST_CELLS.read_text())["datasets"]
+    # Training-set sizes as the dataset configs state them (the official splits).
+    assert {name: d["num_train"] for name, d in data.items()} == {
+        "cifar10": 50_000, "cifar100": 50_000, "svhn_extra": 73_257 + 531_131, "fashion_mnist": 60_000,
+        "imagenet": 1_281_167}
+    for name, info in data.items():
+        cfg = compose_train([f"dataset={name}"])
+        assert (info["image_size"], info["in_channels"]) == (cfg.dataset.image_size, cfg.dataset.in_channels), name
 
 
 # ---- how rho reaches SAM and only SAM ---------------------------------------------------------------------------

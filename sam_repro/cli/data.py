@@ -1,22 +1,28 @@
 """`sam-data`: prepare a dataset's verified cache before training (training would otherwise do it on first use).
 
     sam-data cifar10|cifar100|svhn|svhn_extra|fashion_mnist [--root DIR] [--force] [--verify]
+    sam-data cifar10 --export-subset N [--test-subset M] [--out FILE]
 
 Prints one summary line on stdout: the shapes, the checksum verdict, the training set's per-channel mean/std (to
-compare with the dataset config) and where the cache lies. Progress goes to stderr. Errors: one line
-`error: ...` on stderr, exit status 2.
+compare with the dataset config) and where the cache lies. `--export-subset N` then also writes a small extract
+that checks itself (N training images as `dataset.train_subset=N` picks them, the first M test images; at most
+40 MB; sam_repro/data/export.py) for a machine that cannot download the dataset, e.g. for
+`benchmarks/gpu_check.py --data FILE`. Progress goes to stderr. Errors: one line `error: ...` on stderr, exit
+status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from sam_repro.data.export import export_subset
 from sam_repro.data.sources import DATASETS, cache_path, default_root, prepare, verify
 from sam_repro.errors import SamReproError
 
@@ -46,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="rebuild the cache from the sources")
     parser.add_argument("--verify", action="store_true",
                         help="only check the existing cache (every array's SHA-256); download and build nothing")
+    parser.add_argument("--export-subset", type=int, metavar="N", default=None,
+                        help="also write N training images and --test-subset test images to --out (at most 40 MB)")
+    parser.add_argument("--test-subset", type=int, metavar="M", default=2000,
+                        help="test images in the export: the first M (default 2000)")
+    parser.add_argument("--out", default=None, help="the export's file (default: ./<name>-subset<N>.npz)")
     return parser
 
 
@@ -59,6 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.verify:
             prepare(args.name, args.root, force=args.force)
         arrays, meta = verify(args.name, args.root)
+        if args.export_subset is not None:
+            out = args.out or f"{args.name}-subset{args.export_subset}.npz"
+            export_subset(arrays, args.export_subset, args.test_subset, out,
+                          source={"cache": str(cache_path(args.name, args.root)), "sha256": meta["sha256"]})
+            print(f"{args.name}: exported {args.export_subset} training and {args.test_subset} test images to {out} "
+                  f"({os.path.getsize(out) / 1e6:.1f} MB, every array's SHA-256 recorded)")
     except SamReproError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,24 @@
+"""The GPU acceptance run: correctness of the step on CUDA, throughput and MFU of the paper's networks, GPU-hours for
+Tables 1, 2, 4 and 5 on this GPU, and a short real-data SGD-vs-SAM run, within --budget-s (default 480 s).
+
+    python benchmarks/gpu_check.py [--budget-s 480] [--data cifar10-subset10000.npz]
+    python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json     # the same code on a CPU at toy sizes
+
+Needs only PyTorch (and numpy): it runs from a checkout on a node where the project is not installed (timm adds
+ResNet-50; hydra-core and omegaconf add the two checks that run the real trainer). Results go to
+benchmarks/results/gpu_check-<gpu>-<date>.json and .md. The code lives in sam_repro/acceptance/.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import sam_repro  # noqa: F401
+except ImportError:  # a checkout copied to a node, not installed there
+    sys.path.insert(0, str(ROOT))
+
+from sam_repro.acceptance.run import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""Correctness on the device, each check a closed form or a second computation it must equal.
+
+A check returns (status, detail); `run_check` turns an exception into `failed` with its first line. Checks marked
+`needs_cuda` are reported `skipped` on a CPU; where their code can run there anyway (the trainer's resume, the
+process group with gloo instead of NCCL) it does, so that `--smoke` keeps it working, and a failure there is
+reported as `failed`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sam_repro.acceptance.common import endless, make_optimizer, step_context, synthetic_images, synthetic_loader
+from sam_repro.engine.compat import set_tf32, tf32_enabled
+from sam_repro.engine.step import StepContext, sam_step, sgd_step
+from sam_repro.models import create_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class CheckEnv:
+    device: torch.device
+    smoke: bool
+    compile_backend: str = "inductor"
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gpu-check-")))
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def wrn(self) -> nn.Module:
+        """A small Wide ResNet with BatchNorm: WRN-16-4 on a GPU, WRN-10-1 at smoke size."""
+        arch = {"depth": 10, "widen_factor": 1} if self.smoke else {}
+        return create_model("wrn16_4", num_classes=10, **arch)
+
+    @property
+    def batch(self) -> tuple[int, int]:
+        """(batch, m) of the checks' steps."""
+        return (16, 8) if self.smoke else (128, 32)
+
+    @property
+    def image(self) -> int:
+        return 8 if self.smoke else 32
+
+    def inputs(self, seed: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        batch, _ = self.batch
+        x = torch.randn(batch, 3, self.image, self.image, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        return x.to(device or self.device), y.to(device or self.device)
+
+
+@dataclass
+class Check:
+    name: str
+    run: Callable[[CheckEnv], tuple[str, str]]
+    needs_cuda: bool = False
+    runs_on_cpu: bool = False  # a CUDA check whose code path still runs (and can fail) on a CPU
+
+
+def run_check(check: Check, env: CheckEnv) -> dict:
+    start = time.perf_counter()
+    if check.needs_cuda and not env.cuda and not check.runs_on_cpu:
+        return {"name": check.name, "status": "skipped", "detail": "needs CUDA", "seconds": 0.0}
+    tf32 = tf32_enabled() if env.cuda else None
+    try:
+        status, detail = check.run(env)
+    except Exception as exc:  # a check that raises has failed; its first line says why
+        status, detail = "failed", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}"
+    finally:
+        if tf32 is not None:
+            set_tf32(tf32)
+    if check.needs_cuda and not env.cuda and status == "passed":
+        status, detail = "skipped", f"needs CUDA; its code ran on the CPU: {detail}"
+    return {"name": check.name, "status": status, "detail": detail, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _verdict(ok: bool, detail: str) -> tuple[str, str]:
+    return ("passed" if ok else "failed"), detail
+
+
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _relative_update_error(
+    before: list[torch.Tensor], after: list[torch.Tensor], ref_before: list[torch.Tensor], ref_after: list[torch.Tensor]
+) -> float:
+    """|| (a1 - a0) - (r1 - r0) || / || r1 - r0 ||, in float64 on the CPU."""
+    num = den = 0.0
+    for a0, a1, r0, r1 in zip(before, after, ref_before, ref_after):
+        da = a1.double().cpu() - a0.double().cpu()
+        dr = r1.double().cpu() - r0.double().cpu()
+        num += float(((da - dr) ** 2).sum())
+        den += float((dr**2).sum())
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+# ---- the checks ------------------------------------------------------------------------------------------------
+
+
+def sam_equals_float64_reference(env: CheckEnv) -> tuple[str, str]:
+    """Two SAM steps (m-groups, L2 weight decay, a clip that binds, Nesterov momentum) in float32 on the device, TF32
+    off, against the same steps in float64 on the CPU: the parameter updates and BatchNorm statistics agree."""
+    tolerance = 1e-4
+    if env.cuda:
+        set_tf32(False)
+    torch.manual_seed(0)
+    reference = env.wrn()
+    batch, m = env.batch
+    x, y = env.inputs(0, torch.device("cpu"))
+    models = {"device": copy.deepcopy(reference).to(env.device), "cpu64": copy.deepcopy(reference).double()}
+    inputs = {"device": (x.to(env.device), y.to(env.device)), "cpu64": (x.double(), y)}
+    probe = copy.deepcopy(models["cpu64"])
+    nn.functional.cross_entropy(probe(x.double()), y).backward()
+    clip = 0.5 * float(torch.sqrt(sum((p.grad**2).sum() for p in probe.parameters())))  # binds
+    before = {k: _params(v) for k, v in models.items()}
+    for name, model in models.items():
+        opt = make_optimizer("sam", model)
+        for _ in range(2):
+            sam_step(model, opt, *inputs[name], StepContext(group_size=m, grad_clip=clip))
+    after = {k: _params(v) for k, v in models.items()}
+    error = _relative_update_error(before["device"], after["device"], before["cpu64"], after["cpu64"])
+    bn = [
+        (a.running_var.double().cpu(), b.running_var)
+        for a, b in zip(
+            (mod for mod in models["device"].modules() if isinstance(mod, nn.BatchNorm2d)),
+            (mod for mod in models["cpu64"].modules() if isinstance(mod, nn.BatchNorm2d)),
+        )
+    ]
+    bn_error = max(float(((a - b).abs() / b.abs().clamp_min(1e-12)).max()) for a, b in bn)
+    ok = error < tolerance and bn_error < tolerance
+    return _verdict(
+        ok,
+        f"relative update difference {error:.1e}, BatchNorm running variance {bn_error:.1e} "
+        f"(tolerance {tolerance:g}; batch {batch}, m = {m}, 2 steps, clipped at half the gradient's "
+        f"norm)",
+    )
+
+
+def _fixed_batch_losses(env: CheckEnv, precision: str, steps: int) -> tuple[list[float], int]:
+    torch.manual_seed(1)
+    model = env.wrn().to(env.device)
+    batch, m = env.batch
+    x, y = env.inputs(1)
+    scaler = torch.amp.GradScaler(env.device.type) if precision == "fp16" else None
+    ctx = step_context(m, precision, env.device, scaler=scaler)
+    opt = make_optimizer("sam", model, lr=0.05)
+    losses, skipped = [], 0
+    for _ in range(steps):
+        scale = scaler.get_scale() if scaler else None
+        stats = sam_step(model, opt, x, y, ctx)
+        losses.append(stats.loss_sum / stats.count)
+        if scaler and scaler.get_scale() < scale:
+            skipped += 1
+    return [float(v) for v in torch.stack(losses).tolist()], skipped
+
+
+def _decreasing(env: CheckEnv, precision: str) -> tuple[str, str]:
+    steps, window = (6, 2) if env.smoke else (50, 5)
+    losses, skipped = _fixed_batch_losses(env, precision, steps)
+    finite = all(v == v and abs(v) != float("inf") for v in losses)
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    ok = finite and last < 0.8 * first
+    extra = f", {skipped} steps skipped by the scaler" if precision == "fp16" else ""
+    return _verdict(
+        ok,
+        f"loss {first:.3f} (first {window} of {steps} steps) -> {last:.3f} (last {window}), all "
+        f"finite: {finite}{extra}",
+    )
+
+
+def bf16_decreasing(env: CheckEnv) -> tuple[str, str]:
+    return _decreasing(env, "bf16")
+
+
+def fp16_decreasing(env: CheckEnv) -> tuple[str, str]:
+    return _decreasing(env, "fp16")
+
+
+def fp16_overflow_skips(env: CheckEnv) -> tuple[str, str]:
+    """An inf injected into the first pass's gradient: the scaler skips the whole SAM step (no parameter or momentum
+    changes) and halves the scale once; the next step goes through."""
+    torch.manual_seed(2)
+    model = env.wrn().to(env.device)
+    batch, m = env.batch
+    x, y = env.inputs(1)
+    opt = make_optimizer("sam", model)
+    scaler = torch.amp.GradScaler(env.device.type, init_scale=2.0**8)
+    ctx = step_context(m, "fp16", env.device, scaler=scaler)
+    before = _params(model)
+    calls = {"n": 0}
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return torch.full_like(grad, float("inf")) if calls["n"] == 1 else grad
+
+    first_weight = next(model.parameters())
+    handle = first_weight.register_hook(poison)
+    sam_step(model, opt, x, y, ctx)
+    handle.remove()
+    unchanged = all(torch.equal(a, b) for a, b in zip(_params(model), before))
+    no_momentum = all("momentum_buffer" not in opt.base_optimizer.state.get(p, {}) for p in model.parameters())
+    scale = scaler.get_scale()
+    sam_step(model, opt, x, y, ctx)
+    moved = any(not torch.equal(a, b) for a, b in zip(_params(model), before))
+    ok = unchanged and no_momentum and scale == 2.0**7 and moved
+    return _verdict(
+        ok,
+        f"parameters unchanged: {unchanged}, no momentum taken: {no_momentum}, scale 256 -> "
+        f"{scale:g}; next step moves the weights: {moved}",
+    )
+
+
+class _DropoutNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def stochastic_draws_replayed(env: CheckEnv) -> tuple[str, str]:
+    """With rho = 0 the perturbed point is w itself, so the perturbed loss equals the clean one bit for bit exactly
+    when the perturbed pass replays the clean pass's dropout and ShakeDrop draws (on the device's generator). The
+    same forward without the replay differs, which shows the draws are random at all."""
+    details, ok = [], True
+    arch = {"depth": 20, "alpha": 12} if env.smoke else {"depth": 38, "alpha": 48}
+    for name, build in (
+        ("ShakeDrop", lambda: create_model("pyramidnet110_shakedrop", num_classes=10, **arch)),
+        ("dropout", _DropoutNet),
+    ):
+        torch.manual_seed(3)
+        model = build().to(env.device)
+        batch, m = env.batch
+        x, y = env.inputs(1)
+        opt = make_optimizer("sam", model, rho=0.0)
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            stats = sam_step(model, opt, x, y, StepContext(group_size=m))
+            model.train()
+            with torch.no_grad():
+                a, b = model(x[:m]), model(x[:m])
+        same = torch.equal(stats.loss_sum, stats.perturbed_loss_sum)
+        random = not torch.equal(a, b)
+        ok &= same and random
+        details.append(f"{name}: perturbed loss == clean loss bitwise: {same}, draws differ without replay: {random}")
+    return _verdict(ok, "; ".join(details))
+
+
+def compiled_equals_eager(env: CheckEnv) -> tuple[str, str]:
+    """One SGD and one SAM step (m-groups) of the same network, eager and `torch.compile`d (the trainer compiles the
+    model, not the step), in float32 with TF32 off: the updates agree within the tolerance."""
+    tolerance = 1e-3
+    if env.cuda:
+        set_tf32(False)
+    torch.manual_seed(4)
+    eager = env.wrn().to(env.device)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend=env.compile_backend)
+    batch, m = env.batch
+    x, y = env.inputs(1)
+    before = _compiled_graphs()
+    start = _params(eager)
+    for net in (eager, compiled):
+        sgd_step(net, make_optimizer("sgd", twin if net is compiled else eager), x, y, StepContext(group_size=batch))
+    mid_eager, mid_compiled = _params(eager), _params(twin)
+    sgd_error = _relative_update_error(start, mid_compiled, start, mid_eager)
+    for net, module in ((eager, eager), (compiled, twin)):
+        sam_step(net, make_optimizer("sam", module), x, y, StepContext(group_size=m))
+    sam_error = _relative_update_error(mid_compiled, _params(twin), mid_eager, _params(eager))
+    graphs = _compiled_graphs() - before
+    ok = sgd_error < tolerance and sam_error < tolerance and (graphs > 0 or before < 0)
+    return _verdict(
+        ok,
+        f"relative update difference SGD {sgd_error:.1e}, SAM {sam_error:.1e} (tolerance "
+        f"{tolerance:g}, backend {env.compile_backend}, {graphs} graphs compiled)",
+    )
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has captured so far in this process (-1 where this PyTorch does not count them), so the
+    comparison above cannot pass by running eager twice."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return -1
+    return int(counters["stats"]["unique_graphs"])
+
+
+def no_synchronisation(env: CheckEnv) -> tuple[str, str]:
+    """`torch.cuda.set_sync_debug_mode("error")` around each part of a training step, as the trainer runs it with the
+    progress bar and step logging off: the loader's next batch, SGD and SAM steps (fp32, bf16, fp16 with its scaler)
+    and the schedule's step. Each part runs once before, so one-time set-up does not count."""
+    batch, m = env.batch
+    loader = endless(synthetic_loader(4 * batch, 32, batch, env.device))
+    model = env.wrn().to(env.device)
+    x, y = next(loader)
+    sgd, sam = make_optimizer("sgd", model), make_optimizer("sam", model)
+    schedule = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0 / (1 + step))
+    scaler = torch.amp.GradScaler("cuda")
+    parts = {
+        "loader": lambda: next(loader),
+        "sgd_step fp32": lambda: sgd_step(model, sgd, x, y, step_context(m, "fp32", env.device)),
+        "sam_step bf16": lambda: sam_step(model, sam, x, y, step_context(m, "bf16", env.device)),
+        "sam_step fp16": lambda: sam_step(model, sam, x, y, step_context(m, "fp16", env.device, scaler=scaler)),
+        "schedule": schedule.step,
+    }
+    results, ok = [], True
+    for name, part in parts.items():
+        part()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            part()
+            results.append(f"{name}: none")
+        except RuntimeError as exc:
+            ok = False
+            results.append(f"{name}: synchronises ({str(exc).strip().splitlines()[0][:120]})")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    return _verdict(ok, "; ".join(results))
+
+
+def autoaugment_leaves_cuda_generator(env: CheckEnv) -> tuple[str, str]:
+    """AutoAugment draws its sub-policies on the CPU from the loader's generator: the CUDA generator's state (the
+    stochastic layers' draws on the GPU) must be the same after it as before."""
+    try:
+        from sam_repro.data.autoaugment import autoaugment_batch
+    except ImportError as exc:
+        return "skipped", f"needs torchvision ({exc})"
+    images, _ = synthetic_images(8, 32, 3, torch.device("cpu"))
+    cuda_before, cpu_before = torch.cuda.get_rng_state(), torch.get_rng_state()
+    autoaugment_batch(images, "cifar10", torch.Generator().manual_seed(0))
+    same_cuda = torch.equal(cuda_before, torch.cuda.get_rng_state())
+    same_cpu = torch.equal(cpu_before, torch.get_rng_state())
+    return _verdict(
+        same_cuda and same_cpu, f"CUDA generator untouched: {same_cuda}, CPU generator restored: {same_cpu}"
+    )
+
+
+# ---- the real trainer, in a subprocess (needs hydra-core and omegaconf) -----------------------------------------
+
+
+def _trainer_worker(env: CheckEnv, mode: str, keep_cublas: bool) -> tuple[str, str]:
+    """`keep_cublas`: give the trainer a CUBLAS_WORKSPACE_CONFIG (False: none, as a user who set nothing)."""
+    try:
+        import hydra  # noqa: F401
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return (
+            "skipped",
+            "needs the project installed (hydra-core, omegaconf): pip install --no-index --find-links wheelhouse .",
+        )
+    child = dict(os.environ)
+    child["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [child.get("PYTHONPATH")])])
+    if keep_cublas:
+        child.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # so that this check sees the resume path only
+    else:
+        child.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    device = "cuda" if env.cuda else "cpu"
+    workdir = env.workdir / mode
+    proc = subprocess.run(
+        [sys.executable, "-m", "sam_repro.acceptance.trainer_worker", mode, str(workdir), device],
+        capture_output=True,
+        text=True,
+        env=child,
+        timeout=600,
+    )
+    result = next((line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if result is None:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        error = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+        return "failed", f"the trainer stopped (exit {proc.returncode}): {error.strip()[:300]}"
+    outcome = json.loads(result)
+    return _verdict(outcome["ok"], outcome["detail"])
+
+
+def deterministic_mode(env: CheckEnv) -> tuple[str, str]:
+    """`trainer.deterministic=true` trains on the device when the user set nothing else: on CUDA cuBLAS refuses
+    deterministic mode unless CUBLAS_WORKSPACE_CONFIG is set before its first call, so the trainer must set it."""
+    return _trainer_worker(env, "deterministic", keep_cublas=False)
+
+
+def resume_equals_uninterrupted(env: CheckEnv) -> tuple[str, str]:
+    """The real trainer, deterministic: a run checkpointed after epoch 1 on the device and resumed equals the
+    uninterrupted run bit for bit (weights, optimizer state, every RNG state, metrics)."""
+    return _trainer_worker(env, "resume", keep_cublas=True)
+
+
+# ---- one process group of one rank: NCCL on a GPU ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_group(env: CheckEnv) -> tuple[str, str]:
+    """The distributed set-up as torchrun starts it, at world size 1 (NCCL on a GPU, gloo on a CPU): the rank's
+    device, `all_gather_object` of RNG states and `broadcast_object` (pickled through this rank's GPU, which
+    PyTorch's documentation makes the caller's job via `torch.cuda.set_device`), the all-reduces of the step and
+    the trainer on the right device, and a SAM step with SyncBatchNorm equal to one with BatchNorm (PyTorch's
+    SyncBatchNorm normalises locally at world size 1: this checks the conversion and the step, not the sync)."""
+    import torch.distributed as dist
+
+    from sam_repro.engine.distributed import (
+        all_reduce_mean_,
+        all_reduce_sum,
+        barrier,
+        broadcast_object,
+        cleanup_distributed,
+        init_distributed,
+    )
+    from sam_repro.engine.step import average_over_ranks
+
+    if dist.is_available() and dist.is_initialized():
+        return "failed", "a process group already exists in this process"
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    facts: list[str] = []
+    try:
+        denv = init_distributed("cuda" if env.cuda else "cpu")
+        want_backend = "nccl" if env.cuda else "gloo"
+        ok = denv.backend == want_backend == dist.get_backend() and denv.launcher == "torchrun"
+        if env.cuda:
+            ok &= denv.device == torch.device("cuda", torch.cuda.current_device())
+        facts.append(f"{dist.get_backend()} on {denv.device}")
+
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(denv.device) if env.cuda else None}
+        gathered: list = [None]
+        dist.all_gather_object(gathered, rng)  # the trainer's checkpoint() gathers every rank's RNG states so
+        back = gathered[0]
+        cpu_ok = (
+            back["cpu"].device.type == "cpu"
+            and back["cpu"].dtype == torch.uint8
+            and torch.equal(back["cpu"], rng["cpu"])
+        )
+        torch.set_rng_state(back["cpu"])  # what a resume does with it
+        if env.cuda:
+            cpu_ok &= back["cuda"].device.type == "cpu" and torch.equal(back["cuda"], rng["cuda"])
+            torch.cuda.set_rng_state(back["cuda"], denv.device)
+        ok &= cpu_ok
+        facts.append(f"all_gather_object of RNG states: CPU uint8 and equal: {cpu_ok}")
+
+        shared = broadcast_object({"run_dir": "runs/x/seed0", "step": 7})
+        ok &= shared == {"run_dir": "runs/x/seed0", "step": 7}
+        sums = all_reduce_sum(torch.tensor([1.5, 2.0], device=denv.device, dtype=torch.float64))
+        listed = all_reduce_sum([3.0, 4.0])
+        bn_mean = torch.arange(4.0, device=denv.device)
+        all_reduce_mean_(bn_mean)
+        placed = sums.device == denv.device and listed.device.type == "cpu" and bn_mean.device == denv.device
+        ok &= placed and sums.tolist() == [1.5, 2.0] and listed.tolist() == [3.0, 4.0]
+        facts.append(f"broadcast_object and all-reduces on the right devices: {placed}")
+        barrier()
+
+        torch.manual_seed(5)
+        plain = env.wrn().to(denv.device)
+        grads = [torch.randn_like(p) for p in plain.parameters()]
+        for p, g in zip(plain.parameters(), grads):
+            p.grad = g.clone()
+        average_over_ranks(list(plain.parameters()))
+        ok &= all(torch.equal(p.grad, g) for p, g in zip(plain.parameters(), grads))
+        if env.cuda:
+            synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+            batch, _ = env.batch
+            x, y = env.inputs(6, denv.device)
+            for net in (plain, synced):
+                net.zero_grad(set_to_none=True)
+                sam_step(net, make_optimizer("sam", net), x, y, StepContext(group_size=batch))
+            error = max(float((a - b).abs().max()) for a, b in zip(plain.parameters(), synced.parameters()))
+            kinds = sum(isinstance(mod, nn.SyncBatchNorm) for mod in synced.modules())
+            ok &= error < 1e-5 and kinds > 0
+            facts.append(f"SAM step with {kinds} SyncBatchNorm layers vs BatchNorm: max difference {error:.1e}")
+        else:
+            facts.append("SyncBatchNorm: GPU only")
+        return _verdict(ok, "; ".join(facts))
+    finally:
+        cleanup_distributed()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+CHECKS = (
+    Check(
+        "SAM step equals a float64 CPU reference (m-groups, L2 weight decay, clipping; TF32 off)",
+        sam_equals_float64_reference,
+    ),
+    Check("bf16 SAM: finite, decreasing loss over 50 steps on a fixed batch (6 at smoke size)", bf16_decreasing),
+    Check("fp16 SAM: finite, decreasing loss over 50 steps on a fixed batch (6 at smoke size)", fp16_decreasing),
+    Check("fp16 with an injected overflow skips the step", fp16_overflow_skips),
+    Check("dropout and ShakeDrop draws identical in both passes", stochastic_draws_replayed),
+    Check("compiled equals eager within tolerance", compiled_equals_eager),
+    Check("no synchronisation in a step", no_synchronisation, needs_cuda=True),
+    Check("AutoAugment leaves the CUDA generator alone", autoaugment_leaves_cuda_generator, needs_cuda=True),
+    Check("deterministic mode on CUDA", deterministic_mode, needs_cuda=True, runs_on_cpu=True),
+    Check(
+        "resume on CUDA: checkpointed and resumed equals the uninterrupted run bitwise (deterministic)",
+        resume_equals_uninterrupted,
+        needs_cuda=True,
+        runs_on_cpu=True,
+    ),
+    Check(
+        "DDP on one GPU: NCCL set-up, all_gather_object, broadcasts, all-reduces, SyncBatchNorm",
+        process_group,
+        needs_cuda=True,
+        runs_on_cpu=True,
+    ),
+)

@@ -1,0 +1,143 @@
+"""The real trainer (`sam_repro.engine.trainer.train`) on synthetic device-resident data, for two checks of the GPU
+check. A subprocess, so that each check starts with a fresh environment and a fresh CUDA context:
+
+    python -m sam_repro.acceptance.trainer_worker deterministic|resume WORKDIR cuda|cpu
+
+deterministic: two steps with `trainer.deterministic=true`, in whatever environment the caller gave.
+resume:        a run of 2 epochs, against one stopped after epoch 1 (its checkpoint written on the device) and resumed
+               by running the same command again: weights, optimizer state, every RNG state and the metrics must be
+               equal bit for bit.
+Needs hydra-core and omegaconf (it composes the config as `sam-train` does). Prints `RESULT {"ok": .., "detail": ..}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from sam_repro.acceptance.common import MEAN, STD, basic_augment, synthetic_images
+from sam_repro.data import Data
+from sam_repro.data.loader import EvalLoader, TrainLoader
+
+NUM_TRAIN, BATCH = 128, 64
+TIMING_KEYS = {"images_per_second", "epoch_time_s"}
+
+
+def synthetic_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> Data:
+    """Stands in for `build_data`: random uint8 images on the device, the trainer's own loaders around them."""
+    images, labels = synthetic_images(NUM_TRAIN, 32, 3, device, seed=11)
+    train = TrainLoader(
+        images,
+        labels,
+        int(cfg.trainer.batch_size),
+        basic_augment(32),
+        seed=int(cfg.seed),
+        rank=rank,
+        world_size=world_size,
+    )
+    test_images, test_labels = synthetic_images(64, 32, 3, device, seed=12)
+    test = EvalLoader(test_images, test_labels, int(cfg.trainer.eval_batch_size), MEAN, STD, rank, world_size)
+    return Data(train=train, test=test, val=None, num_train=NUM_TRAIN, info={"num_train": NUM_TRAIN})
+
+
+def compose(device: str, *extra: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    overrides = [
+        "model=resnet8",
+        "optimizer=sam",
+        f"trainer.device={device}",
+        "trainer.deterministic=true",
+        f"trainer.batch_size={BATCH}",
+        "trainer.m=32",
+        "trainer.epochs=2",
+        "trainer.grad_clip=5.0",
+        "trainer.eval_batch_size=128",
+        "trainer.progress=off",
+        "logger=none",
+        *extra,
+    ]
+    with initialize_config_module("sam_repro.configs", version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def run(mode: str, workdir: Path, device: str) -> dict:
+    import os
+
+    from sam_repro.engine import trainer
+
+    trainer.build_data = synthetic_data  # the trainer's own loop, checkpoints and RNG handling; no dataset needed
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("sam_repro").addHandler(handler)
+    logging.getLogger("sam_repro").setLevel(logging.INFO)
+
+    if mode == "deterministic":
+        summary = trainer.train(compose(device, "trainer.epochs=1", "trainer.max_steps=2"), workdir / "run")
+        return {
+            "ok": summary["status"] == "finished",
+            "detail": f"2 steps with trainer.deterministic=true on {device}: {summary['status']} "
+            f"(CUBLAS_WORKSPACE_CONFIG afterwards: {os.environ.get('CUBLAS_WORKSPACE_CONFIG')})",
+        }
+
+    steps_per_epoch = NUM_TRAIN // BATCH
+    whole, parted = workdir / "uninterrupted", workdir / "resumed"
+    trainer.train(compose(device), whole)
+    trainer.train(compose(device, f"trainer.max_steps={steps_per_epoch}"), parted)  # stops after epoch 1
+    (parted / "summary.json").unlink()  # so the same command resumes from checkpoints/last.pt
+    messages.clear()
+    trainer.train(compose(device), parted)
+    resumed = any(m.startswith("resumed from") for m in messages)
+    a = torch.load(whole / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    b = torch.load(parted / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    same = {key: _equal(a[key], b[key]) for key in ("model", "optimizer", "rng", "step", "epoch")}
+    same["metrics"] = _metrics(whole) == _metrics(parted)
+    ok = resumed and all(same.values())
+    differ = [k for k, v in same.items() if not v]
+    return {
+        "ok": ok,
+        "detail": f"resumed from the epoch-1 checkpoint: {resumed}; "
+        + (
+            "weights, optimizer state, RNG states and metrics equal bitwise"
+            if not differ
+            else f"differ: {', '.join(differ)}"
+        )
+        + f" (on {device})",
+    }
+
+
+def main(argv: list[str]) -> int:
+    mode, workdir, device = argv
+    print("RESULT " + json.dumps(run(mode, Path(workdir), device)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
