@@ -8,7 +8,8 @@ progress, evaluates, is placed and executed, and checkpoints:
     `best_test_error` is the minimum over the epochs that were evaluated);
   * placement and execution: `trainer.device`, `trainer.threads`, `trainer.compile`, `trainer.channels_last`,
     `trainer.deterministic`. They change floating-point rounding at most (as another GPU model does), not the
-    experiment: a run may resume compiled after starting eager, or on another device;
+    experiment: a run may resume compiled after starting eager, or on another device. (`trainer.tf32` is not
+    among them: like `trainer.precision` it sets how precisely every matmul and convolution is computed);
   * the checkpoint policy and resume: `trainer.on_corrupt_checkpoint`, `trainer.resume`;
   * test hooks: `trainer.inject_nonfinite_at_step` (fault tests).
 

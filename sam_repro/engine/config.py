@@ -168,6 +168,7 @@ RULES: dict[str, Rule] = {
     "trainer.grad_clip": number(positive=True, null=True),
     "trainer.label_smoothing": number(min=0, below=1),
     "trainer.precision": one_of(*PRECISIONS),
+    "trainer.tf32": flag(),
     "trainer.device": text(valid=is_device_spec, means=DEVICE_SPECS),
     "trainer.threads": integer(positive=True, null=True),
     "trainer.channels_last": flag(),

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sam_repro.data import build_data
+from sam_repro.engine import backends
 from sam_repro.engine.checkpoint import (atomic_write_json, load_checkpoint, remove_stale_temporaries,
                                          save_checkpoint)
 from sam_repro.engine.config import validate
@@ -66,6 +67,8 @@ def average_bn_stats(model: torch.nn.Module, env: DistEnv) -> None:
 def train(cfg: DictConfig, run_dir: Path, forced: list[dict] | None = None) -> dict:
     """Train (or resume, or report) the run described by `cfg` in `run_dir`; returns the summary. `forced` lists
     the configuration changes a `trainer.resume=force` start accepted (recorded in summary.json)."""
+    # Numerics first: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA work starts (init_distributed binds the GPU).
+    backends.configure(deterministic=bool(cfg.trainer.deterministic), tf32=bool(cfg.trainer.get("tf32", False)))
     env = init_distributed(cfg.trainer.device)
     try:
         summary = _train(cfg, Path(run_dir), env, forced or [])
@@ -94,12 +97,6 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
     _set_threads(cfg)
     device = env.device
     torch.manual_seed(cfg.seed)
-    if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.trainer.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     data = build_data(cfg, device, env.rank, env.world_size)
     model = _build_model(cfg, device)
