@@ -20,8 +20,9 @@ import torch
 from helpers.training import BIN, TINY
 
 # debug=tiny (ResNet-8, batch 64), on fewer images: 3 steps per epoch, and a test error that may differ by one
-# near-tie example of 300 between summation orders.
-BASE = [*TINY, "dataset.train_subset=192", "dataset.test_subset=300", "trainer.epochs=2", "hydra.run.dir=."]
+# near-tie example of 300 between summation orders. gloo on the CPU, also on a GPU machine.
+BASE = [*TINY, "dataset.train_subset=192", "dataset.test_subset=300", "trainer.epochs=2", "trainer.device=cpu",
+        "hydra.run.dir=."]
 
 pytestmark = pytest.mark.data
 
