@@ -32,6 +32,7 @@ from sam_repro.engine.preemption import StopSignal
 from sam_repro.engine.provenance import provenance
 from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
 from sam_repro.errors import CheckpointError, SamReproError
+from sam_repro.models import convert_sync_batchnorm
 from sam_repro.optim.factory import build_optimizer, build_schedule
 
 log = logging.getLogger("sam_repro")
@@ -269,7 +270,7 @@ def _build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.trainer.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)  # timm's norm + activation layers keep their activation
     return model
 
 
