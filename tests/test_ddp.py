@@ -79,6 +79,14 @@ def test_sam_m32_one_rank_batch64_equals_two_ranks_of_32(tmp_path):
     assert diff > 1e-4
 
 
+def test_stochastic_model_m32_one_rank_batch64_equals_two_ranks_of_32(tmp_path):
+    # Shake-Shake draws its coefficients per virtual device, keyed by (seed, step, global group index): the second
+    # group of one process draws what rank 1 draws (before that key, every rank drew rank 0's coefficients).
+    args = ["model=shake_shake_26_2x32d", "model.depth=8", "model.width=8", "trainer.batch_size=64", "trainer.m=32",
+            "optimizer=sam", "optimizer.lr=0.05", "trainer.epochs=1", "trainer.max_steps=1"]
+    assert_same_training(run(tmp_path / "one", 1, *args), run(tmp_path / "two", 2, *args), rtol=1e-5, atol=1e-6)
+
+
 def test_sam_whole_runs_match_without_batchnorm(tmp_path):
     args = ["model.norm=none", "trainer.m=32", "optimizer=sam", "optimizer.lr=0.05"]
     assert_same_training(run(tmp_path / "one", 1, *args), run(tmp_path / "two", 2, *args))

@@ -22,7 +22,8 @@ from sam_repro.data.augment import BatchAugment, normalize
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant for seed mixing
 
 
-def _seed(*parts: int) -> int:
+def seed_from(*parts: int) -> int:
+    """A generator seed that is a function of `parts` (e.g. seed, epoch, batch index) only."""
     s = 0
     for p in parts:
         s = (s * _MIX + int(p) + 1) % (2**63 - 1)
@@ -71,7 +72,7 @@ class TrainLoader:
         self.set_epoch(int(state["epoch"]), int(state["position"]))
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch))
+        g = torch.Generator().manual_seed(seed_from(self.seed, epoch))
         return torch.randperm(len(self.labels), generator=g)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -80,7 +81,7 @@ class TrainLoader:
         while self.position < len(self):
             b = self.position
             idx = perm[b * self.global_batch:(b + 1) * self.global_batch][lo:hi].to(self.images.device)
-            g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, b))
+            g = torch.Generator().manual_seed(seed_from(self.seed, self.epoch, b))
             draws = self.augment.draw(self.global_batch, g).slice(lo, hi)
             images = self.images[idx]
             if self.cpu_augment is not None:

@@ -136,12 +136,15 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
     train_model = torch.compile(model) if cfg.trainer.compile else model
 
     per_rank = cfg.trainer.batch_size // env.world_size
+    group_size = int(cfg.trainer.m or per_rank // cfg.trainer.accumulate)
     ctx = StepContext(
-        group_size=int(cfg.trainer.m or per_rank // cfg.trainer.accumulate),
+        group_size=group_size,
         label_smoothing=float(cfg.trainer.label_smoothing),
         grad_clip=cfg.trainer.grad_clip,
         autocast=autocast,
         scaler=scaler,
+        seed=int(cfg.seed),  # dropout/shake noise keyed by (seed, step, global group): each virtual device its own
+        first_group=env.rank * (per_rank // group_size),
     )
     take_step = {"sgd": sgd_step, "looksam": looksam_step}.get(cfg.optimizer.name, sam_step)
 
@@ -187,6 +190,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
             progress = Progress(cfg, env, epoch + 1, epochs, steps_per_epoch, start=data.train.position)
             stopped = capped = False
             for x, y in data.train:
+                ctx.step = step
                 stats = take_step(train_model, optimizer, x, y, ctx)
                 scheduler.step()
                 step += 1
