@@ -244,6 +244,35 @@ def test_a_step_never_reads_a_tensor_value_on_the_host(kind, precision):
     assert stats.count == 8
 
 
+def test_fp16_steps_whose_first_pass_overflowed_are_left_out_of_the_sam_metrics():
+    from sam_repro.engine.distributed import DistEnv
+    from sam_repro.engine.trainer import _EpochTotals
+
+    model = tiny_bn_net()
+    x, y = batch()
+    opt = make_sam(model, rho=0.1)
+    ctx = StepContext(group_size=8, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8),
+                      autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    handle = model[0].weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    skipped = sam_step(model, opt, x, y, ctx)
+    handle.remove()
+    assert not torch.isfinite(skipped.perturbed_loss_sum) and not torch.isfinite(skipped.grad_norm)
+    kept = sam_step(model, opt, x, y, ctx)
+    totals = _EpochTotals(torch.device("cpu"))
+    totals.add(skipped)
+    totals.add(kept)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
+    out = totals.summary(env)
+    assert out["perturbed_loss"] == pytest.approx(float(kept.perturbed_loss_sum) / 8, rel=1e-6)
+    assert out["sharpness"] == pytest.approx(float(kept.perturbed_loss_sum - kept.loss_sum) / 8, rel=1e-5)
+    assert out["grad_norm"] == pytest.approx(float(kept.grad_norm), rel=1e-6)
+    assert out["perturbation_norm"] == pytest.approx(0.1, rel=1e-5)  # ||eps|| = rho
+    # the clean training loss keeps every step (a non-finite one stops the run)
+    assert out["train_loss"] == pytest.approx(float(skipped.loss_sum + kept.loss_sum) / 16, rel=1e-6)
+    # a checkpoint of these sums resumes to the same metrics
+    assert _EpochTotals(torch.device("cpu"), totals.state_dict()).summary(env) == out
+
+
 def test_bf16_autocast_step_is_close_to_fp32():
     x, y = batch()
     results = []

@@ -194,10 +194,13 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
                 stats = take_step(train_model, optimizer, x, y, ctx)
                 scheduler.step()
                 step += 1
-                if step == cfg.trainer.inject_nonfinite_at_step:  # fault tests only (a key left out of run identity)
+                if step == cfg.trainer.inject_nonfinite_at_step and cfg.trainer.get("inject_nonfinite_rank") in \
+                        (None, env.rank):  # fault tests only (keys left out of run identity)
                     stats.loss_sum = stats.loss_sum + float("nan")
                 totals.add(stats)
                 progress.update(totals, optimizer)
+                if step % cfg.trainer.log_every == 0:
+                    totals.check_finite(step)  # every rank: summed over ranks, so all stop at this step
                 stopped = stop.should_stop()  # every rank calls it every step: they agree on where to stop
                 capped = bool(cfg.trainer.max_steps) and step >= cfg.trainer.max_steps
                 if stopped or capped:
@@ -318,22 +321,35 @@ def _rank_totals(saved: list[dict] | dict | None, env: DistEnv) -> dict | None:
         return saved[env.rank]
     if not env.is_main:
         return None
+    saved = [_EpochTotals.complete(s) for s in saved]
     merged = {k: sum(s[k] for s in saved) for k in (*_EpochTotals.KEYS, "count", "steps")}
     return merged | {"sam": any(s["sam"] for s in saved), "elapsed": max(s["elapsed"] for s in saved)}
 
 
 class _EpochTotals:
     """Running sums of a training epoch, on the device; read (and synchronised) only at log points. Saved in a
-    mid-epoch checkpoint so a resumed epoch reports the same training metrics as an uninterrupted one."""
+    mid-epoch checkpoint so a resumed epoch reports the same training metrics as an uninterrupted one.
 
-    KEYS = ("loss", "correct", "perturbed", "grad_norm", "eps_norm")
+    SAM's metrics (perturbed loss, sharpness, ||g||, ||eps||) leave out the steps whose values are non-finite: an
+    fp16 step whose first pass overflowed is skipped by the scaler, but its eps, perturbed loss and ||g|| are inf
+    or NaN. `sam_loss`, `sam_count` and `sam_steps` are the clean loss, examples and steps of the steps kept, so the
+    sharpness compares the same examples. The clean training loss keeps every step: a non-finite one stops the run.
+    """
+
+    KEYS = ("loss", "correct", "perturbed", "sam_loss", "grad_norm", "eps_norm", "sam_count", "sam_steps")
+    _BEFORE_MASKING = {"sam_loss": "loss", "sam_count": "count", "sam_steps": "steps"}  # older checkpoints
 
     def __init__(self, device: torch.device, saved: dict | None = None) -> None:
-        saved = saved or {}
+        saved = self.complete(saved or {})
         for k in self.KEYS:
             setattr(self, k, torch.tensor(saved.get(k, 0.0), device=device, dtype=torch.float64))
         self.count, self.steps, self.sam = saved.get("count", 0), saved.get("steps", 0), saved.get("sam", False)
         self._elapsed, self._start = saved.get("elapsed", 0.0), time.time()
+
+    @classmethod
+    def complete(cls, saved: dict) -> dict:
+        """A checkpoint's sums with the SAM-kept ones filled in (older checkpoints kept every step)."""
+        return {**{k: saved[old] for k, old in cls._BEFORE_MASKING.items() if old in saved}, **saved}
 
     def state_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self.KEYS}, "count": self.count, "steps": self.steps,
@@ -346,9 +362,13 @@ class _EpochTotals:
         self.steps += 1
         if s.perturbed_loss_sum is not None:
             self.sam = True
-            self.perturbed += s.perturbed_loss_sum
-            self.grad_norm += s.grad_norm
-            self.eps_norm += s.perturbation_norm
+            kept = torch.isfinite(s.perturbed_loss_sum) & torch.isfinite(s.grad_norm) & torch.isfinite(s.perturbation_norm)
+            self.perturbed += torch.where(kept, s.perturbed_loss_sum, 0.0)
+            self.sam_loss += torch.where(kept, s.loss_sum, 0.0)
+            self.grad_norm += torch.where(kept, s.grad_norm, 0.0)
+            self.eps_norm += torch.where(kept, s.perturbation_norm, 0.0)
+            self.sam_count += kept * s.count
+            self.sam_steps += kept
 
     def seconds(self) -> float:
         return self._elapsed + time.time() - self._start
@@ -357,18 +377,20 @@ class _EpochTotals:
         return self.count * env.world_size / max(self.seconds(), 1e-9)
 
     def check_finite(self, step: int) -> None:
-        if self.count and not math.isfinite(float(self.loss)):
+        """NonFiniteLoss on every rank at once when the loss is non-finite on any: the loss sums are summed over
+        ranks (one all-reduce), so all ranks decide on the same number at the same step."""
+        if self.count and not math.isfinite(float(all_reduce_sum(self.loss))):
             raise NonFiniteLoss(f"training loss became non-finite by step {step}: lower optimizer.lr, set "
                                 f"trainer.grad_clip, or use trainer.precision=fp32")
 
     def summary(self, env: DistEnv) -> dict:
         extra = torch.tensor([float(self.count), float(self.steps)], device=self.loss.device, dtype=torch.float64)
         sums = torch.cat([torch.stack([getattr(self, k) for k in self.KEYS]), extra])
-        loss, correct, perturbed, gnorm, enorm, n, steps = all_reduce_sum(sums).tolist()
+        loss, correct, perturbed, sam_loss, gnorm, enorm, sam_n, sam_steps, n, steps = all_reduce_sum(sums).tolist()
         out = {"train_loss": loss / n, "train_error": 100.0 * (1 - correct / n)}
-        if self.sam:
-            out.update({"perturbed_loss": perturbed / n, "sharpness": (perturbed - loss) / n,
-                        "grad_norm": gnorm / steps, "perturbation_norm": enorm / steps})
+        if self.sam and sam_steps > 0:  # (none kept: every SAM step of the epoch overflowed, nothing to report)
+            out.update({"perturbed_loss": perturbed / sam_n, "sharpness": (perturbed - sam_loss) / sam_n,
+                        "grad_norm": gnorm / sam_steps, "perturbation_norm": enorm / sam_steps})
         return out
 
 
