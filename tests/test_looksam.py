@@ -88,6 +88,23 @@ def test_state_round_trip_keeps_the_direction_and_the_phase():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_loaded_state_moves_to_the_parameters_device_and_dtype():
+    # A checkpoint loads onto the CPU; resuming on a GPU must move LookSAM's direction (and the base optimizer's
+    # momentum) to the GPU. The meta device stands in for the GPU.
+    model, x, y = linear_problem(2)
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, k=3)
+    looksam_step(model, opt, x, y, StepContext(group_size=16))
+    saved = opt.state_dict()
+    for device, dtype in ((torch.device("meta"), torch.float64), (torch.device("cpu"), torch.float32)):
+        target = torch.nn.Linear(5, 3, device=device, dtype=dtype)
+        resumed = LookSAM(target.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, k=3)
+        resumed.load_state_dict(saved)
+        for p in target.parameters():
+            for key in ("g_v", "momentum_buffer"):
+                state = resumed.state[p] if key == "g_v" else resumed.base_optimizer.state[p]
+                assert (state[key].device, state[key].dtype) == (device, dtype), key
+
+
 # ---- fp16: a GradScaler skips overflowing steps ------------------------------------------------------------------
 
 FP16 = dict(autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
