@@ -78,7 +78,8 @@ def test_the_trainer_sets_them_before_any_cuda_work(monkeypatch):
 
 @pytest.mark.parametrize("cli", ["eval", "analyze"])
 def test_the_analyses_run_in_ieee_fp32(cli, monkeypatch, tmp_path):
-    from sam_repro.cli import analyze, eval as eval_cli
+    from sam_repro.cli import analyze
+    from sam_repro.cli import eval as eval_cli
 
     seen = []
 

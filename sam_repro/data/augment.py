@@ -106,7 +106,7 @@ class Draws:
         )
 
     @staticmethod
-    def stack(draws: Sequence["Draws"], device: torch.device) -> "Draws":
+    def stack(draws: Sequence[Draws], device: torch.device) -> Draws:
         """The draws of several batches as one Draws with a leading batch dimension, on `device` (one copy per
         field); index it with `[i]`. Pinned first for a GPU, so the copies do not block."""
         def field(values):
@@ -115,7 +115,7 @@ class Draws:
         return Draws(field([d.offsets for d in draws]), field([d.flips for d in draws]),
                      field([d.centres for d in draws]))
 
-    def __getitem__(self, i: int) -> "Draws":
+    def __getitem__(self, i: int) -> Draws:
         return Draws(*(None if t is None else t[i] for t in (self.offsets, self.flips, self.centres)))
 
 

@@ -82,7 +82,7 @@ class TrainLoader:
         g = torch.Generator().manual_seed(seed_from(self.seed, epoch))
         return torch.randperm(len(self.labels), generator=g)
 
-    def plan(self, first: int) -> tuple[torch.Tensor, list[torch.Generator], Draws]:
+    def _plan(self, first: int) -> tuple[torch.Tensor, list[torch.Generator], Draws]:
         """This rank's example indices (batches x local batch, on the CPU) for batches first, first + 1, ... of the
         epoch, the generator of each batch after its augmentation draws (AutoAugment draws from it next), and the
         draws themselves, stacked on the device."""
@@ -94,7 +94,7 @@ class TrainLoader:
         return batches[first:, lo:hi].contiguous(), generators, Draws.stack(draws, self.images.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        cpu_indices, generators, draws = self.plan(self.position)
+        cpu_indices, generators, draws = self._plan(self.position)
         indices = host_to_device(cpu_indices, self.images.device)
         autoaugmented = self._autoaugment_ahead(cpu_indices, generators) if self.cpu_augment is not None else None
         for i in range(len(cpu_indices)):

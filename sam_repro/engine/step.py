@@ -99,7 +99,7 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def group_noise(ctx: "StepContext", group: int, device: torch.device) -> tuple:
+def group_noise(ctx: StepContext, group: int, device: torch.device) -> tuple:
     """The RNG state this rank's group `group` draws its noise from (for the perturbed pass to replay). With
     `ctx.seed` set, the CPU generator and `device`'s are first seeded from (seed, step, global group index);
     without it (callers outside the trainer) they run on."""

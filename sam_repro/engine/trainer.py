@@ -362,7 +362,8 @@ class _EpochTotals:
         self.steps += 1
         if s.perturbed_loss_sum is not None:
             self.sam = True
-            kept = torch.isfinite(s.perturbed_loss_sum) & torch.isfinite(s.grad_norm) & torch.isfinite(s.perturbation_norm)
+            kept = (torch.isfinite(s.perturbed_loss_sum) & torch.isfinite(s.grad_norm)
+                    & torch.isfinite(s.perturbation_norm))
             self.perturbed += torch.where(kept, s.perturbed_loss_sum, 0.0)
             self.sam_loss += torch.where(kept, s.loss_sum, 0.0)
             self.grad_norm += torch.where(kept, s.grad_norm, 0.0)
