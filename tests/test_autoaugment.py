@@ -67,8 +67,14 @@ def test_no_global_generator_is_reseeded(monkeypatch):
     def record(name):
         return lambda *args, **kwargs: calls.append(name) or contextlib.nullcontext()
 
-    for module, name in ((torch, "manual_seed"), (torch.random, "manual_seed"), (torch.cuda, "manual_seed"),
-                         (torch.cuda, "manual_seed_all"), (torch.random, "fork_rng"), (torch, "set_rng_state")):
+    for module, name in (
+        (torch, "manual_seed"),
+        (torch.random, "manual_seed"),
+        (torch.cuda, "manual_seed"),
+        (torch.cuda, "manual_seed_all"),
+        (torch.random, "fork_rng"),
+        (torch, "set_rng_state"),
+    ):
         monkeypatch.setattr(module, name, record(name))
     autoaugment_batch(images(8), "cifar10", torch.Generator().manual_seed(0))
     assert calls == []

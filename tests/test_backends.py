@@ -64,8 +64,11 @@ def test_the_trainer_sets_them_before_any_cuda_work(monkeypatch):
     seen = {}
 
     def first_cuda_work(device):  # init_distributed picks and binds the GPU: the trainer's first CUDA call
-        seen.update(precisions=precisions(), cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-                    deterministic=torch.are_deterministic_algorithms_enabled())
+        seen.update(
+            precisions=precisions(),
+            cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+        )
         raise Stop
 
     set_fp32_precision(tf32=True)

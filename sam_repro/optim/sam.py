@@ -246,5 +246,7 @@ class SAM(torch.optim.Optimizer):
             p = params[int(i)]
             # onto the parameter's device (a checkpoint loads onto the CPU), floats in its dtype: as torch's own
             # Optimizer.load_state_dict casts the base optimizer's state
-            self.state[p] = {k: v.to(p.device, p.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v)
-                             else v for k, v in s.items()}
+            self.state[p] = {
+                k: v.to(p.device, p.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+                for k, v in s.items()
+            }
