@@ -13,12 +13,14 @@ import torch
 from omegaconf import OmegaConf
 
 from sam_repro.engine import trainer
-from sam_repro.engine.backends import CUBLAS_WORKSPACE_CONFIG, configure, set_fp32_precision
+from sam_repro.engine.backends import CUBLAS_WORKSPACE_CONFIG, configure
+from sam_repro.engine.compat import has_fp32_precision_api, set_tf32
+
+pytestmark = pytest.mark.skipif(not has_fp32_precision_api(), reason="this PyTorch has only the legacy TF32 flags")
 
 
-def precisions() -> tuple[str, str, str]:
-    b = torch.backends
-    return b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision
+def precisions() -> tuple[str, str]:
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +29,9 @@ def restore_backends(monkeypatch):
     before = precisions(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     yield
-    (matmul, conv, rnn), deterministic, benchmark = before
+    (matmul, conv), deterministic, benchmark = before
     torch.backends.cuda.matmul.fp32_precision = matmul
     torch.backends.cudnn.conv.fp32_precision = conv
-    torch.backends.cudnn.rnn.fp32_precision = rnn
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = benchmark
 
@@ -40,9 +41,9 @@ def test_fp32_is_ieee_unless_tf32_is_asked_for():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the legacy allow_tf32 flags warn (and raise when mixed with the new API)
         configure(deterministic=False, tf32=False)
-        assert precisions() == ("ieee", "ieee", "ieee")
+        assert precisions() == ("ieee", "ieee")
         configure(deterministic=False, tf32=True)
-        assert precisions() == ("tf32", "tf32", "tf32")
+        assert precisions() == ("tf32", "tf32")
 
 
 def test_deterministic_mode_sets_the_cublas_workspace(monkeypatch):
@@ -71,12 +72,12 @@ def test_the_trainer_sets_them_before_any_cuda_work(monkeypatch):
         )
         raise Stop
 
-    set_fp32_precision(tf32=True)
+    set_tf32(True)
     monkeypatch.setattr(trainer, "init_distributed", first_cuda_work)
     cfg = OmegaConf.create({"trainer": {"device": "cuda", "deterministic": True, "tf32": False}})
     with pytest.raises(Stop):
         trainer.train(cfg, "unused")
-    assert seen == {"precisions": ("ieee", "ieee", "ieee"), "cublas": ":4096:8", "deterministic": True}
+    assert seen == {"precisions": ("ieee", "ieee"), "cublas": ":4096:8", "deterministic": True}
 
 
 @pytest.mark.parametrize("cli", ["eval", "analyze"])
@@ -90,10 +91,10 @@ def test_the_analyses_run_in_ieee_fp32(cli, monkeypatch, tmp_path):
         seen.append(precisions())
         raise Stop
 
-    set_fp32_precision(tf32=True)
+    set_tf32(True)
     module = eval_cli if cli == "eval" else analyze
     monkeypatch.setattr(module, "open_run", open_run)
     argv = ["run", "--device", "cpu", "--no-progress"]
     with pytest.raises(Stop):
         module.main(argv if cli == "eval" else ["hessian", *argv, "--out", str(tmp_path)])
-    assert seen == [("ieee", "ieee", "ieee")]
+    assert seen == [("ieee", "ieee")]

@@ -51,7 +51,7 @@ from sam_repro.analysis.loading import (
     write_json,
 )
 from sam_repro.analysis.sharpness import m_sharpness, plot_m_sharpness
-from sam_repro.engine.backends import set_fp32_precision
+from sam_repro.engine.compat import set_tf32
 from sam_repro.engine.provenance import provenance
 from sam_repro.errors import CheckpointError, ConfigError, SamReproError
 
@@ -64,7 +64,7 @@ class _Session:
         self.args = args
         self.analysis = analysis
         self.device = resolve_device(args.device)
-        set_fp32_precision(tf32=False)  # Hessian-vector products and small-rho sharpness need IEEE, not TF32
+        set_tf32(False)  # Hessian-vector products and small-rho sharpness need IEEE, not TF32
         self.out = Path(args.out)
         self.progress = not args.no_progress
         self.provenance = provenance()

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sam_repro.analysis.loading import evaluate, load_split, open_run, resolve_device
-from sam_repro.engine.backends import set_fp32_precision
+from sam_repro.engine.compat import set_tf32
 from sam_repro.errors import ConfigError, SamReproError
 
 
@@ -37,7 +37,7 @@ def evaluate_run(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
     resolved = resolve_device(device)
-    set_fp32_precision(tf32=False)
+    set_tf32(False)
     run = open_run(path, resolved)
     data = load_split(run.cfg, split, root=data_root).to(resolved)
     batches = tqdm(data.batches(batch_size), total=math.ceil(len(data) / batch_size), desc=f"eval {split}",

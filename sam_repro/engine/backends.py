@@ -9,8 +9,8 @@
     `CUBLAS_WORKSPACE_CONFIG=:4096:8` (unless the environment sets it), without which cuBLAS refuses deterministic
     mode on CUDA. It is set before any CUDA work, since cuBLAS reads it when it starts.
 
-The settings go through the `fp32_precision` API when the installed PyTorch has it (2.9 and later): mixing it with
-the legacy `allow_tf32` flags makes PyTorch raise when either is read.
+TF32 is set through `compat.set_tf32`: the `fp32_precision` API where the installed PyTorch has it (mixing it with the
+legacy `allow_tf32` flags makes PyTorch raise when either is read), the legacy flags elsewhere.
 """
 
 from __future__ import annotations
@@ -19,20 +19,9 @@ import os
 
 import torch
 
+from sam_repro.engine.compat import set_tf32
+
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # the value PyTorch's reproducibility notes give for deterministic cuBLAS
-
-
-def set_fp32_precision(tf32: bool) -> None:
-    """IEEE float32 (`tf32=False`) or TF32 for CUDA matmuls and cuDNN convolutions and RNNs."""
-    precision = "tf32" if tf32 else "ieee"
-    backends = torch.backends
-    if hasattr(backends.cudnn, "conv"):  # the fp32_precision API
-        backends.cuda.matmul.fp32_precision = precision
-        backends.cudnn.conv.fp32_precision = precision
-        backends.cudnn.rnn.fp32_precision = precision
-    else:  # older PyTorch: only the legacy flags exist
-        backends.cuda.matmul.allow_tf32 = tf32
-        backends.cudnn.allow_tf32 = tf32
 
 
 def configure(*, deterministic: bool, tf32: bool) -> None:
@@ -41,4 +30,4 @@ def configure(*, deterministic: bool, tf32: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
-    set_fp32_precision(tf32)
+    set_tf32(tf32)
