@@ -53,7 +53,8 @@ def train(ranks: int, workdir: Path, args) -> dict:
     run.mkdir()
     overrides = [f"model={args.model}", f"trainer.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
                  "trainer.epochs=1", f"dataset.train_subset={args.batch * args.steps}", "dataset.test_subset=1000",
-                 "logger.mode=disabled", "trainer.threads=1", f"optimizer={args.optimizer}", "hydra.run.dir=."]
+                 "logger.mode=disabled", "trainer.threads=1", f"optimizer={args.optimizer}", "hydra.run.dir=.",
+                 "trainer.device=cpu"]  # gloo ranks on the CPU, also on a GPU node: what this benchmark measures
     cmd = [str(BIN / "sam-train"), *overrides] if ranks == 1 else torchrun(ranks, "-m", "sam_repro.train", *overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=run, env=env, check=True, capture_output=True, text=True)

@@ -3,14 +3,16 @@
 `NEUTRAL_KEYS` is the base list: keys that never change a result. They say where and how a run logs, shows
 progress, evaluates, is placed and executed, and checkpoints:
   * logging, Hydra, paths: `logger`, `hydra`, `run_root`, `dataset.root`;
-  * console: `trainer.progress`, `trainer.log_every`;
+  * console: `trainer.progress`, `trainer.log_every` (also the steps between checks for a non-finite loss: a
+    failing run stops a few steps earlier or later, with the same last good checkpoint);
   * evaluation: `trainer.eval_batch_size` and `trainer.eval_every` (evaluation never touches the training state;
     `best_test_error` is the minimum over the epochs that were evaluated);
   * placement and execution: `trainer.device`, `trainer.threads`, `trainer.compile`, `trainer.channels_last`,
     `trainer.deterministic`. They change floating-point rounding at most (as another GPU model does), not the
-    experiment: a run may resume compiled after starting eager, or on another device;
+    experiment: a run may resume compiled after starting eager, or on another device. (`trainer.tf32` is not
+    among them: like `trainer.precision` it sets how precisely every matmul and convolution is computed);
   * the checkpoint policy and resume: `trainer.on_corrupt_checkpoint`, `trainer.resume`;
-  * test hooks: `trainer.inject_nonfinite_at_step` (fault tests).
+  * test hooks: `trainer.inject_nonfinite_at_step`, `trainer.inject_nonfinite_rank` (fault tests).
 
 Every other key is a training key. Each use adds named keys to the base list:
   * `RUN_NAME_NEUTRAL`: the derived run-directory name also leaves out `seed` and `experiment` (they are in the path);
@@ -32,7 +34,7 @@ NEUTRAL_KEYS = (
     "trainer.eval_batch_size", "trainer.eval_every",
     "trainer.device", "trainer.threads", "trainer.compile", "trainer.channels_last", "trainer.deterministic",
     "trainer.on_corrupt_checkpoint", "trainer.resume",
-    "trainer.inject_nonfinite_at_step",
+    "trainer.inject_nonfinite_at_step", "trainer.inject_nonfinite_rank",
 )
 RUN_NAME_NEUTRAL = NEUTRAL_KEYS + ("seed", "experiment")
 IDENTITY_NEUTRAL = NEUTRAL_KEYS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy
@@ -55,6 +57,27 @@ def test_reproducible_from_the_generator_and_independent_of_the_global_rng():
     c = autoaugment_batch(x, "svhn", torch.Generator().manual_seed(6))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a, c)
+
+
+def test_no_global_generator_is_reseeded(monkeypatch):
+    # The CUDA generator drives dropout and the shake layers on a GPU; torch.manual_seed would reseed it (inside
+    # fork_rng(devices=[]), which restores only the CPU one). No global generator may be seeded or forked here.
+    calls = []
+
+    def record(name):
+        return lambda *args, **kwargs: calls.append(name) or contextlib.nullcontext()
+
+    for module, name in (
+        (torch, "manual_seed"),
+        (torch.random, "manual_seed"),
+        (torch.cuda, "manual_seed"),
+        (torch.cuda, "manual_seed_all"),
+        (torch.random, "fork_rng"),
+        (torch, "set_rng_state"),
+    ):
+        monkeypatch.setattr(module, name, record(name))
+    autoaugment_batch(images(8), "cifar10", torch.Generator().manual_seed(0))
+    assert calls == []
 
 
 def test_rejects_unknown_policy_and_float_input():

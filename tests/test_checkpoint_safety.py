@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.training import TINY, train
+from helpers.training import TINY, comparable, compose_config, read_metrics, train
 from sam_repro.analysis.loading import open_run
 from sam_repro.cli import analyze
 from sam_repro.cli import eval as eval_cli
@@ -106,6 +106,45 @@ def test_everything_sam_train_writes_loads_weights_only(tmp_path, switches):
     if "trainer.precision=fp16" in switches:
         assert state["scaler"]["scale"] > 0
     assert open_run(path.parent.parent).model is not None  # and the analyses read it through the same loader
+
+
+@pytest.mark.data
+def test_resume_restores_the_rng_from_cpu_tensors_whatever_torch_load_would_map(tmp_path, monkeypatch):
+    # On a GPU, loading a checkpoint with map_location=<the run's device> put the saved RNG states on the GPU, and
+    # torch.set_rng_state refused them at every requeue. Stand-in for "tensors mapped elsewhere": a torch.load that
+    # puts every tensor on the meta device unless the caller asks for the CPU. The resumed run must still get CPU
+    # byte tensors for the RNG and end exactly as the uninterrupted run (model, optimizer, LookSAM state restored).
+    from sam_repro.engine.trainer import train as train_in_process
+
+    def config(*overrides):
+        return compose_config(*TINY, "trainer.device=cpu", "trainer.progress=off", "optimizer=looksam",
+                              "optimizer.k=3", "trainer.epochs=2", *overrides)
+
+    reference = tmp_path / "reference"
+    train_in_process(config(), reference)
+
+    run = tmp_path / "resumed"
+    train_in_process(config("trainer.max_steps=4"), run)  # stops at the end of epoch 1 (4 steps per epoch)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    real_load, real_set_rng_state, rng_states = torch.load, torch.set_rng_state, []
+
+    def load_elsewhere(f, map_location=None, **kwargs):
+        return real_load(f, map_location="cpu" if map_location == "cpu" else "meta", **kwargs)
+
+    def set_rng_state(state):
+        rng_states.append((state.device.type, state.dtype))
+        real_set_rng_state(state)
+
+    monkeypatch.setattr(torch, "load", load_elsewhere)
+    monkeypatch.setattr(torch, "set_rng_state", set_rng_state)
+    train_in_process(config(), run)
+    monkeypatch.undo()
+
+    assert rng_states and set(rng_states) == {("cpu", torch.uint8)}
+    assert comparable(read_metrics(run)) == comparable(read_metrics(reference))
+    weights, expected = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (run, reference))
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
 @pytest.mark.data

@@ -49,7 +49,8 @@ def test_defaults_validate():
     ("trainer.grad_clip=-1", "trainer.grad_clip"), ("dataset.label_noise=1.5", "dataset.label_noise"),
     ("optimizer.lr=0", "optimizer.lr"), ("trainer.sync_bn=true", "trainer.sync_bn"),
     ("trainer.eval_every=0", "trainer.eval_every"), ("optimizer.momentum=0", "optimizer.nesterov"),
-    ("dataset.mean=[0.5]", "dataset.mean"),
+    ("dataset.mean=[0.5]", "dataset.mean"), ("trainer.tf32=maybe", "trainer.tf32"),
+    ("trainer.inject_nonfinite_rank=1", "trainer.inject_nonfinite_rank"),
 ])
 def test_invalid_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

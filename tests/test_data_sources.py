@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
@@ -513,7 +514,75 @@ def test_imagenet_train_loader_crops_flips_and_drops_the_last_batch(tmp_path):
                                             epoch=0, workers=0, image_size=24)
     batches = list(loader)
     assert len(batches) == 2 and all(b[0].shape == (3, 3, 24, 24) for b in batches)  # 7 -> 2 full batches
-    assert loader.dataset.classes == ["n01", "n02"]
+    assert loader.dataset.dataset.classes == ["n01", "n02"]
+
+
+def write_noise_folder(root: Path, classes: int = 2, per_class: int = 6) -> None:
+    """Random-pixel images of various sizes, so that different crops give different tensors."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / "imagenet" / "train" / f"n0{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            size = (30 + 5 * i, 26 + 3 * c)
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def streaming_loader(root: Path, batch: int, rank: int = 0, world: int = 1, workers: int = 0):
+    return imagenet.StreamingTrainLoader(imagenet.build_imagenet_loader(
+        root, "train", batch_size=batch, rank=rank, world_size=world, seed=5, epoch=0, workers=workers,
+        image_size=16), torch.device("cpu"))
+
+
+def epoch_batches(loader, epoch: int, position: int = 0) -> list:
+    loader.set_epoch(epoch, position)
+    return list(loader)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_imagenet_loader_resumed_mid_run_draws_the_uninterrupted_crops(tmp_path, workers):
+    # Crops and flips are functions of (seed, epoch, index): a loader built at a resume (epoch 1, batch 1) yields
+    # what the loader that ran through epoch 0 yields, with persistent workers too.
+    write_noise_folder(tmp_path)
+    uninterrupted = streaming_loader(tmp_path, batch=3, workers=workers)
+    assert uninterrupted.loader.persistent_workers == (workers > 0)
+    first = epoch_batches(uninterrupted, 0)
+    second = epoch_batches(uninterrupted, 1)
+    resumed = streaming_loader(tmp_path, batch=3, workers=workers)
+    resumed.load_state_dict({"epoch": 1, "position": 1})
+    again = list(resumed)
+    assert len(second) == 4 and len(again) == 3
+    for (x, y), (xr, yr) in zip(second[1:], again):
+        assert torch.equal(y, yr) and torch.equal(x, xr)
+    assert not torch.equal(torch.cat([x for x, _ in first]), torch.cat([x for x, _ in second]))  # new draws per epoch
+
+
+def test_imagenet_two_ranks_draw_the_single_process_crops(tmp_path):
+    # Two ranks of 2 share each global batch of 4 (interleaved): the same examples, augmented identically.
+    write_noise_folder(tmp_path)
+    single = epoch_batches(streaming_loader(tmp_path, batch=4), 1)
+    ranks = [epoch_batches(streaming_loader(tmp_path, batch=2, rank=r, world=2), 1) for r in range(2)]
+    for b, (x, _) in enumerate(single):
+        pooled = torch.cat([ranks[0][b][0], ranks[1][b][0]])
+        assert sorted(t.numpy().tobytes() for t in pooled) == sorted(t.numpy().tobytes() for t in x)
+
+
+def test_imagenet_pins_memory_only_for_a_gpu_run(tmp_path, monkeypatch):
+    # A CPU run on a GPU machine must not pin (nor start a pinning thread): pinning follows the run's device.
+    from hydra import compose, initialize_config_dir
+
+    from sam_repro.data import build_data
+
+    write_noise_folder(tmp_path)
+    shutil.copytree(tmp_path / "imagenet" / "train", tmp_path / "imagenet" / "val")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="train", overrides=["dataset=imagenet", f"dataset.root={tmp_path}",
+                                                      "dataset.workers=0", "trainer.batch_size=4"])
+    data = build_data(cfg, torch.device("cpu"))
+    assert not data.train.loader.pin_memory and not data.test.loader.pin_memory
+    kwargs = dict(root=tmp_path, split="train", batch_size=2, rank=0, world_size=1, seed=0, epoch=0, workers=0)
+    assert imagenet.build_imagenet_loader(**kwargs, pin_memory=True).pin_memory
 
 
 def test_imagenet_shards_are_exact():

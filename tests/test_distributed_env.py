@@ -198,13 +198,25 @@ def test_device_gpu_choice_per_local_rank(monkeypatch):
     assert resolve_device("auto", local_rank=2) == torch.device("cuda", 2)
     assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
     assert resolve_device("cuda:3", local_rank=0) == torch.device("cuda", 3)
-    with pytest.raises(ConfigError, match="local rank 5 but only 4 GPUs"):
+    with pytest.raises(ConfigError, match=r"local rank 5 but only 4 GPU\(s\)"):
         resolve_device("cuda", local_rank=5)
     with pytest.raises(ConfigError, match="4 visible GPUs"):
         resolve_device("cuda:4")
-    # SLURM's per-task GPU binding: every rank sees exactly one device
+    # SLURM's per-task GPU binding: every rank of an srun step sees exactly one device, its own
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert resolve_device("cuda", local_rank=6) == torch.device("cuda", 0)
+    assert resolve_device("cuda", local_rank=6, launcher="slurm") == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "single"])
+def test_two_local_ranks_on_one_visible_gpu_are_refused_outside_slurm(monkeypatch, launcher):
+    # torchrun --nproc_per_node=2 on a one-GPU machine: both ranks would take cuda:0, which NCCL refuses.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto", local_rank=0, launcher=launcher) == torch.device("cuda", 0)
+    for spec in ("auto", "cuda"):
+        with pytest.raises(ConfigError, match=rf"device={spec}: local rank 1 but only 1 GPU\(s\).*NCCL") as error:
+            resolve_device(spec, local_rank=1, launcher=launcher)
+        assert "trainer.device=cpu" in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("spec", ["tpu", "gpu", "cuda:x", ""])

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sam_repro.data import select_train_indices
 from sam_repro.data.augment import BatchAugment, crop, cutout, flip, normalize
-from sam_repro.data.loader import EvalLoader, TrainLoader
+from sam_repro.data.autoaugment import autoaugment_batch
+from sam_repro.data.loader import EvalLoader, TrainLoader, seed_from
 from sam_repro.errors import ConfigError
 
 MEAN, STD = [0.5, 0.25, 0.125], [0.25, 0.5, 1.0]
@@ -97,6 +99,64 @@ def test_loader_resumes_mid_epoch_exactly():
     assert len(rest) == len(full) - 2
     for (x, y), (xf, yf) in zip(rest, full[2:]):
         assert torch.equal(x, xf) and torch.equal(y, yf)
+
+
+def autoaugment(images, generator):
+    return autoaugment_batch(images, "cifar10", generator)
+
+
+@pytest.mark.parametrize("cpu_augment", [None, autoaugment], ids=["batched", "autoaugment"])
+def test_batches_are_those_drawn_batch_by_batch(cpu_augment):
+    # The epoch's indices and draws are made at once and AutoAugment runs a batch ahead in a thread: the batches
+    # must be exactly those of drawing (seed, epoch, batch) batch by batch, for any rank and resume position.
+    n, batch, world, rank, seed, epoch = 48, 8, 2, 1, 3, 2
+    data = images(n, 32, 32)
+    cfg = OmegaConf.create({"crop": True, "pad": 4, "flip": True, "cutout": 8, "cutout_per_image": False})
+    aug = BatchAugment(cfg, MEAN, STD, (32, 32))
+    loader = TrainLoader(data, torch.arange(n), batch, aug, seed=seed, rank=rank, world_size=world,
+                         cpu_augment=cpu_augment)
+    loader.set_epoch(epoch, position=2)
+    got = list(loader)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_from(seed, epoch)))
+    lo, hi = rank * batch // world, (rank + 1) * batch // world
+    assert len(got) == n // batch - 2
+    for b, (x, y) in enumerate(got, start=2):
+        idx = perm[b * batch:(b + 1) * batch][lo:hi]
+        g = torch.Generator().manual_seed(seed_from(seed, epoch, b))
+        draws = aug.draw(batch, g).slice(lo, hi)
+        chosen = data[idx] if cpu_augment is None else cpu_augment(data[idx], g)
+        assert torch.equal(y, idx) and torch.equal(x, aug(chosen, draws)), b
+
+
+class HostOps(TorchDispatchMode):
+    """The tensor operations run inside the block that read or make a CPU tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in tensors) or str(kwargs.get("device")) == "cpu":
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_no_host_to_device_copy_per_batch():
+    # The meta device stands in for a GPU: after the epoch's set-up (first batch), a batch of the training or the
+    # evaluation loader must not touch a CPU tensor (each would be a blocking copy from pageable memory).
+    meta = torch.device("meta")
+    train = make_train_loader(batch=8, n=40)
+    train.images, train.labels = train.images.to(meta), train.labels.to(meta)
+    evaluation = EvalLoader(images(20).to(meta), torch.arange(20).to(meta), 5, MEAN, STD)
+    for loader in (train, evaluation):
+        batches = iter(loader)
+        next(batches)
+        with HostOps() as host:
+            rest = list(batches)
+        assert len(rest) == len(loader) - 1 and all(x.device == meta for x, _ in rest)
+        assert host.ops == [], host.ops
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from pathlib import Path
@@ -23,6 +24,7 @@ from sam_repro.models import (
     ShakeShakeResNet,
     WideResNet,
     architecture_defaults,
+    convert_sync_batchnorm,
     create_model,
     list_models,
     make_norm,
@@ -462,6 +464,30 @@ def test_imagenet_resnet_zero_initialises_the_last_batchnorm_of_each_block():
     assert len(blocks) == 3 + 4 + 6 + 3
     assert all(torch.all(block.bn3.weight == 0) for block in blocks)
     assert all(torch.all(block.bn1.weight == 1) for block in blocks)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "resnet20"])
+def test_sync_batchnorm_keeps_every_layer_and_its_activation(name):
+    # trainer.sync_bn: timm's BatchNormAct2d (norm + SiLU in one module) must stay norm + SiLU. No process group is
+    # needed: without one, SyncBatchNorm normalizes locally, so the converted network computes what the original does.
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    torch.manual_seed(0)
+    model = create_model(name, 10)
+    before = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    x = torch.randn(4, 3, 32, 32)
+    expected = {mode: copy.deepcopy(model).train(mode)(x) for mode in (False, True)}
+    converted = convert_sync_batchnorm(model)
+    after = dict(converted.named_modules())
+    assert before and all(isinstance(after[n], nn.SyncBatchNorm) for n in before)
+    fused = [n for n, m in before.items() if isinstance(m, BatchNormAct2d)]
+    assert bool(fused) == (name == "efficientnet_b0")
+    for n in fused:
+        assert isinstance(after[n], SyncBatchNormAct) and after[n].act is before[n].act
+        assert after[n].drop is before[n].drop
+    assert name != "efficientnet_b0" or any(isinstance(before[n].act, nn.SiLU) for n in fused)
+    for mode in (False, True):  # eval first: a training forward updates the running statistics
+        torch.testing.assert_close(converted.train(mode)(x), expected[mode], rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

@@ -84,9 +84,11 @@ def test_one_base_list_with_named_additions():
     assert {"seed", "experiment"} <= set(RUN_NAME_NEUTRAL) - set(IDENTITY_NEUTRAL)
     assert {"trainer.name", "dataset.noise_seed"} <= set(TABLE_NEUTRAL) - set(IDENTITY_NEUTRAL)
     for key in ("trainer.resume", "trainer.compile", "trainer.channels_last", "trainer.deterministic",
-                "trainer.eval_every", "trainer.inject_nonfinite_at_step", "logger.mode"):
+                "trainer.eval_every", "trainer.inject_nonfinite_at_step", "trainer.inject_nonfinite_rank",
+                "logger.mode"):
         assert matches(key, NEUTRAL_KEYS), key
     assert run_name("demo", ["optimizer=sam", "trainer.resume=force", "trainer.compile=true"]) == "demo/optimizer=sam"
+    assert not matches("trainer.tf32", NEUTRAL_KEYS)  # it changes the numbers computed, as trainer.precision does
 
 
 # ---------------------------------------------------------------------------------------------- end to end

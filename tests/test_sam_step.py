@@ -1,13 +1,17 @@
 """The engine's SAM step (sam_repro/engine/step.py) against hand-written computations."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from sam_repro.engine.step import StepContext, frozen_bn_stats, sam_step, sgd_step
+from sam_repro.engine.step import StepContext, frozen_bn_stats, looksam_step, sam_step, sgd_step
+from sam_repro.models import ShakeDrop, shake
 from sam_repro.optim import SAM
+from sam_repro.optim.looksam import LookSAM
 
 
 def tiny_bn_net(dropout: float = 0.0) -> nn.Module:
@@ -112,6 +116,39 @@ def test_dropout_draws_are_replayed_in_the_perturbed_pass():
     assert torch.equal(stats.perturbed_loss_sum, stats.loss_sum)
 
 
+def shakedrop_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), ShakeDrop(keep_prob=0.5), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("step", [sam_step, sgd_step])
+def test_every_group_draws_its_own_noise_keyed_by_seed_step_and_global_group(step, monkeypatch):
+    # One process with two groups of 4 must draw, per group, what two ranks with one group each draw: the noise
+    # of a virtual device depends on (seed, step, global group index), not on where the group runs.
+    draws = []
+    real = shake._per_example_uniform
+    monkeypatch.setattr(shake, "_per_example_uniform", lambda *a: draws.append(real(*a)) or draws[-1])
+    x, y = batch()
+    x, y = torch.cat([x[:4], x[:4]]), torch.cat([y[:4], y[:4]])  # two identical groups
+
+    def run(xs, ys, first_group, at_step=3):
+        draws.clear()
+        model = shakedrop_net()
+        opt = make_sam(model) if step is sam_step else torch.optim.SGD(model.parameters(), lr=0.1)
+        step(model, opt, xs, ys, StepContext(group_size=4, seed=7, first_group=first_group, step=at_step))
+        return list(draws)
+
+    one_process = run(x, y, first_group=0)
+    rank0, rank1 = run(x[:4], y[:4], first_group=0), run(x[4:], y[4:], first_group=1)
+    passes = 2 if step is sam_step else 1  # SAM: clean and perturbed pass per group
+    assert len(one_process) == 2 * passes and len(rank0) == len(rank1) == passes
+    assert all(torch.equal(a, b) for a, b in zip(one_process, rank0 + rank1))
+    assert not torch.equal(one_process[0], one_process[passes])  # same examples, another virtual device
+    if step is sam_step:
+        assert torch.equal(one_process[0], one_process[1])  # the perturbed pass replays the clean pass's draws
+    assert not torch.equal(run(x, y, first_group=0, at_step=4)[0], one_process[0])  # and a new draw every step
+
+
 def test_sgd_step_with_groups_equals_full_batch_gradient_without_bn():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -165,6 +202,75 @@ def test_fp16_inf_in_first_pass_skips_the_step():
     # The next step, without the injected inf, goes through.
     sam_step(model, opt, x, y, ctx)
     assert any(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (`.item()`, `float()`, `bool()`, `get_scale()`: all are
+    `aten._local_scalar_dense`). On a GPU each one waits for the device to catch up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["sgd", "sam", "sam_m4", "looksam"])
+def test_a_step_never_reads_a_tensor_value_on_the_host(kind, precision):
+    # No synchronisation per step: the only read left is the GradScaler's own check for overflow before it lets the
+    # optimizer step (`GradScaler.step` reads found_inf), once per fp16 step.
+    model = tiny_bn_net(dropout=0.1)
+    x, y = batch()
+    if kind == "sgd":
+        opt, take = torch.optim.SGD(model.parameters(), lr=0.1), sgd_step
+    elif kind == "looksam":
+        opt, take = LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, k=2, weight_decay=1e-2), \
+            looksam_step
+    else:
+        opt, take = make_sam(model, wd=1e-2), sam_step
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    ctx = StepContext(group_size=4 if kind == "sam_m4" else 8, grad_clip=1.0, seed=0,
+                      autocast=(lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext,
+                      scaler=torch.amp.GradScaler("cpu") if precision == "fp16" else None)
+    steps = 2  # LookSAM: a full step and a cheap one
+    with HostReads() as reads:
+        for i in range(steps):
+            ctx.step = i
+            stats = take(model, opt, x, y, ctx)
+    assert reads.count == (steps if precision == "fp16" else 0)
+    assert stats.count == 8
+
+
+def test_fp16_steps_whose_first_pass_overflowed_are_left_out_of_the_sam_metrics():
+    from sam_repro.engine.distributed import DistEnv
+    from sam_repro.engine.trainer import _EpochTotals
+
+    model = tiny_bn_net()
+    x, y = batch()
+    opt = make_sam(model, rho=0.1)
+    ctx = StepContext(group_size=8, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8),
+                      autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    handle = model[0].weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    skipped = sam_step(model, opt, x, y, ctx)
+    handle.remove()
+    assert not torch.isfinite(skipped.perturbed_loss_sum) and not torch.isfinite(skipped.grad_norm)
+    kept = sam_step(model, opt, x, y, ctx)
+    totals = _EpochTotals(torch.device("cpu"))
+    totals.add(skipped)
+    totals.add(kept)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
+    out = totals.summary(env)
+    assert out["perturbed_loss"] == pytest.approx(float(kept.perturbed_loss_sum) / 8, rel=1e-6)
+    assert out["sharpness"] == pytest.approx(float(kept.perturbed_loss_sum - kept.loss_sum) / 8, rel=1e-5)
+    assert out["grad_norm"] == pytest.approx(float(kept.grad_norm), rel=1e-6)
+    assert out["perturbation_norm"] == pytest.approx(0.1, rel=1e-5)  # ||eps|| = rho
+    # the clean training loss keeps every step (a non-finite one stops the run)
+    assert out["train_loss"] == pytest.approx(float(skipped.loss_sum + kept.loss_sum) / 16, rel=1e-6)
+    # a checkpoint of these sums resumes to the same metrics
+    assert _EpochTotals(torch.device("cpu"), totals.state_dict()).summary(env) == out
 
 
 def test_bf16_autocast_step_is_close_to_fp32():

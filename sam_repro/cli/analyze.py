@@ -51,17 +51,20 @@ from sam_repro.analysis.loading import (
     write_json,
 )
 from sam_repro.analysis.sharpness import m_sharpness, plot_m_sharpness
+from sam_repro.engine.compat import set_tf32
 from sam_repro.engine.provenance import provenance
 from sam_repro.errors import CheckpointError, ConfigError, SamReproError
 
 
 class _Session:
-    """What every subcommand shares: the device, the data sample (loaded once per dataset), outputs, provenance."""
+    """What every subcommand shares: the device (in IEEE float32), the data sample (loaded once per dataset),
+    outputs, provenance."""
 
     def __init__(self, args: argparse.Namespace, analysis: str) -> None:
         self.args = args
         self.analysis = analysis
         self.device = resolve_device(args.device)
+        set_tf32(False)  # Hessian-vector products and small-rho sharpness need IEEE, not TF32
         self.out = Path(args.out)
         self.progress = not args.no_progress
         self.provenance = provenance()

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sam_repro.analysis.loading import evaluate, load_split, open_run, resolve_device
+from sam_repro.engine.compat import set_tf32
 from sam_repro.errors import ConfigError, SamReproError
 
 
@@ -32,10 +33,11 @@ def evaluate_run(
     data_root: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Loss and top-1/top-5 error (percent) of the run at `path` on the whole `split`."""
+    """Loss and top-1/top-5 error (percent) of the run at `path` on the whole `split`, in IEEE float32."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
     resolved = resolve_device(device)
+    set_tf32(False)
     run = open_run(path, resolved)
     data = load_split(run.cfg, split, root=data_root).to(resolved)
     batches = tqdm(data.batches(batch_size), total=math.ceil(len(data) / batch_size), desc=f"eval {split}",

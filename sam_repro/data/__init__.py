@@ -119,7 +119,7 @@ def _build_imagenet(cfg, device: torch.device, rank: int, world_size: int) -> Da
         if ds.get(key):
             raise ConfigError(f"dataset.{key} is not supported for imagenet (got {ds.get(key)})")
     common = dict(root=ds.root, rank=rank, world_size=world_size, seed=int(cfg.seed), epoch=0,
-                  workers=int(ds.get("workers", 8)), image_size=int(ds.image_size))
+                  workers=int(ds.get("workers", 8)), image_size=int(ds.image_size), pin_memory=device.type == "cuda")
     train = StreamingTrainLoader(
         build_imagenet_loader(split="train", batch_size=tr.batch_size // world_size, **common), device)
     test = StreamingEvalLoader(build_imagenet_loader(split="val", batch_size=int(tr.eval_batch_size), **common),

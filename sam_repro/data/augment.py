@@ -11,6 +11,7 @@ Every random draw comes from an explicit `torch.Generator` so the loader can che
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,10 +19,25 @@ import torch
 import torch.nn.functional as F
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory, so the copy does not block the host."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+@functools.cache
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean * 255, 1 / (std * 255)) as (1, C, 1, 1) tensors on `device`, made once (not copied per batch)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    inv_std_t = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+    return mean_t.to(device), inv_std_t.to(device)
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 normalized with per-channel mean/std given in [0, 1] units."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    inv_std_t = 1.0 / (torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+    mean_t, inv_std_t = _channel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() - mean_t) * inv_std_t
 
 
@@ -88,6 +104,19 @@ class Draws:
             None if self.flips is None else self.flips[start:stop],
             centres,
         )
+
+    @staticmethod
+    def stack(draws: Sequence[Draws], device: torch.device) -> Draws:
+        """The draws of several batches as one Draws with a leading batch dimension, on `device` (one copy per
+        field); index it with `[i]`. Pinned first for a GPU, so the copies do not block."""
+        def field(values):
+            return None if not draws or values[0] is None else host_to_device(torch.stack(values), device)
+
+        return Draws(field([d.offsets for d in draws]), field([d.flips for d in draws]),
+                     field([d.centres for d in draws]))
+
+    def __getitem__(self, i: int) -> Draws:
+        return Draws(*(None if t is None else t[i] for t in (self.offsets, self.flips, self.centres)))
 
 
 class BatchAugment:

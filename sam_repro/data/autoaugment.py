@@ -4,14 +4,16 @@ The paper's "AA" rows apply the CIFAR policy (SVHN policy for SVHN) per image be
 [docs/paper_reference.md 2.2]. torchvision's `AutoAugment` draws one sub-policy per call from torch's *global* RNG, so
 calling it on a batch would give every image the same operations, and calling it per image costs ~0.3 ms each
 (15 s per CIFAR epoch on one core). Here:
-  1. the global RNG is forked and seeded from the caller's `generator`, and torchvision's own
-     `AutoAugment.get_params` is called once per image, in order: the draws are exactly those of
-     `[AutoAugment(policy)(image) for image in images]` under that seed, and reproducible from `generator`;
+  1. the sub-policies are drawn per image, in order, as torchvision's `AutoAugment.get_params` draws them, but from
+     a private generator seeded from the caller's `generator`: the draws are exactly those of
+     `[AutoAugment(policy)(image) for image in images]` under `torch.manual_seed` of that seed, reproducible from
+     `generator`, and no global generator (CPU or CUDA) is read or reseeded, so the function is safe to run in a
+     thread beside training, whose dropout and shake layers draw from the global generators;
   2. the images that drew the same (operation, magnitude) at the same stage are transformed together by
      torchvision's `_apply_op`, which is what `AutoAugment.forward` calls per image, so the result equals the
      per-image loop pixel for pixel (tests/test_autoaugment.py checks this) at a few dozen batched calls.
-`_apply_op` and `_augmentation_space` are torchvision internals; torchvision is pinned in pyproject.toml and the
-equality test catches a change in them.
+`_apply_op`, `_augmentation_space` and the order of `get_params`' draws are torchvision internals; torchvision is
+pinned in pyproject.toml and the equality test catches a change in them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ def _augmenter(policy: str) -> AutoAugment:
     return AutoAugment(AutoAugmentPolicy(policy))
 
 
+def _sub_policy_draws(n: int, num_policies: int, generator: torch.Generator) -> list[tuple[int, torch.Tensor,
+                                                                                            torch.Tensor]]:
+    """`AutoAugment.get_params(num_policies)` for n images in turn, drawn from `generator` in the same order."""
+    draws = []
+    for _ in range(n):
+        policy_id = int(torch.randint(num_policies, (1,), generator=generator).item())
+        probs = torch.rand((2,), generator=generator)
+        signs = torch.randint(2, (2,), generator=generator)
+        draws.append((policy_id, probs, signs))
+    return draws
+
+
 def autoaugment_batch(images: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:
     """Apply AutoAugment `policy` (cifar10 | svhn | imagenet) to each image of a uint8 N x C x H x W CPU batch with
     its own sub-policy draw; reproducible from `generator` (advanced by one draw). Returns a new uint8 tensor."""
@@ -44,9 +58,7 @@ def autoaugment_batch(images: torch.Tensor, policy: str, generator: torch.Genera
                          f"{tuple(images.shape)} on {images.device})")
     n, _, height, width = images.shape
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        draws = [augment.get_params(len(augment.policies)) for _ in range(n)]
+    draws = _sub_policy_draws(n, len(augment.policies), torch.Generator().manual_seed(seed))
 
     operations = augment._augmentation_space(_NUM_MAGNITUDE_BINS, (height, width))
     out = images.clone()

@@ -10,6 +10,9 @@ the same 1000 wnid folders in both. Official code [docs/paper_reference.md 2.3]:
 Sharding: training shuffles with (seed, epoch), drops the `N mod world_size` examples at the end of the
 permutation (a different few each epoch) and gives rank r every world_size-th index, so every rank runs the same
 number of steps; evaluation gives each rank a contiguous block with no padding, so every example is counted once.
+Randomness: each training example's crop and flip come from a generator seeded by (seed, epoch, index), so they do
+not depend on the number of workers, on which worker decodes the example, on the world size, or on a resume.
+Workers persist across epochs; batches are pinned for a GPU run only.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
+from sam_repro.data.loader import seed_from
 from sam_repro.errors import ConfigError, DataError
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet training-set statistics (the official code's MEAN_RGB / 255)
@@ -64,9 +68,10 @@ def eval_transform(image_size: int = 224) -> transforms.Compose:
     ])
 
 
-class ShardSampler(Sampler[int]):
+class ShardSampler(Sampler):
     """This rank's indices of the split, as described in the module docstring (train: shuffled and cut to a
-    multiple of world_size; eval: a contiguous block, in order)."""
+    multiple of world_size; eval: a contiguous block, in order). Training yields (epoch, index) keys for
+    `SeededSamples`; evaluation yields plain indices."""
 
     def __init__(self, num_examples: int, rank: int, world_size: int, *, shuffle: bool, seed: int = 0,
                  epoch: int = 0) -> None:
@@ -87,12 +92,31 @@ class ShardSampler(Sampler[int]):
         order = torch.randperm(n, generator=g)[: n - n % w]
         return order[r::w].tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.skip:])
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        indices = self.indices()[self.skip:]
+        return iter([(self.epoch, i) for i in indices] if self.shuffle else indices)
 
     def __len__(self) -> int:
         n, r, w = self.num_examples, self.rank, self.world_size
         return (n // w if self.shuffle else (r + 1) * n // w - r * n // w) - self.skip
+
+
+class SeededSamples(Dataset):
+    """The training split indexed by (epoch, index): the example's random transforms draw from torch's generator
+    seeded by (seed, epoch, index), inside `fork_rng` so that the caller's generator (the main process's, with 0
+    workers) is left as it was."""
+
+    def __init__(self, dataset: datasets.ImageFolder, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed_from(self.seed, epoch, index))
+            return self.dataset[index]
 
 
 class StreamingTrainLoader:
@@ -139,14 +163,13 @@ class StreamingEvalLoader:
 
 
 def build_imagenet_loader(root: str | Path, split: str, batch_size: int, rank: int, world_size: int, seed: int,
-                          epoch: int, workers: int, image_size: int = 224) -> DataLoader:
+                          epoch: int, workers: int, image_size: int = 224, pin_memory: bool = False) -> DataLoader:
     """DataLoader over this rank's shard of `<root>/imagenet/<split>` (split: train | val).
 
     `batch_size` is per rank. Training batches are full (the incomplete last one is dropped, as in the official
     code); evaluation keeps every example. Scanning 1.28M files takes a while: build the loader once and move to
-    the next epoch with `loader.sampler.set_epoch(epoch)`. The workers' RNG seeds come from a generator seeded
-    with (seed, epoch, rank), so a rerun draws the same crops when `workers` > 0 (with 0 workers the transforms
-    use torch's global RNG).
+    the next epoch with `loader.sampler.set_epoch(epoch)`; the workers persist. Training crops and flips are
+    functions of (seed, epoch, index) (`SeededSamples`). `pin_memory`: for batches bound for a GPU.
     """
     if split not in SPLITS:
         raise ConfigError(f"ImageNet split must be one of {', '.join(SPLITS)} (got {split!r})")
@@ -156,13 +179,12 @@ def build_imagenet_loader(root: str | Path, split: str, batch_size: int, rank: i
     dataset = datasets.ImageFolder(str(folder), transform=train_transform(image_size) if train
                                    else eval_transform(image_size))
     sampler = ShardSampler(len(dataset), rank, world_size, shuffle=train, seed=seed, epoch=epoch)
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 4096 + rank)
     return DataLoader(
-        dataset,
+        SeededSamples(dataset, seed) if train else dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),  # pinned host memory only helps (and only exists) with a GPU
+        persistent_workers=workers > 0,  # not restarted (and the 1.28M-file list not re-sent) every epoch
+        pin_memory=pin_memory,
         drop_last=train,
-        generator=generator,
     )

@@ -7,22 +7,29 @@ Order and randomness are functions of (seed, epoch, batch index) only:
     the whole global batch; every rank slices its share.
 So a loader resumed at (epoch, position) continues exactly where an uninterrupted one would, and one process with
 batch 64 sees the same examples and the same augmentations as two processes with 32 each.
+
+No host-device copy per batch: when an epoch starts, this rank's indices and augmentation draws for the rest of
+the epoch are drawn on the CPU (the same values, batch by batch) and copied to the device in one go (from pinned
+memory on a GPU). AutoAugment, which works per image on the CPU, reads a CPU copy of the split (made once) and runs
+in a thread one batch ahead of training; only its result is copied to the device, without blocking.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 import torch
 
-from sam_repro.data.augment import BatchAugment, normalize
+from sam_repro.data.augment import BatchAugment, Draws, host_to_device, normalize
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant for seed mixing
 
 
-def _seed(*parts: int) -> int:
+def seed_from(*parts: int) -> int:
+    """A generator seed that is a function of `parts` (e.g. seed, epoch, batch index) only."""
     s = 0
     for p in parts:
         s = (s * _MIX + int(p) + 1) % (2**63 - 1)
@@ -56,6 +63,7 @@ class TrainLoader:
         self.local_batch = global_batch // world_size
         self.augment, self.seed = augment, seed
         self.cpu_augment = cpu_augment  # per-image augmentation on uint8 (AutoAugment), before the batched ops
+        self.cpu_images = images.cpu() if cpu_augment is not None else None  # what it reads (no copy on a CPU)
         self.epoch, self.position = 0, 0
 
     def __len__(self) -> int:
@@ -71,23 +79,48 @@ class TrainLoader:
         self.set_epoch(int(state["epoch"]), int(state["position"]))
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch))
+        g = torch.Generator().manual_seed(seed_from(self.seed, epoch))
         return torch.randperm(len(self.labels), generator=g)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = self.permutation(self.epoch)
+    def _plan(self, first: int) -> tuple[torch.Tensor, list[torch.Generator], Draws]:
+        """This rank's example indices (batches x local batch, on the CPU) for batches first, first + 1, ... of the
+        epoch, the generator of each batch after its augmentation draws (AutoAugment draws from it next), and the
+        draws themselves, stacked on the device."""
         lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
-        while self.position < len(self):
-            b = self.position
-            idx = perm[b * self.global_batch:(b + 1) * self.global_batch][lo:hi].to(self.images.device)
-            g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, b))
-            draws = self.augment.draw(self.global_batch, g).slice(lo, hi)
-            images = self.images[idx]
-            if self.cpu_augment is not None:
-                images = self.cpu_augment(images.cpu(), g).to(self.images.device)
-            x = self.augment(images, draws)
+        batches = self.permutation(self.epoch)[:len(self) * self.global_batch].view(len(self), self.global_batch)
+        generators = [torch.Generator().manual_seed(seed_from(self.seed, self.epoch, b))
+                      for b in range(first, len(self))]
+        draws = [self.augment.draw(self.global_batch, g).slice(lo, hi) for g in generators]
+        return batches[first:, lo:hi].contiguous(), generators, Draws.stack(draws, self.images.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cpu_indices, generators, draws = self._plan(self.position)
+        indices = host_to_device(cpu_indices, self.images.device)
+        autoaugmented = self._autoaugment_ahead(cpu_indices, generators) if self.cpu_augment is not None else None
+        for i in range(len(cpu_indices)):
+            images = self.images[indices[i]] if autoaugmented is None else next(autoaugmented)
+            x = self.augment(images, draws[i])
             self.position += 1  # counted before yielding: a checkpoint taken after this step resumes after it
-            yield x, self.labels[idx]
+            yield x, self.labels[indices[i]]
+
+    def _autoaugment_ahead(self, cpu_indices: torch.Tensor, generators: list[torch.Generator]
+                           ) -> Iterator[torch.Tensor]:
+        """The AutoAugmented uint8 images of each planned batch, on the device. Each batch is augmented in a thread
+        while the previous one trains; AutoAugment draws from the batch's own generator only, so the result does not
+        depend on the timing."""
+        pinned = self.images.device.type == "cuda"
+
+        def augment(i: int) -> torch.Tensor:
+            images = self.cpu_augment(self.cpu_images[cpu_indices[i]], generators[i])
+            return images.pin_memory() if pinned else images
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = pool.submit(augment, 0) if len(cpu_indices) else None
+            for i in range(len(cpu_indices)):
+                images = ahead.result()
+                if i + 1 < len(cpu_indices):
+                    ahead = pool.submit(augment, i + 1)
+                yield images.to(self.images.device, non_blocking=True)
 
 
 class EvalLoader:

@@ -168,6 +168,7 @@ RULES: dict[str, Rule] = {
     "trainer.grad_clip": number(positive=True, null=True),
     "trainer.label_smoothing": number(min=0, below=1),
     "trainer.precision": one_of(*PRECISIONS),
+    "trainer.tf32": flag(),
     "trainer.device": text(valid=is_device_spec, means=DEVICE_SPECS),
     "trainer.threads": integer(positive=True, null=True),
     "trainer.channels_last": flag(),
@@ -179,6 +180,7 @@ RULES: dict[str, Rule] = {
     "trainer.on_corrupt_checkpoint": one_of("error", "restart"),
     "trainer.resume": one_of("auto", "force"),
     "trainer.inject_nonfinite_at_step": integer(positive=True, null=True),
+    "trainer.inject_nonfinite_rank": integer(min=0, null=True),
     # ---- optimizer: sgd, then what the SAM family adds -----------------------------------------------------------
     "optimizer.name": one_of("sgd", *SAM_FAMILY),
     "optimizer.base": one_of(*BASE_OPTIMIZERS),
@@ -351,6 +353,8 @@ def validate(cfg: DictConfig, env) -> None:
             f"(dataset.in_channels={ds.in_channels}; got {show(list(ds[stat]))})",
         )
     world = env.world_size
+    rank = tr.inject_nonfinite_rank
+    _require(rank is None or rank < world, f"trainer.inject_nonfinite_rank ({rank}) must be a rank below {world}")
     _require(tr.batch_size % world == 0, f"trainer.batch_size ({tr.batch_size}) must divide evenly over {world} ranks")
     per_rank = tr.batch_size // world
     _require(

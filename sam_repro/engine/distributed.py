@@ -243,11 +243,12 @@ def is_device_spec(spec: object) -> bool:
     return _device_spec(spec) is not None
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+def resolve_device(spec: str, local_rank: int = 0, launcher: Launcher = "single") -> torch.device:
     """`device` config value -> torch.device. auto: this rank's GPU if CUDA is available, else the CPU.
 
-    A rank's GPU is cuda:<local rank>. When SLURM binds one GPU per task (CUDA_VISIBLE_DEVICES holds one id), every
-    rank sees a single device and uses cuda:0.
+    A rank's GPU is cuda:<local rank>. When SLURM binds one GPU per task (`--gpus-per-task=1`: each srun task sees
+    one device), every rank of an srun step uses its cuda:0. Any other launch with more local ranks than visible
+    GPUs (`torchrun --nproc_per_node=2` on a one-GPU machine) is an error: NCCL refuses two ranks on one GPU.
     """
     match = _device_spec(spec)
     if match is None:
@@ -269,11 +270,12 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", int(index))
     if local_rank < count:
         return torch.device("cuda", local_rank)
-    if count == 1:
+    if count == 1 and launcher == "slurm":
         return torch.device("cuda", 0)
     raise ConfigError(
-        f"device=cuda: local rank {local_rank} but only {count} GPUs are visible on this node; "
-        "start one rank per GPU (--ntasks-per-node = GPUs per node)"
+        f"device={spec}: local rank {local_rank} but only {count} GPU(s) visible on this node, and NCCL refuses two "
+        "ranks on one GPU; start at most one rank per GPU (torchrun --nproc_per_node, srun --ntasks-per-node), or "
+        "pass trainer.device=cpu for CPU ranks"
     )
 
 
@@ -288,7 +290,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     the same environment without re-initialising.
     """
     launch = read_launch_env()
-    torch_device = resolve_device(device, launch.local_rank)
+    torch_device = resolve_device(device, launch.local_rank, launch.launcher)
     backend: Literal["nccl", "gloo"] = "nccl" if torch_device.type == "cuda" else "gloo"
     if torch_device.type == "cuda":
         # Before any CUDA work: otherwise every rank of the node allocates a context on cuda:0.

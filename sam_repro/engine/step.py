@@ -12,10 +12,17 @@ For SAM, additionally, each group gets its own perturbation (m-sharpness, paper 
         w      = w                               optimizer.restore()
     average g_s over ranks (one all-reduce), clip, base optimizer step at w.
 
+Noise: dropout, Shake-Shake and ShakeDrop draw from the global generators. Before each group's clean pass they are
+seeded from (seed, step, global group index) (`StepContext.seed`, set by the trainer), and the perturbed pass
+replays that state: every virtual device has its own draws, as each of the paper's devices had its own key, and a
+group draws the same whether it runs inside one process or on a rank of its own, and after a resume.
+
 Mixed precision: bf16 autocast needs nothing else. fp16 scales the loss with a GradScaler; the first pass's
 gradients are unscaled inside first_step (eps is scale-free, the L2 term is not), the perturbed gradients are
-unscaled once by the scaler, and the scaler updates once per step. A first pass that overflows makes eps, hence
-the perturbed gradient, non-finite, so the scaler skips the step and lowers the scale: no parameter changes.
+unscaled once by the scaler, and the scaler updates once per step. The scale is passed as a device tensor (reading
+its value would wait for the GPU). A first pass that overflows makes eps, hence the perturbed gradient,
+non-finite, so the scaler skips the step and lowers the scale: no parameter changes. Whatever changes the gradient
+after the backward passes (the L2 term of SGD, LookSAM's direction) does so before the scaler's overflow check.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam_repro.data.loader import seed_from
 from sam_repro.models import set_true_gradient
 from sam_repro.optim.sam import SAM, add_l2_gradient_
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+NOISE_STREAM = 1  # keeps the noise seeds apart from the loader's (seed, epoch[, batch]) seeds
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,6 +99,18 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def group_noise(ctx: StepContext, group: int, device: torch.device) -> tuple:
+    """The RNG state this rank's group `group` draws its noise from (for the perturbed pass to replay). With
+    `ctx.seed` set, the CPU generator and `device`'s are first seeded from (seed, step, global group index);
+    without it (callers outside the trainer) they run on."""
+    if ctx.seed is not None:
+        seed = seed_from(ctx.seed, NOISE_STREAM, ctx.step, ctx.first_group + group)
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index].manual_seed(seed)
+    return rng_state(device)
+
+
 @torch.no_grad()
 def average_over_ranks(params: list[torch.Tensor]) -> None:
     """`.grad` <- its mean over ranks: one all-reduce of all gradients flattened into a single buffer.
@@ -120,6 +141,9 @@ class StepContext:
     grad_clip: float | None = None
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     scaler: torch.amp.GradScaler | None = None  # fp16 only
+    seed: int | None = None  # keys the noise of each group by (seed, step, global group); None: no reseeding
+    first_group: int = 0  # global index of this rank's first group (rank x groups per rank)
+    step: int = 0  # the optimizer step about to be taken (the trainer sets it before each step)
 
 
 @dataclass
@@ -145,15 +169,27 @@ def _scale(ctx: StepContext, loss: torch.Tensor) -> torch.Tensor:
     return ctx.scaler.scale(loss) if ctx.scaler is not None else loss
 
 
+def _loss_scale(ctx: StepContext, device: torch.device) -> torch.Tensor | float:
+    """The fp16 loss scale as a tensor on the device (`get_scale()` would synchronise); 1.0 without a scaler."""
+    return ctx.scaler.scale(torch.ones((), device=device)) if ctx.scaler is not None else 1.0
+
+
 def _base_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], ctx: StepContext,
-               add_l2: bool, before_clip: Callable[[], None] | None = None) -> torch.Tensor | None:
-    """Unscale (fp16), add the L2 gradient at w (SGD in l2 mode), [a variant's hook], clip, step, update."""
+               loss_scale: torch.Tensor | float, add_l2: bool, before_unscale: Callable[[], None] | None = None,
+               after_unscale: Callable[[], None] | None = None) -> torch.Tensor | None:
+    """[L2 gradient at w (SGD in l2 mode)], [a variant's change to the gradient], unscale (fp16: the overflow
+    check), [a variant's read of the final gradient], clip, step, update.
+
+    Everything that changes the gradient does so while it still carries the loss scale, so the scaler's overflow
+    check covers it (LookSAM's direction is scale-invariant in g: adding it to S*g gives S times the sum)."""
+    if add_l2:
+        add_l2_gradient_(optimizer.param_groups, loss_scale)
+    if before_unscale is not None:
+        before_unscale()
     if ctx.scaler is not None:
         ctx.scaler.unscale_(optimizer)
-    if add_l2:
-        add_l2_gradient_(optimizer.param_groups)
-    if before_clip is not None:
-        before_clip()
+    if after_unscale is not None:
+        after_unscale()
     total_norm = None
     if ctx.grad_clip:
         total_norm = torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip)
@@ -166,7 +202,7 @@ def _base_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], ctx
 
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             ctx: StepContext, before_clip: Callable[[], None] | None = None) -> StepStats:
+             ctx: StepContext, before_unscale: Callable[[], None] | None = None) -> StepStats:
     """Plain step with ghost-batch BatchNorm: the per-rank batch's gradient as the mean over its groups."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
@@ -174,7 +210,8 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
     bn = RunningStatsAverage(model, len(groups))
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for xg, yg in groups:
+    for i, (xg, yg) in enumerate(groups):
+        group_noise(ctx, i, x.device)
         loss, logits = _loss(model, xg, yg, ctx)
         _scale(ctx, loss * (len(xg) / len(x))).backward()
         bn.collect()
@@ -182,12 +219,12 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
         correct += (logits.argmax(1) == yg).sum()
     bn.finish()
     average_over_ranks(params)
-    _base_step(optimizer, params, ctx, add_l2=True, before_clip=before_clip)
+    _base_step(optimizer, params, ctx, _loss_scale(ctx, x.device), add_l2=True, before_unscale=before_unscale)
     return StepStats(loss_sum, correct, len(x))
 
 
 def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor, ctx: StepContext,
-             before_clip: Callable[[], None] | None = None) -> StepStats:
+             after_unscale: Callable[[], None] | None = None) -> StepStats:
     """SAM (Algorithm 1) with one perturbation per group of m examples; see the module docstring."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
@@ -196,13 +233,13 @@ def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor,
     zero = torch.zeros((), device=x.device)
     loss_sum, perturbed_sum, grad_norm, eps_norm = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    loss_scale = ctx.scaler.get_scale() if ctx.scaler is not None else 1.0
-    for xg, yg in groups:
+    loss_scale = _loss_scale(ctx, x.device)
+    for i, (xg, yg) in enumerate(groups):
         weight = len(xg) / len(x)
         sam_grads = [p.grad for p in params]  # the perturbed gradients of the earlier groups, set aside
         for p in params:
             p.grad = None
-        rng = rng_state(x.device)
+        rng = group_noise(ctx, i, x.device)  # this virtual device's dropout/shake draws
 
         # g_i = grad L(w) on this group alone (no all-reduce), so every group (device) gets its own eps.
         # Shake-Shake/ShakeDrop use their forward coefficient in this backward (official "true gradient").
@@ -231,13 +268,14 @@ def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor,
         eps_norm += optimizer.last_perturbation_norm.to(zero) * weight
     bn.finish()
     average_over_ranks(params)  # the paper's pmean of the per-device SAM gradients
-    _base_step(optimizer.base_optimizer, params, ctx, add_l2=False, before_clip=before_clip)
+    _base_step(optimizer.base_optimizer, params, ctx, loss_scale, add_l2=False, after_unscale=after_unscale)
     return StepStats(loss_sum, correct, len(x), perturbed_sum, grad_norm, eps_norm)
 
 
 def looksam_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepStats:
-    """LookSAM: a full SAM step every k steps (storing the direction it adds), a plain step pushed along that
-    direction in between (sam_repro/optim/looksam.py)."""
+    """LookSAM: a full SAM step every k steps (storing the direction it adds, from the unscaled SAM gradient), a
+    plain step pushed along that direction in between (added before fp16's overflow check;
+    sam_repro/optim/looksam.py)."""
     if optimizer.full_step_due():
-        return sam_step(model, optimizer, x, y, ctx, before_clip=optimizer.store_direction)
-    return sgd_step(model, optimizer.base_optimizer, x, y, ctx, before_clip=optimizer.apply_direction)
+        return sam_step(model, optimizer, x, y, ctx, after_unscale=optimizer.store_direction)
+    return sgd_step(model, optimizer.base_optimizer, x, y, ctx, before_unscale=optimizer.apply_direction)

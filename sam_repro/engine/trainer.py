@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sam_repro.data import build_data
+from sam_repro.engine import backends
 from sam_repro.engine.checkpoint import (atomic_write_json, load_checkpoint, remove_stale_temporaries,
                                          save_checkpoint)
 from sam_repro.engine.config import validate
@@ -31,6 +32,7 @@ from sam_repro.engine.preemption import StopSignal
 from sam_repro.engine.provenance import provenance
 from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
 from sam_repro.errors import CheckpointError, SamReproError
+from sam_repro.models import convert_sync_batchnorm
 from sam_repro.optim.factory import build_optimizer, build_schedule
 
 log = logging.getLogger("sam_repro")
@@ -66,6 +68,8 @@ def average_bn_stats(model: torch.nn.Module, env: DistEnv) -> None:
 def train(cfg: DictConfig, run_dir: Path, forced: list[dict] | None = None) -> dict:
     """Train (or resume, or report) the run described by `cfg` in `run_dir`; returns the summary. `forced` lists
     the configuration changes a `trainer.resume=force` start accepted (recorded in summary.json)."""
+    # Numerics first: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA work starts (init_distributed binds the GPU).
+    backends.configure(deterministic=bool(cfg.trainer.deterministic), tf32=bool(cfg.trainer.get("tf32", False)))
     env = init_distributed(cfg.trainer.device)
     try:
         summary = _train(cfg, Path(run_dir), env, forced or [])
@@ -94,12 +98,6 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
     _set_threads(cfg)
     device = env.device
     torch.manual_seed(cfg.seed)
-    if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.trainer.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     data = build_data(cfg, device, env.rank, env.world_size)
     model = _build_model(cfg, device)
@@ -138,12 +136,15 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
     train_model = torch.compile(model) if cfg.trainer.compile else model
 
     per_rank = cfg.trainer.batch_size // env.world_size
+    group_size = int(cfg.trainer.m or per_rank // cfg.trainer.accumulate)
     ctx = StepContext(
-        group_size=int(cfg.trainer.m or per_rank // cfg.trainer.accumulate),
+        group_size=group_size,
         label_smoothing=float(cfg.trainer.label_smoothing),
         grad_clip=cfg.trainer.grad_clip,
         autocast=autocast,
         scaler=scaler,
+        seed=int(cfg.seed),  # dropout/shake noise keyed by (seed, step, global group): each virtual device its own
+        first_group=env.rank * (per_rank // group_size),
     )
     take_step = {"sgd": sgd_step, "looksam": looksam_step}.get(cfg.optimizer.name, sam_step)
 
@@ -189,13 +190,17 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
             progress = Progress(cfg, env, epoch + 1, epochs, steps_per_epoch, start=data.train.position)
             stopped = capped = False
             for x, y in data.train:
+                ctx.step = step
                 stats = take_step(train_model, optimizer, x, y, ctx)
                 scheduler.step()
                 step += 1
-                if step == cfg.trainer.inject_nonfinite_at_step:  # fault tests only (a key left out of run identity)
+                if step == cfg.trainer.inject_nonfinite_at_step and cfg.trainer.get("inject_nonfinite_rank") in \
+                        (None, env.rank):  # fault tests only (keys left out of run identity)
                     stats.loss_sum = stats.loss_sum + float("nan")
                 totals.add(stats)
                 progress.update(totals, optimizer)
+                if step % cfg.trainer.log_every == 0:
+                    totals.check_finite(step)  # every rank: summed over ranks, so all stop at this step
                 stopped = stop.should_stop()  # every rank calls it every step: they agree on where to stop
                 capped = bool(cfg.trainer.max_steps) and step >= cfg.trainer.max_steps
                 if stopped or capped:
@@ -272,7 +277,7 @@ def _build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.trainer.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)  # timm's norm + activation layers keep their activation
     return model
 
 
@@ -316,22 +321,35 @@ def _rank_totals(saved: list[dict] | dict | None, env: DistEnv) -> dict | None:
         return saved[env.rank]
     if not env.is_main:
         return None
+    saved = [_EpochTotals.complete(s) for s in saved]
     merged = {k: sum(s[k] for s in saved) for k in (*_EpochTotals.KEYS, "count", "steps")}
     return merged | {"sam": any(s["sam"] for s in saved), "elapsed": max(s["elapsed"] for s in saved)}
 
 
 class _EpochTotals:
     """Running sums of a training epoch, on the device; read (and synchronised) only at log points. Saved in a
-    mid-epoch checkpoint so a resumed epoch reports the same training metrics as an uninterrupted one."""
+    mid-epoch checkpoint so a resumed epoch reports the same training metrics as an uninterrupted one.
 
-    KEYS = ("loss", "correct", "perturbed", "grad_norm", "eps_norm")
+    SAM's metrics (perturbed loss, sharpness, ||g||, ||eps||) leave out the steps whose values are non-finite: an
+    fp16 step whose first pass overflowed is skipped by the scaler, but its eps, perturbed loss and ||g|| are inf
+    or NaN. `sam_loss`, `sam_count` and `sam_steps` are the clean loss, examples and steps of the steps kept, so the
+    sharpness compares the same examples. The clean training loss keeps every step: a non-finite one stops the run.
+    """
+
+    KEYS = ("loss", "correct", "perturbed", "sam_loss", "grad_norm", "eps_norm", "sam_count", "sam_steps")
+    _BEFORE_MASKING = {"sam_loss": "loss", "sam_count": "count", "sam_steps": "steps"}  # older checkpoints
 
     def __init__(self, device: torch.device, saved: dict | None = None) -> None:
-        saved = saved or {}
+        saved = self.complete(saved or {})
         for k in self.KEYS:
             setattr(self, k, torch.tensor(saved.get(k, 0.0), device=device, dtype=torch.float64))
         self.count, self.steps, self.sam = saved.get("count", 0), saved.get("steps", 0), saved.get("sam", False)
         self._elapsed, self._start = saved.get("elapsed", 0.0), time.time()
+
+    @classmethod
+    def complete(cls, saved: dict) -> dict:
+        """A checkpoint's sums with the SAM-kept ones filled in (older checkpoints kept every step)."""
+        return {**{k: saved[old] for k, old in cls._BEFORE_MASKING.items() if old in saved}, **saved}
 
     def state_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self.KEYS}, "count": self.count, "steps": self.steps,
@@ -344,9 +362,14 @@ class _EpochTotals:
         self.steps += 1
         if s.perturbed_loss_sum is not None:
             self.sam = True
-            self.perturbed += s.perturbed_loss_sum
-            self.grad_norm += s.grad_norm
-            self.eps_norm += s.perturbation_norm
+            kept = (torch.isfinite(s.perturbed_loss_sum) & torch.isfinite(s.grad_norm)
+                    & torch.isfinite(s.perturbation_norm))
+            self.perturbed += torch.where(kept, s.perturbed_loss_sum, 0.0)
+            self.sam_loss += torch.where(kept, s.loss_sum, 0.0)
+            self.grad_norm += torch.where(kept, s.grad_norm, 0.0)
+            self.eps_norm += torch.where(kept, s.perturbation_norm, 0.0)
+            self.sam_count += kept * s.count
+            self.sam_steps += kept
 
     def seconds(self) -> float:
         return self._elapsed + time.time() - self._start
@@ -355,18 +378,20 @@ class _EpochTotals:
         return self.count * env.world_size / max(self.seconds(), 1e-9)
 
     def check_finite(self, step: int) -> None:
-        if self.count and not math.isfinite(float(self.loss)):
+        """NonFiniteLoss on every rank at once when the loss is non-finite on any: the loss sums are summed over
+        ranks (one all-reduce), so all ranks decide on the same number at the same step."""
+        if self.count and not math.isfinite(float(all_reduce_sum(self.loss))):
             raise NonFiniteLoss(f"training loss became non-finite by step {step}: lower optimizer.lr, set "
                                 f"trainer.grad_clip, or use trainer.precision=fp32")
 
     def summary(self, env: DistEnv) -> dict:
         extra = torch.tensor([float(self.count), float(self.steps)], device=self.loss.device, dtype=torch.float64)
         sums = torch.cat([torch.stack([getattr(self, k) for k in self.KEYS]), extra])
-        loss, correct, perturbed, gnorm, enorm, n, steps = all_reduce_sum(sums).tolist()
+        loss, correct, perturbed, sam_loss, gnorm, enorm, sam_n, sam_steps, n, steps = all_reduce_sum(sums).tolist()
         out = {"train_loss": loss / n, "train_error": 100.0 * (1 - correct / n)}
-        if self.sam:
-            out.update({"perturbed_loss": perturbed / n, "sharpness": (perturbed - loss) / n,
-                        "grad_norm": gnorm / steps, "perturbation_norm": enorm / steps})
+        if self.sam and sam_steps > 0:  # (none kept: every SAM step of the epoch overflowed, nothing to report)
+            out.update({"perturbed_loss": perturbed / sam_n, "sharpness": (perturbed - sam_loss) / sam_n,
+                        "grad_norm": gnorm / sam_steps, "perturbation_norm": enorm / sam_steps})
         return out
 
 

@@ -12,7 +12,8 @@ or on the command line (`model.depth=40`) override its defaults.
   ImageNet / finetuning, from timm (norm = batch only):
     resnet50 resnet101 resnet152, efficientnet_b0 ... efficientnet_b7 (timm_models.py)
 
-Models know nothing of SAM; the one hook the engine needs is `set_true_gradient` for the stochastic layers.
+Models know nothing of SAM; the one hook the engine needs is `set_true_gradient` for the stochastic layers, and
+`convert_sync_batchnorm` serves `trainer.sync_bn`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "ShakeShakeResNet",
     "WideResNet",
     "architecture_defaults",
+    "convert_sync_batchnorm",
     "create_model",
     "list_models",
     "load_pretrained",
@@ -102,3 +104,17 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, norm: str = 
         keys = ", ".join(f"model.{key}" for key in unknown)
         raise ConfigError(f"{keys} not understood by model {name!r}; its keys are: {', '.join(accepted)}")
     return constructor(num_classes=num_classes, in_channels=in_channels, norm=norm, **{**defaults, **kwargs})
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with every BatchNorm layer replaced by a SyncBatchNorm sharing its parameters and buffers.
+
+    timm's norm + activation layers (`BatchNormAct2d`, EfficientNet's) go through timm's converter, which keeps
+    their activation and dropout; torch's converter would turn them into a bare SyncBatchNorm, silently dropping the
+    activation. CIFAR models use torch's (importing timm costs seconds).
+    """
+    if any(type(m).__module__.startswith("timm.") for m in model.modules()):
+        from timm.layers import convert_sync_batchnorm as timm_convert
+
+        return timm_convert(model)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

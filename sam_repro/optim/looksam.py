@@ -14,8 +14,13 @@ exact only every k steps; Liu et al. report accuracy close to SAM for k = 5 on C
 gap grows with k. Under m-sharpness the stored direction comes from the group-averaged gradients.
 
 Gradient-only hooks for the engine: `full_step_due()` says which kind of step comes next; on full steps the engine
-runs the SAM step and calls `store_direction()` on the final SAM gradient (after the all-reduce, before clipping);
-on cheap steps it runs a plain step and calls `apply_direction()` before clipping.
+runs the SAM step and calls `store_direction()` on the final, unscaled SAM gradient (after the all-reduce, before
+clipping); on cheap steps it runs a plain step and calls `apply_direction()` before clipping and before fp16's
+overflow check (the update is scale-invariant in g, so it may run on the loss-scaled gradient).
+
+fp16: a full step whose gradients overflowed is skipped by the scaler, and its direction is not stored: the
+previous one (or none) stays, decided on the device without a synchronisation. A non-finite direction would
+otherwise be added to every following cheap step after the scaler's check and turn the weights into NaN.
 """
 
 from __future__ import annotations
@@ -65,8 +70,11 @@ class LookSAM(SAM):
         dot = sum((c * p.grad).sum() for c, p in zip(clean, params))
         g_sq = sum(c.pow(2).sum() for c in clean)
         coef = torch.where(g_sq > 0, dot / g_sq, torch.zeros_like(g_sq))
-        for c, p in zip(clean, params):
-            self.state[p]["g_v"] = p.grad - coef * c
+        directions = [p.grad - coef * c for c, p in zip(clean, params)]
+        finite = torch.isfinite(sum(v.pow(2).sum() for v in directions))  # false after an fp16 overflow
+        for v, p in zip(directions, params):
+            previous = self.state[p].get("g_v")
+            self.state[p]["g_v"] = torch.where(finite, v, torch.zeros_like(v) if previous is None else previous)
         self._clean_sum, self._clean_count = {}, 0
         self.steps_taken += 1
 

@@ -47,11 +47,12 @@ WEIGHT_DECAY_MODES = ("l2", "base_optimizer")
 
 
 @torch.no_grad()
-def add_l2_gradient_(param_groups: list[dict], scale: float = 1.0) -> None:
+def add_l2_gradient_(param_groups: list[dict], scale: float | torch.Tensor = 1.0) -> None:
     """`.grad += scale * l2_weight_decay * w` for every parameter (creating `.grad` if absent).
 
     The gradient of the official code's L2 term 0.5*wd*||w||^2; used by SAM at w + eps and by the engine for
-    plain SGD in l2 mode (before clipping, as the official code clips the full gradient).
+    plain SGD in l2 mode (before clipping, as the official code clips the full gradient). `scale` may be a 0-dim
+    tensor on the parameters' device (an fp16 loss scale), which is never read back to the host.
     """
     for group in param_groups:
         wd = group.get("l2_weight_decay", 0.0)
@@ -62,6 +63,8 @@ def add_l2_gradient_(param_groups: list[dict], scale: float = 1.0) -> None:
                 continue
             if p.grad is None:
                 p.grad = p.detach() * (wd * scale)
+            elif torch.is_tensor(scale):
+                p.grad.add_(p.detach() * (wd * scale))
             else:
                 p.grad.add_(p, alpha=wd * scale)
 
@@ -105,10 +108,11 @@ class SAM(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------------------
     # Algorithm 1
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scale: float = 1.0) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scale: float | torch.Tensor = 1.0) -> None:
         """w <- w + eps(g), with g the current `.grad` (divided by `grad_scale`, plus wd*w in l2 mode).
 
-        No host-device synchronisation: a zero gradient gives eps = 0 through a masked division.
+        No host-device synchronisation: a zero gradient gives eps = 0 through a masked division, and `grad_scale`
+        may be a 0-dim device tensor (an fp16 loss scale).
         """
         ascent = self._ascent_gradients(grad_scale)
         norm = self._ascent_norm(ascent)
@@ -137,7 +141,7 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def add_perturbed_weight_decay(self, scale: float = 1.0) -> None:
+    def add_perturbed_weight_decay(self, scale: float | torch.Tensor = 1.0) -> None:
         """In l2 mode, add scale * wd * (w + eps) to `.grad` (creating it if absent); call while perturbed.
 
         `second_step` calls it itself; an engine that accumulates several perturbed gradients calls it once per
@@ -185,16 +189,17 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------------------------
     # Helpers
-    def _ascent_gradients(self, grad_scale: float) -> dict[torch.Tensor, torch.Tensor]:
+    def _ascent_gradients(self, grad_scale: float | torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
         """The gradient that defines eps: .grad / grad_scale, plus wd*w in l2 mode."""
         ascent = {}
+        scaled = torch.is_tensor(grad_scale) or grad_scale != 1.0
         inv = 1.0 / grad_scale
         for group in self.param_groups:
             wd = group["l2_weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad if inv == 1.0 else p.grad * inv
+                g = p.grad * inv if scaled else p.grad
                 if wd != 0:
                     g = g.add(p, alpha=wd)
                 ascent[p] = g
@@ -239,4 +244,9 @@ class SAM(torch.optim.Optimizer):
         self.state = defaultdict(dict)
         for i, s in sam_state.items():
             p = params[int(i)]
-            self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in s.items()}
+            # onto the parameter's device (a checkpoint loads onto the CPU), floats in its dtype: as torch's own
+            # Optimizer.load_state_dict casts the base optimizer's state
+            self.state[p] = {
+                k: v.to(p.device, p.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+                for k, v in s.items()
+            }

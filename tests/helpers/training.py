@@ -51,3 +51,14 @@ def read_config(run_dir: Path) -> dict:
 def comparable(rows: list[dict]) -> list[dict]:
     """Metrics rows without their timings, which differ between any two runs."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def compose_config(*overrides: str):
+    """The composed `train` config with `overrides`, as sam-train composes it (for in-process checks)."""
+    from hydra import compose, initialize_config_module
+
+    from sam_repro.engine.rundir import register_resolvers
+
+    register_resolvers()
+    with initialize_config_module("sam_repro.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))

@@ -1,0 +1,100 @@
+"""A run's numerics (sam_repro/engine/backends.py): float32 is IEEE float32 unless `trainer.tf32=true`, set
+through PyTorch's fp32_precision API; deterministic mode sets CUBLAS_WORKSPACE_CONFIG; both before any CUDA work.
+The analyses run in IEEE float32. (That cuBLAS then accepts deterministic mode needs a GPU: benchmarks/gpu_check.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sam_repro.engine import trainer
+from sam_repro.engine.backends import CUBLAS_WORKSPACE_CONFIG, configure
+from sam_repro.engine.compat import has_fp32_precision_api, set_tf32
+
+pytestmark = pytest.mark.skipif(not has_fp32_precision_api(), reason="this PyTorch has only the legacy TF32 flags")
+
+
+def precisions() -> tuple[str, str]:
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+@pytest.fixture(autouse=True)
+def restore_backends(monkeypatch):
+    """Each test changes process-wide settings: put them back."""
+    before = precisions(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    yield
+    (matmul, conv), deterministic, benchmark = before
+    torch.backends.cuda.matmul.fp32_precision = matmul
+    torch.backends.cudnn.conv.fp32_precision = conv
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = benchmark
+
+
+def test_fp32_is_ieee_unless_tf32_is_asked_for():
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # PyTorch's default for cuDNN convolutions
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the legacy allow_tf32 flags warn (and raise when mixed with the new API)
+        configure(deterministic=False, tf32=False)
+        assert precisions() == ("ieee", "ieee")
+        configure(deterministic=False, tf32=True)
+        assert precisions() == ("tf32", "tf32")
+
+
+def test_deterministic_mode_sets_the_cublas_workspace(monkeypatch):
+    configure(deterministic=True, tf32=False)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE_CONFIG == ":4096:8"
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the other value cuBLAS accepts: left as the user set it
+    configure(deterministic=True, tf32=False)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    configure(deterministic=False, tf32=False)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+
+
+class Stop(Exception):
+    pass
+
+
+def test_the_trainer_sets_them_before_any_cuda_work(monkeypatch):
+    seen = {}
+
+    def first_cuda_work(device):  # init_distributed picks and binds the GPU: the trainer's first CUDA call
+        seen.update(
+            precisions=precisions(),
+            cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+        )
+        raise Stop
+
+    set_tf32(True)
+    monkeypatch.setattr(trainer, "init_distributed", first_cuda_work)
+    cfg = OmegaConf.create({"trainer": {"device": "cuda", "deterministic": True, "tf32": False}})
+    with pytest.raises(Stop):
+        trainer.train(cfg, "unused")
+    assert seen == {"precisions": ("ieee", "ieee"), "cublas": ":4096:8", "deterministic": True}
+
+
+@pytest.mark.parametrize("cli", ["eval", "analyze"])
+def test_the_analyses_run_in_ieee_fp32(cli, monkeypatch, tmp_path):
+    from sam_repro.cli import analyze
+    from sam_repro.cli import eval as eval_cli
+
+    seen = []
+
+    def open_run(*args, **kwargs):
+        seen.append(precisions())
+        raise Stop
+
+    set_tf32(True)
+    module = eval_cli if cli == "eval" else analyze
+    monkeypatch.setattr(module, "open_run", open_run)
+    argv = ["run", "--device", "cpu", "--no-progress"]
+    with pytest.raises(Stop):
+        module.main(argv if cli == "eval" else ["hessian", *argv, "--out", str(tmp_path)])
+    assert seen == [("ieee", "ieee")]
