@@ -44,17 +44,33 @@ def free_port() -> int:
 
 
 def torchrun(ranks: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *args,
+    ]
 
 
 def train(ranks: int, workdir: Path, args) -> dict:
     run = workdir / f"ranks{ranks}"
     run.mkdir()
-    overrides = [f"model={args.model}", f"trainer.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
-                 "trainer.epochs=1", f"dataset.train_subset={args.batch * args.steps}", "dataset.test_subset=1000",
-                 "logger.mode=disabled", "trainer.threads=1", f"optimizer={args.optimizer}", "hydra.run.dir=.",
-                 "trainer.device=cpu"]  # gloo ranks on the CPU, also on a GPU node: what this benchmark measures
+    overrides = [
+        f"model={args.model}",
+        f"trainer.batch_size={args.batch}",
+        f"trainer.max_steps={args.steps}",
+        "trainer.epochs=1",
+        f"dataset.train_subset={args.batch * args.steps}",
+        "dataset.test_subset=1000",
+        "logger.mode=disabled",
+        "trainer.threads=1",
+        f"optimizer={args.optimizer}",
+        "hydra.run.dir=.",
+        "trainer.device=cpu",
+    ]  # gloo ranks on the CPU, also on a GPU node: what this benchmark measures
     cmd = [str(BIN / "sam-train"), *overrides] if ranks == 1 else torchrun(ranks, "-m", "sam_repro.train", *overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=run, env=env, check=True, capture_output=True, text=True)
@@ -82,18 +98,24 @@ def main() -> int:
         allreduce = json.loads(out.stdout.strip().splitlines()[-1])
     step_time_two = args.batch / two["images_per_second"]
     result = {
-        "model": args.model, "optimizer": args.optimizer, "global_batch": args.batch, "steps": args.steps,
+        "model": args.model,
+        "optimizer": args.optimizer,
+        "global_batch": args.batch,
+        "steps": args.steps,
         "images_per_second": {"1_rank": one["images_per_second"], "2_ranks": two["images_per_second"]},
         "speedup_2_ranks": two["images_per_second"] / one["images_per_second"],
-        "allreduce_seconds_per_step": allreduce["median_s"], "gradient_numel": numel,
+        "allreduce_seconds_per_step": allreduce["median_s"],
+        "gradient_numel": numel,
         "allreduce_share_of_2_rank_step": allreduce["median_s"] / step_time_two,
         "note": "each rank has one thread; the machine's cores bound the speedup at their count",
         "provenance": provenance(),
     }
     atomic_write_json(RESULTS / "ddp_scaling.json", result)
-    print(f"1 rank {one['images_per_second']:.0f} img/s, 2 ranks {two['images_per_second']:.0f} img/s "
-          f"(speedup {result['speedup_2_ranks']:.2f}); all-reduce of {numel / 1e6:.2f} M gradients "
-          f"{allreduce['median_s'] * 1000:.1f} ms = {100 * result['allreduce_share_of_2_rank_step']:.1f}% of a step")
+    print(
+        f"1 rank {one['images_per_second']:.0f} img/s, 2 ranks {two['images_per_second']:.0f} img/s "
+        f"(speedup {result['speedup_2_ranks']:.2f}); all-reduce of {numel / 1e6:.2f} M gradients "
+        f"{allreduce['median_s'] * 1000:.1f} ms = {100 * result['allreduce_share_of_2_rank_step']:.1f}% of a step"
+    )
     return 0
 
 

@@ -98,9 +98,13 @@ def main() -> int:
     print(f"(sgd {statistics.median(times['sgd']) * 1000:.0f} ms/step, {args.model}, batch {args.batch}, {device})")
     result = {
         "what": "step time over SGD's, median over round-robin rounds",
-        "model": args.model, "batch": args.batch, "device": str(device), "repeats": args.repeats,
+        "model": args.model,
+        "batch": args.batch,
+        "device": str(device),
+        "repeats": args.repeats,
         "threads": torch.get_num_threads(),
-        "steps_per_round": args.steps, "ratios": ratios,
+        "steps_per_round": args.steps,
+        "ratios": ratios,
         "seconds_per_step": {k: v for k, v in times.items()},
         "provenance": provenance(),
     }

@@ -29,12 +29,23 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 NEUTRAL_KEYS = (
-    "logger", "hydra", "run_root", "dataset.root",
-    "trainer.progress", "trainer.log_every",
-    "trainer.eval_batch_size", "trainer.eval_every",
-    "trainer.device", "trainer.threads", "trainer.compile", "trainer.channels_last", "trainer.deterministic",
-    "trainer.on_corrupt_checkpoint", "trainer.resume",
-    "trainer.inject_nonfinite_at_step", "trainer.inject_nonfinite_rank",
+    "logger",
+    "hydra",
+    "run_root",
+    "dataset.root",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.eval_batch_size",
+    "trainer.eval_every",
+    "trainer.device",
+    "trainer.threads",
+    "trainer.compile",
+    "trainer.channels_last",
+    "trainer.deterministic",
+    "trainer.on_corrupt_checkpoint",
+    "trainer.resume",
+    "trainer.inject_nonfinite_at_step",
+    "trainer.inject_nonfinite_rank",
 )
 RUN_NAME_NEUTRAL = NEUTRAL_KEYS + ("seed", "experiment")
 IDENTITY_NEUTRAL = NEUTRAL_KEYS

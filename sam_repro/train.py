@@ -100,9 +100,11 @@ def _write_hydra_record(hc, task_cfg: DictConfig, run_dir: Path) -> None:
     """What Hydra writes into `<run_dir>/.hydra/` itself when `hydra.output_subdir` is set."""
     from sam_repro.engine.checkpoint import atomic_write_bytes
 
-    record = {"config.yaml": OmegaConf.to_container(task_cfg),
-              "hydra.yaml": {"hydra": OmegaConf.to_container(hc)},
-              "overrides.yaml": list(hc.overrides.task)}
+    record = {
+        "config.yaml": OmegaConf.to_container(task_cfg),
+        "hydra.yaml": {"hydra": OmegaConf.to_container(hc)},
+        "overrides.yaml": list(hc.overrides.task),
+    }
     for name, content in record.items():
         text = OmegaConf.to_yaml(OmegaConf.create(redact(content))).encode()
         atomic_write_bytes(run_dir / HYDRA_RECORD / name, lambda f, text=text: f.write(text))

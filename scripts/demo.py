@@ -67,8 +67,10 @@ def run_demo(experiment: str, extra: list[str]) -> int:
     print("| optimizer | test error % | best test error % | epochs | train time (s) | images/s |")
     print("|---|---|---|---|---|---|")
     for name, (s, _, _) in results.items():
-        print(f"| {name} | {s['test_error']:.2f} | {s['best_test_error']:.2f} | {s['epochs']} | "
-              f"{s['wall_time_s']:.0f} | {s['images_per_second']:.0f} |")
+        print(
+            f"| {name} | {s['test_error']:.2f} | {s['best_test_error']:.2f} | {s['epochs']} | "
+            f"{s['wall_time_s']:.0f} | {s['images_per_second']:.0f} |"
+        )
     diff = results["sam"][0]["test_error"] - results["sgd"][0]["test_error"]
     print(f"\nSAM - SGD: {diff:+.2f} points (one seed each; see README for what this scale shows).")
     print("Run directories:", *(str(r[2].relative_to(ROOT)) for r in results.values()), sep="\n  ")

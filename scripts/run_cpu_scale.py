@@ -31,16 +31,26 @@ KEEP = ("config.yaml", "metrics.jsonl", "summary.json")
 
 
 def grid(seeds: list[int], noises: list[float], optimizers: list[str], extra: list[str]) -> list[list[str]]:
-    jobs = [[f"dataset.label_noise={noise}", f"optimizer={opt}", f"seed={seed}", *extra]
-            for seed in seeds for noise in noises for opt in optimizers]
+    jobs = [
+        [f"dataset.label_noise={noise}", f"optimizer={opt}", f"seed={seed}", *extra]
+        for seed in seeds
+        for noise in noises
+        for opt in optimizers
+    ]
     return sorted(jobs, key=lambda job: "optimizer=sgd" in job)  # stable: SAM-family runs first
 
 
 def run_one(experiment: str, overrides: list[str], results: Path) -> tuple[list[str], int, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    cmd = [str(BIN / "sam-train"), f"experiment={experiment}", "trainer.threads=1", "trainer.progress=log",
-           "trainer.log_every=1000", *overrides]
+    cmd = [
+        str(BIN / "sam-train"),
+        f"experiment={experiment}",
+        "trainer.threads=1",
+        "trainer.progress=log",
+        "trainer.log_every=1000",
+        *overrides,
+    ]
     rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seed = next(o.split("=")[1] for o in overrides if o.startswith("seed="))
     rel = Path(run_name(experiment, overrides)) / f"seed{seed}"
@@ -60,8 +70,12 @@ def main() -> int:
     ap.add_argument("--noise", type=float, nargs="+", default=[0.4, 0.0], help="label-noise rates (default 0.4 0.0)")
     ap.add_argument("--optimizers", nargs="+", default=["sgd", "sam"])
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
-    ap.add_argument("--results", type=Path, default=ROOT / "results" / "cpu_scale",
-                    help="where finished runs are copied, under runs/ (default results/cpu_scale)")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "results" / "cpu_scale",
+        help="where finished runs are copied, under runs/ (default results/cpu_scale)",
+    )
     args = ap.parse_args()
     jobs = grid(args.seeds, args.noise, args.optimizers, args.set)
     with ThreadPoolExecutor(args.workers) as pool:

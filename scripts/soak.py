@@ -41,9 +41,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["model=resnet8", "dataset.train_subset=256", "dataset.test_subset=200", "trainer.batch_size=64",
-       "trainer.eval_batch_size=200", "trainer.m=16", "optimizer=sam", "trainer.epochs=4", "trainer.threads=1",
-       "trainer.device=cpu", "logger.mode=disabled", "trainer.progress=log", "trainer.log_every=1"]
+RUN = [
+    "model=resnet8",
+    "dataset.train_subset=256",
+    "dataset.test_subset=200",
+    "trainer.batch_size=64",
+    "trainer.eval_batch_size=200",
+    "trainer.m=16",
+    "optimizer=sam",
+    "trainer.epochs=4",
+    "trainer.threads=1",
+    "trainer.device=cpu",
+    "logger.mode=disabled",
+    "trainer.progress=log",
+    "trainer.log_every=1",
+]
 TIMING = {"images_per_second", "epoch_time_s"}
 STEP_LINE = " step "  # Progress' log line for every optimizer step (trainer.log_every=1)
 
@@ -76,7 +88,7 @@ def _child(argv: list[str]) -> None:
             os.kill(os.getpid(), signal.Signals[arg])
         elif fault == "enospc-at" and calls[0] == int(arg):
             raise OSError(28, "No space left on device")
-        f.write(data[len(data) // 2:])
+        f.write(data[len(data) // 2 :])
 
     if fault in ("hold-write", "signal-in-write", "enospc-at"):
         torch.save = half_written
@@ -120,15 +132,20 @@ class Soak:
     n: int = 0
 
     # ---- running ----------------------------------------------------------------------------------------------
-    def launch(self, runs: Path, extra: list[str] = (), fault: tuple[str, str] | None = None,
-               env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    def launch(
+        self, runs: Path, extra: list[str] = (), fault: tuple[str, str] | None = None, env: dict | None = None
+    ) -> tuple[subprocess.Popen, Path]:
         self.n += 1
         log = self.work / "logs" / f"{self.n:03d}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *(fault or ("none", "-")), "--",
-               *RUN, *extra]
-        child_env = {**os.environ, "SAM_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                     **(env or {})}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *(fault or ("none", "-")), "--", *RUN, *extra]
+        child_env = {
+            **os.environ,
+            "SAM_RUNS_DIR": str(runs),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
         with open(log, "w") as out:
             return subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=out, stderr=subprocess.STDOUT), log
 
@@ -147,8 +164,11 @@ class Soak:
     def outcome(self, run_dir: Path) -> tuple[list[dict], dict]:
         from sam_repro.engine.checkpoint import load_checkpoint
 
-        rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = [
+            {k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
         return rows, load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
 
     def equals_reference(self, run_dir: Path) -> tuple[bool, str]:
@@ -189,13 +209,20 @@ class Soak:
                 fault = ("hold-write", str(self.work / "never")) if mid_write else None
                 stale = set(runs.rglob(".last.pt.*.tmp"))
                 proc, log = self.launch(runs, fault=fault)
-                landed = (self._kill_in_write(proc, runs, stale) if mid_write
-                          else self._kill_after_steps(proc, log, self.rng.randint(1, 12)))
+                landed = (
+                    self._kill_in_write(proc, runs, stale)
+                    if mid_write
+                    else self._kill_after_steps(proc, log, self.rng.randint(1, 12))
+                )
                 proc.wait()
                 if not landed:  # finished (or failed) before the kill came
                     break
-                pending.append(Fault("kill -9 " + ("mid-write" if mid_write else "in training"),
-                                     f"life {life}, attempt {len(pending) + 1}"))
+                pending.append(
+                    Fault(
+                        "kill -9 " + ("mid-write" if mid_write else "in training"),
+                        f"life {life}, attempt {len(pending) + 1}",
+                    )
+                )
                 broken = self._checkpoint_broken(runs)
                 if broken:
                     pending[-1].note = broken
@@ -271,8 +298,12 @@ class Soak:
 
     def wandb_failure(self) -> None:
         runs = self.work / "wandb"
-        rc, out = self.run(runs, ["logger.mode=offline"], fault=("wandb-fail-after", "2"),
-                           env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+        rc, out = self.run(
+            runs,
+            ["logger.mode=offline"],
+            fault=("wandb-fail-after", "2"),
+            env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        )
         fault = Fault("W&B fails mid-run", "after 2 logged epochs")
         if rc != 0 or "W&B log failed" not in out:
             fault.note = f"exit {rc}; warning {'present' if 'W&B log failed' in out else 'missing'}"
@@ -310,7 +341,7 @@ class Soak:
         subprocess.run(sam_data, env=env, capture_output=True, text=True, check=True)
         cache = self.data_dir / "fashion_mnist" / sources.CACHE_NAME
         raw = bytearray(cache.read_bytes())
-        raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(64)
+        raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
         cache.write_bytes(bytes(raw))
         fault = Fault("damaged data cache", str(cache.relative_to(self.work)))
         proc = subprocess.run(sam_data, env=env, capture_output=True, text=True)
@@ -377,9 +408,18 @@ def main() -> int:
         from sam_repro.engine.checkpoint import atomic_write_json
         from sam_repro.engine.provenance import provenance
 
-        atomic_write_json(args.out, {"injected": injected, "recovered": recovered, "lost": injected - recovered,
-                                     "seconds": time.time() - start, "faults": [asdict(f) for f in soak.faults],
-                                     "run": RUN, "provenance": provenance()})
+        atomic_write_json(
+            args.out,
+            {
+                "injected": injected,
+                "recovered": recovered,
+                "lost": injected - recovered,
+                "seconds": time.time() - start,
+                "faults": [asdict(f) for f in soak.faults],
+                "run": RUN,
+                "provenance": provenance(),
+            },
+        )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     print(f"soak: {injected} faults injected, {recovered} recovered, {injected - recovered} lost", flush=True)

@@ -80,21 +80,23 @@ def test_sam_eval_and_sam_analyze_refuse_it_in_one_line(tmp_path, capsys):
     assert eval_cli.main([str(path), "--no-progress"]) == 2
     assert analyze.main(["hessian", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line]
-    assert len(lines) == 2 and all(line.startswith("error: checkpoint ") and "refused unread" in line
-                                   for line in lines)
+    assert len(lines) == 2 and all(line.startswith("error: checkpoint ") and "refused unread" in line for line in lines)
     assert not marker.exists() and not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError):
         open_run(path)
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("switches", [
-    ["optimizer=sgd"],
-    ["optimizer=sam", "trainer.m=32"],
-    ["optimizer=asam"],
-    ["optimizer=looksam", "optimizer.k=2", "trainer.max_steps=3"],
-    ["optimizer=sam", "trainer.precision=fp16"],
-])
+@pytest.mark.parametrize(
+    "switches",
+    [
+        ["optimizer=sgd"],
+        ["optimizer=sam", "trainer.m=32"],
+        ["optimizer=asam"],
+        ["optimizer=looksam", "optimizer.k=2", "trainer.max_steps=3"],
+        ["optimizer=sam", "trainer.precision=fp16"],
+    ],
+)
 def test_everything_sam_train_writes_loads_weights_only(tmp_path, switches):
     proc = train(tmp_path, *RUN_ARGS, "trainer.max_steps=2", *switches, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -117,8 +119,15 @@ def test_resume_restores_the_rng_from_cpu_tensors_whatever_torch_load_would_map(
     from sam_repro.engine.trainer import train as train_in_process
 
     def config(*overrides):
-        return compose_config(*TINY, "trainer.device=cpu", "trainer.progress=off", "optimizer=looksam",
-                              "optimizer.k=3", "trainer.epochs=2", *overrides)
+        return compose_config(
+            *TINY,
+            "trainer.device=cpu",
+            "trainer.progress=off",
+            "optimizer=looksam",
+            "optimizer.k=3",
+            "trainer.epochs=2",
+            *overrides,
+        )
 
     reference = tmp_path / "reference"
     train_in_process(config(), reference)

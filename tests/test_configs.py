@@ -19,10 +19,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "sam_repro" / "configs"
 GROUPS = ("dataset", "model", "augment", "optimizer", "schedule", "trainer", "logger")
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONFIGS / g).glob("*.yaml"))]
 SCHEMA_OPTIONS = [(g, o) for g, o in OPTIONS if g in SCHEMA_GROUPS]
-PRESETS = [f"{group}={f.relative_to(CONFIGS / group).with_suffix('')}" for group in ("experiment", "debug")
-           for f in sorted((CONFIGS / group).rglob("*.yaml"))]
-REQUIRED_BY_PRESET = {"experiment=table4/resnet32_noise": ["dataset.label_noise=0.4"],  # what a preset asks for
-                      "experiment=table3/efficientnet_b7": ["model.pretrained_path=/ckpt/b7.pth"]}
+PRESETS = [
+    f"{group}={f.relative_to(CONFIGS / group).with_suffix('')}"
+    for group in ("experiment", "debug")
+    for f in sorted((CONFIGS / group).rglob("*.yaml"))
+]
+REQUIRED_BY_PRESET = {
+    "experiment=table4/resnet32_noise": ["dataset.label_noise=0.4"],  # what a preset asks for
+    "experiment=table3/efficientnet_b7": ["model.pretrained_path=/ckpt/b7.pth"],
+}
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
 
 
@@ -43,46 +48,62 @@ def test_defaults_validate():
     validate(compose_train(), CPU)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("trainer.epochs=0", "trainer.epochs"), ("trainer.batch_size=0", "trainer.batch_size"),
-    ("trainer.accumulate=3", "trainer.accumulate"), ("trainer.m=7", "trainer.m"),
-    ("trainer.grad_clip=-1", "trainer.grad_clip"), ("dataset.label_noise=1.5", "dataset.label_noise"),
-    ("optimizer.lr=0", "optimizer.lr"), ("trainer.sync_bn=true", "trainer.sync_bn"),
-    ("trainer.eval_every=0", "trainer.eval_every"), ("optimizer.momentum=0", "optimizer.nesterov"),
-    ("dataset.mean=[0.5]", "dataset.mean"), ("trainer.tf32=maybe", "trainer.tf32"),
-    ("trainer.inject_nonfinite_rank=1", "trainer.inject_nonfinite_rank"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("trainer.accumulate=3", "trainer.accumulate"),
+        ("trainer.m=7", "trainer.m"),
+        ("trainer.grad_clip=-1", "trainer.grad_clip"),
+        ("dataset.label_noise=1.5", "dataset.label_noise"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("trainer.sync_bn=true", "trainer.sync_bn"),
+        ("trainer.eval_every=0", "trainer.eval_every"),
+        ("optimizer.momentum=0", "optimizer.nesterov"),
+        ("dataset.mean=[0.5]", "dataset.mean"),
+        ("trainer.tf32=maybe", "trainer.tf32"),
+        ("trainer.inject_nonfinite_rank=1", "trainer.inject_nonfinite_rank"),
+    ],
+)
 def test_invalid_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_train(override), CPU)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["trainer.epochs=abc"], "trainer.epochs must be an integer (got 'abc')"),
-    (["trainer.epochs=2.0"], "trainer.epochs must be an integer (got 2.0)"),
-    (["trainer.epoch_scale=0"], "trainer.epoch_scale must be positive (got 0)"),
-    (["trainer.compile=1"], "trainer.compile must be true or false (got 1)"),
-    (["trainer.progress=loud"], "trainer.progress must be one of auto, bar, log, off (got 'loud')"),
-    (["trainer.device=gpu"], "trainer.device must be auto, cpu, cuda or cuda:N (got 'gpu')"),
-    (["trainer.max_steps=0"], "trainer.max_steps must be positive or null (got 0)"),
-    (["optimizer.lr=inf"], "optimizer.lr must be a finite number (got inf)"),
-    (["optimizer=sam", "optimizer.p=1"], "optimizer.p must be one of 2, inf (got 1)"),
-    (["augment.crop=1"], "augment.crop must be one of true, false, inception (got 1)"),
-    (["augment.autoaugment=cifar100"], "augment.autoaugment must be one of cifar10, svhn, imagenet or null"),
-    (["dataset.std=[0.2,0,0.2]"], "dataset.std must be a list of positive numbers (got [0.2, 0, 0.2])"),
-    (["logger.tags=[a,1]"], "logger.tags must be a list of strings (got ['a', 1])"),
-    (["+trainer.foo=1"], "unknown key trainer.foo: the trainer group has no such setting"),
-    (["+trainer.epoch=1"], "unknown key trainer.epoch: the trainer group has no such setting (did you mean "
-                           "trainer.epochs?)"),
-    (["+logger.rho=1"], "unknown key logger.rho"),
-    (["~trainer.epochs"], "trainer.epochs is missing; give it a value (+trainer.epochs=...)"),
-    (["trainer.epochs=???"], "trainer.epochs has no value (???)"),
-    (["experiment=table4/resnet32_noise"], "dataset.label_noise must be set on the command line: this preset "
-                                           "requires it"),
-    (["experiment=table3/efficientnet_b7"], "model.pretrained_path must be set on the command line"),
-    (["+paper.x=${nope}"], "paper.x: Interpolation key 'nope' not found"),
-    (["seed=-1"], "seed must be >= 0 (got -1)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.epochs=abc"], "trainer.epochs must be an integer (got 'abc')"),
+        (["trainer.epochs=2.0"], "trainer.epochs must be an integer (got 2.0)"),
+        (["trainer.epoch_scale=0"], "trainer.epoch_scale must be positive (got 0)"),
+        (["trainer.compile=1"], "trainer.compile must be true or false (got 1)"),
+        (["trainer.progress=loud"], "trainer.progress must be one of auto, bar, log, off (got 'loud')"),
+        (["trainer.device=gpu"], "trainer.device must be auto, cpu, cuda or cuda:N (got 'gpu')"),
+        (["trainer.max_steps=0"], "trainer.max_steps must be positive or null (got 0)"),
+        (["optimizer.lr=inf"], "optimizer.lr must be a finite number (got inf)"),
+        (["optimizer=sam", "optimizer.p=1"], "optimizer.p must be one of 2, inf (got 1)"),
+        (["augment.crop=1"], "augment.crop must be one of true, false, inception (got 1)"),
+        (["augment.autoaugment=cifar100"], "augment.autoaugment must be one of cifar10, svhn, imagenet or null"),
+        (["dataset.std=[0.2,0,0.2]"], "dataset.std must be a list of positive numbers (got [0.2, 0, 0.2])"),
+        (["logger.tags=[a,1]"], "logger.tags must be a list of strings (got ['a', 1])"),
+        (["+trainer.foo=1"], "unknown key trainer.foo: the trainer group has no such setting"),
+        (
+            ["+trainer.epoch=1"],
+            "unknown key trainer.epoch: the trainer group has no such setting (did you mean trainer.epochs?)",
+        ),
+        (["+logger.rho=1"], "unknown key logger.rho"),
+        (["~trainer.epochs"], "trainer.epochs is missing; give it a value (+trainer.epochs=...)"),
+        (["trainer.epochs=???"], "trainer.epochs has no value (???)"),
+        (
+            ["experiment=table4/resnet32_noise"],
+            "dataset.label_noise must be set on the command line: this preset requires it",
+        ),
+        (["experiment=table3/efficientnet_b7"], "model.pretrained_path must be set on the command line"),
+        (["+paper.x=${nope}"], "paper.x: Interpolation key 'nope' not found"),
+        (["seed=-1"], "seed must be >= 0 (got -1)"),
+    ],
+)
 def test_schema_refusals_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as refused:
         validate_config(compose_train(*overrides))
@@ -95,8 +116,10 @@ def _group_leaves(cfg, group) -> list[str]:
 
 def test_every_leaf_of_every_option_has_a_rule():
     # A key added to an option file (or to a preset) without its rule in sam_repro/engine/config.py fails here.
-    without = {f"{group}={option}": [k for k in _group_leaves(compose_train(f"{group}={option}"), group)
-                                     if k not in RULES] for group, option in SCHEMA_OPTIONS}
+    without = {
+        f"{group}={option}": [k for k in _group_leaves(compose_train(f"{group}={option}"), group) if k not in RULES]
+        for group, option in SCHEMA_OPTIONS
+    }
     assert not {o: keys for o, keys in without.items() if keys}, "add a rule per key to RULES"
 
 

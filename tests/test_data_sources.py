@@ -40,10 +40,13 @@ from sam_repro.errors import DataError
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "sam_repro" / "configs"
 
 
-def tiny_splits(num_classes: int = 10, n_train: int = 20, n_test: int = 6, shape=(32, 32, 3), seed: int = 0
-                ) -> Splits:
-    return Splits(random_images(n_train, shape, seed), random_labels(n_train, num_classes, seed),
-                  random_images(n_test, shape, seed + 10), random_labels(n_test, num_classes, seed + 10))
+def tiny_splits(num_classes: int = 10, n_train: int = 20, n_test: int = 6, shape=(32, 32, 3), seed: int = 0) -> Splits:
+    return Splits(
+        random_images(n_train, shape, seed),
+        random_labels(n_train, num_classes, seed),
+        random_images(n_test, shape, seed + 10),
+        random_labels(n_test, num_classes, seed + 10),
+    )
 
 
 def assert_splits_equal(actual: Splits, expected: Splits) -> None:
@@ -55,6 +58,7 @@ def assert_splits_equal(actual: Splits, expected: Splits) -> None:
 @pytest.fixture
 def offline(monkeypatch):
     """Every official host and npm unreachable, as on a machine without network."""
+
     def unreachable_url(url, dest, md5, **_):
         raise download.Unreachable(f"{url}: [Errno -2] Name or service not known")
 
@@ -77,6 +81,7 @@ def md5(path: Path) -> str:
 
 
 # ---- checksums --------------------------------------------------------------------------------------------------
+
 
 def test_sha256_is_that_of_tobytes_even_for_views():
     images = random_images(3)
@@ -111,6 +116,7 @@ def test_md5_verification_catches_one_flipped_byte(tmp_path):
 
 # ---- downloads (file:// URLs stand in for a host) ---------------------------------------------------------------
 
+
 def test_download_writes_the_verified_file_atomically(tmp_path):
     source = tmp_path / "remote.bin"
     source.write_bytes(os.urandom(3000))
@@ -136,6 +142,7 @@ def test_download_from_a_missing_host_is_unreachable(tmp_path):
 
 
 # ---- CIFAR readers ----------------------------------------------------------------------------------------------
+
 
 def test_pickle_batch_decodes_chw_planes_to_hwc():
     # Closed form of the official layout: row i = 1024 red values, then green, then blue, each row-major.
@@ -188,6 +195,7 @@ def test_cifar_archive_missing_a_batch_is_named(tmp_path):
 
 # ---- SVHN and Fashion-MNIST readers -------------------------------------------------------------------------------
 
+
 def test_svhn_reader_layout_labels_and_concatenation(tmp_path):
     import scipy.io
 
@@ -229,6 +237,7 @@ def write_fashion_mnist(folder: Path, splits: Splits) -> None:
 
 
 # ---- prepare / load_arrays ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def tiny_cifar100(tmp_path, monkeypatch):
@@ -290,8 +299,12 @@ def test_consistent_cache_with_wrong_published_checksums_is_not_used(tmp_path, o
     splits = tiny_splits()
     (tmp_path / "cifar10").mkdir()
     archive = write_cifar10_archive(tmp_path / "cifar10" / "cifar-10-python.tar.gz", splits[:2], splits[2:])
-    spec = use_spec(monkeypatch, "cifar10", files=(RemoteFile(archive.name, "https://unused/", md5(archive)),),
-                    sha256=splits_sha256(splits))
+    spec = use_spec(
+        monkeypatch,
+        "cifar10",
+        files=(RemoteFile(archive.name, "https://unused/", md5(archive)),),
+        sha256=splits_sha256(splits),
+    )
     other = tiny_splits(seed=5)  # self-consistent, but not the dataset
     sources._write_cache(tmp_path / "cifar10" / "prepared.npz", spec, other, splits_sha256(other), "elsewhere")
     np.testing.assert_array_equal(load_arrays("cifar10", tmp_path).train_images, splits.train_images)
@@ -308,8 +321,7 @@ def test_placed_file_with_wrong_md5_is_an_error_naming_it(tmp_path, offline, tin
 def test_official_file_is_downloaded_when_absent(tmp_path, monkeypatch):
     splits = tiny_splits(num_classes=100)
     remote = write_cifar100_archive(tmp_path / "remote.tar.gz", splits[:2], splits[2:])
-    use_spec(monkeypatch, "cifar100",
-             files=(RemoteFile("cifar-100-python.tar.gz", remote.as_uri(), md5(remote)),))
+    use_spec(monkeypatch, "cifar100", files=(RemoteFile("cifar-100-python.tar.gz", remote.as_uri(), md5(remote)),))
     root = tmp_path / "data"
     prepare("cifar100", root)
     assert md5(root / "cifar100" / "cifar-100-python.tar.gz") == md5(remote)  # kept for --force rebuilds
@@ -377,8 +389,10 @@ def test_fashion_mnist_falls_back_to_the_debian_files(tmp_path, offline, monkeyp
 
 
 def test_svhn_extra_trains_on_train_then_extra(tmp_path, offline, monkeypatch):
-    parts = {name: (random_images(n, seed=n), random_labels(n, 10, seed=n))
-             for name, n in (("train_32x32.mat", 4), ("extra_32x32.mat", 5), ("test_32x32.mat", 3))}
+    parts = {
+        name: (random_images(n, seed=n), random_labels(n, 10, seed=n))
+        for name, n in (("train_32x32.mat", 4), ("extra_32x32.mat", 5), ("test_32x32.mat", 3))
+    }
     (tmp_path / "svhn").mkdir()
     files = []
     for name, (images, labels) in parts.items():
@@ -387,16 +401,17 @@ def test_svhn_extra_trains_on_train_then_extra(tmp_path, offline, monkeypatch):
     use_spec(monkeypatch, "svhn_extra", files=tuple(files))
     use_spec(monkeypatch, "svhn", files=(files[0], files[2]))
     extra, plain = load_arrays("svhn_extra", tmp_path), load_arrays("svhn", tmp_path)
-    np.testing.assert_array_equal(extra.train_images, np.concatenate([parts["train_32x32.mat"][0],
-                                                                      parts["extra_32x32.mat"][0]]))
+    np.testing.assert_array_equal(
+        extra.train_images, np.concatenate([parts["train_32x32.mat"][0], parts["extra_32x32.mat"][0]])
+    )
     np.testing.assert_array_equal(plain.train_labels, parts["train_32x32.mat"][1])
     np.testing.assert_array_equal(extra.test_images, plain.test_images)
     # One copy of the official files (in svhn/) serves both datasets; each has its own cache.
-    assert sorted(p.name for p in (tmp_path / "svhn_extra").iterdir() if not p.name.startswith(".")) == [
-        "prepared.npz"]
+    assert sorted(p.name for p in (tmp_path / "svhn_extra").iterdir() if not p.name.startswith(".")) == ["prepared.npz"]
 
 
 # ---- sam-data -----------------------------------------------------------------------------------------------------
+
 
 def test_sam_data_prints_one_summary_line(tmp_path, offline, tiny_cifar100, capsys):
     from sam_repro.cli.data import main
@@ -430,6 +445,7 @@ def test_channel_stats_match_numpy():
 
 
 # ---- dataset configs ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["svhn", "svhn_extra", "fashion_mnist", "imagenet"])
 def test_dataset_configs_compose_with_the_cifar10_keys(name, monkeypatch, tmp_path):
@@ -486,6 +502,7 @@ def test_prepared_cifar10_matches_the_published_checksums():
 
 # ---- ImageNet folders ---------------------------------------------------------------------------------------------
 
+
 def write_image_folder(root: Path, split: str, colours: dict[str, list[tuple[int, int, int]]]) -> None:
     for wnid, images in colours.items():
         (root / "imagenet" / split / wnid).mkdir(parents=True)
@@ -497,21 +514,26 @@ def write_image_folder(root: Path, split: str, colours: dict[str, list[tuple[int
 def test_imagenet_eval_loader_normalizes_the_centre_crop(tmp_path):
     colours = {"n01": [(255, 0, 0), (10, 20, 30), (0, 0, 0)], "n02": [(200, 100, 50), (5, 250, 128)]}
     write_image_folder(tmp_path, "val", colours)
-    loader = imagenet.build_imagenet_loader(tmp_path, "val", batch_size=2, rank=0, world_size=1, seed=0, epoch=0,
-                                            workers=0, image_size=16)
+    loader = imagenet.build_imagenet_loader(
+        tmp_path, "val", batch_size=2, rank=0, world_size=1, seed=0, epoch=0, workers=0, image_size=16
+    )
     images, labels = map(torch.cat, zip(*loader))
     assert images.shape == (5, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1]
     mean, std = torch.tensor(imagenet.MEAN).view(3, 1, 1), torch.tensor(imagenet.STD).view(3, 1, 1)
-    expected = [(torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1) / 255 - mean) / std
-                for rgbs in colours.values() for rgb in rgbs]  # a constant image stays constant under resize
+    expected = [
+        (torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1) / 255 - mean) / std
+        for rgbs in colours.values()
+        for rgb in rgbs
+    ]  # a constant image stays constant under resize
     for got, want in zip(images, expected):
         torch.testing.assert_close(got, want.expand(3, 16, 16), atol=1e-5, rtol=0)
 
 
 def test_imagenet_train_loader_crops_flips_and_drops_the_last_batch(tmp_path):
     write_image_folder(tmp_path, "train", {"n01": [(1, 2, 3)] * 4, "n02": [(4, 5, 6)] * 3})
-    loader = imagenet.build_imagenet_loader(tmp_path, "train", batch_size=3, rank=0, world_size=1, seed=0,
-                                            epoch=0, workers=0, image_size=24)
+    loader = imagenet.build_imagenet_loader(
+        tmp_path, "train", batch_size=3, rank=0, world_size=1, seed=0, epoch=0, workers=0, image_size=24
+    )
     batches = list(loader)
     assert len(batches) == 2 and all(b[0].shape == (3, 3, 24, 24) for b in batches)  # 7 -> 2 full batches
     assert loader.dataset.dataset.classes == ["n01", "n02"]
@@ -529,9 +551,20 @@ def write_noise_folder(root: Path, classes: int = 2, per_class: int = 6) -> None
 
 
 def streaming_loader(root: Path, batch: int, rank: int = 0, world: int = 1, workers: int = 0):
-    return imagenet.StreamingTrainLoader(imagenet.build_imagenet_loader(
-        root, "train", batch_size=batch, rank=rank, world_size=world, seed=5, epoch=0, workers=workers,
-        image_size=16), torch.device("cpu"))
+    return imagenet.StreamingTrainLoader(
+        imagenet.build_imagenet_loader(
+            root,
+            "train",
+            batch_size=batch,
+            rank=rank,
+            world_size=world,
+            seed=5,
+            epoch=0,
+            workers=workers,
+            image_size=16,
+        ),
+        torch.device("cpu"),
+    )
 
 
 def epoch_batches(loader, epoch: int, position: int = 0) -> list:
@@ -577,8 +610,10 @@ def test_imagenet_pins_memory_only_for_a_gpu_run(tmp_path, monkeypatch):
     shutil.copytree(tmp_path / "imagenet" / "train", tmp_path / "imagenet" / "val")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="train", overrides=["dataset=imagenet", f"dataset.root={tmp_path}",
-                                                      "dataset.workers=0", "trainer.batch_size=4"])
+        cfg = compose(
+            config_name="train",
+            overrides=["dataset=imagenet", f"dataset.root={tmp_path}", "dataset.workers=0", "trainer.batch_size=4"],
+        )
     data = build_data(cfg, torch.device("cpu"))
     assert not data.train.loader.pin_memory and not data.test.loader.pin_memory
     kwargs = dict(root=tmp_path, split="train", batch_size=2, rank=0, world_size=1, seed=0, epoch=0, workers=0)

@@ -21,8 +21,14 @@ from helpers.training import BIN, TINY
 
 # debug=tiny (ResNet-8, batch 64), on fewer images: 3 steps per epoch, and a test error that may differ by one
 # near-tie example of 300 between summation orders. gloo on the CPU, also on a GPU machine.
-BASE = [*TINY, "dataset.train_subset=192", "dataset.test_subset=300", "trainer.epochs=2", "trainer.device=cpu",
-        "hydra.run.dir=."]
+BASE = [
+    *TINY,
+    "dataset.train_subset=192",
+    "dataset.test_subset=300",
+    "trainer.epochs=2",
+    "trainer.device=cpu",
+    "hydra.run.dir=.",
+]
 
 pytestmark = pytest.mark.data
 
@@ -39,10 +45,17 @@ def launch(run_dir: Path, ranks: int, *overrides: str) -> subprocess.CompletedPr
     if ranks == 1:
         cmd = [str(BIN / "sam-train")]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "sam_repro.train"]
-    return subprocess.run([*cmd, *BASE, *overrides], cwd=run_dir, env=env, capture_output=True, text=True,
-                          timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "sam_repro.train",
+        ]
+    return subprocess.run([*cmd, *BASE, *overrides], cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
 
 
 def run(run_dir: Path, ranks: int, *overrides: str) -> tuple[list[dict], dict]:
@@ -86,8 +99,17 @@ def test_sam_m32_one_rank_batch64_equals_two_ranks_of_32(tmp_path):
 def test_stochastic_model_m32_one_rank_batch64_equals_two_ranks_of_32(tmp_path):
     # Shake-Shake draws its coefficients per virtual device, keyed by (seed, step, global group index): the second
     # group of one process draws what rank 1 draws (before that key, every rank drew rank 0's coefficients).
-    args = ["model=shake_shake_26_2x32d", "model.depth=8", "model.width=8", "trainer.batch_size=64", "trainer.m=32",
-            "optimizer=sam", "optimizer.lr=0.05", "trainer.epochs=1", "trainer.max_steps=1"]
+    args = [
+        "model=shake_shake_26_2x32d",
+        "model.depth=8",
+        "model.width=8",
+        "trainer.batch_size=64",
+        "trainer.m=32",
+        "optimizer=sam",
+        "optimizer.lr=0.05",
+        "trainer.epochs=1",
+        "trainer.max_steps=1",
+    ]
     assert_same_training(run(tmp_path / "one", 1, *args), run(tmp_path / "two", 2, *args), rtol=1e-5, atol=1e-6)
 
 
@@ -101,8 +123,14 @@ def test_three_ranks_with_batchnorm_groups_match_one_rank(tmp_path):
     # averaged across ranks equal the one-process average of three groups.
     # One update: a third of the gradient sum rounds differently from three thirds, and over several steps that
     # rounding grows; one step checks the algorithm itself.
-    args = ["trainer.batch_size=48", "trainer.m=16", "optimizer=sgd", "optimizer.lr=0.05",
-            "trainer.epochs=1", "trainer.max_steps=1"]
+    args = [
+        "trainer.batch_size=48",
+        "trainer.m=16",
+        "optimizer=sgd",
+        "optimizer.lr=0.05",
+        "trainer.epochs=1",
+        "trainer.max_steps=1",
+    ]
     assert_same_training(run(tmp_path / "one", 1, *args), run(tmp_path / "three", 3, *args), rtol=1e-5, atol=1e-6)
 
 
@@ -110,8 +138,16 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # 3 steps per epoch; rank 1 alone sees a NaN loss at step 4. The check at the next log point (every 2 steps)
     # sums the loss over ranks, so both ranks stop at step 4 instead of rank 0 waiting in the next all-reduce.
     run_dir = tmp_path / "run"
-    proc = launch(run_dir, 2, "model=resnet8", "trainer.batch_size=64", "optimizer=sgd", "trainer.log_every=2",
-                  "trainer.inject_nonfinite_at_step=4", "trainer.inject_nonfinite_rank=1")
+    proc = launch(
+        run_dir,
+        2,
+        "model=resnet8",
+        "trainer.batch_size=64",
+        "optimizer=sgd",
+        "trainer.log_every=2",
+        "trainer.inject_nonfinite_at_step=4",
+        "trainer.inject_nonfinite_rank=1",
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert output.count("error: training loss became non-finite by step 4") == 2, output  # once per rank
@@ -149,10 +185,20 @@ def test_exact_evaluation_with_one_two_and_three_ranks(tmp_path):
     results = []
     for ranks in (1, 2, 3):
         out = tmp_path / f"eval{ranks}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(payload), str(tmp_path / "train/checkpoints/last.pt"), str(out)]
-        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                              timeout=300)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(payload),
+            str(tmp_path / "train/checkpoints/last.pt"),
+            str(out),
+        ]
+        proc = subprocess.run(
+            cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr
         results.append(json.loads(out.read_text()))
     reference = json.loads((tmp_path / "train/metrics.jsonl").read_text().splitlines()[-1])

@@ -40,20 +40,38 @@ def direct_errors(model: torch.nn.Module, images_nhwc: np.ndarray, labels: np.nd
     return top1, top5
 
 
-RESNET8 = {"_target_": "sam_repro.models.create_model", "name": "resnet8", "num_classes": NUM_CLASSES,
-           "in_channels": 3, "norm": "batch", "depth": 8}
+RESNET8 = {
+    "_target_": "sam_repro.models.create_model",
+    "name": "resnet8",
+    "num_classes": NUM_CLASSES,
+    "in_channels": 3,
+    "norm": "batch",
+    "depth": 8,
+}
 
 
 @pytest.mark.parametrize("model_cfg", [None, RESNET8], ids=["tiny_cnn", "resnet8"])
 def test_sam_eval_matches_direct_computation(tmp_path, fake_dataset, capsys, model_cfg):
     torch.set_num_threads(1)
     model = write_run(tmp_path / "run", model_cfg=model_cfg)
-    expected_top1, expected_top5 = direct_errors(model, fake_dataset.arrays.test_images,
-                                                 fake_dataset.arrays.test_labels)
+    expected_top1, expected_top5 = direct_errors(
+        model, fake_dataset.arrays.test_images, fake_dataset.arrays.test_labels
+    )
     assert 0 < expected_top5 < expected_top1 < 100  # a case where the two errors are informative
 
-    rc = main([str(tmp_path / "run"), "--json", "--no-progress", "--device", "cpu", "--batch-size", "16",
-               "--data-root", "/elsewhere"])
+    rc = main(
+        [
+            str(tmp_path / "run"),
+            "--json",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "16",
+            "--data-root",
+            "/elsewhere",
+        ]
+    )
     assert rc == 0
     record = json.loads(capsys.readouterr().out.strip())
     assert record["num_examples"] == 40 and record["split"] == "test" and record["epoch"] == 3
@@ -73,8 +91,9 @@ def test_sam_eval_train_mode_would_differ(tmp_path, fake_dataset):
 
 def test_sam_eval_checkpoint_file_and_text_line(tmp_path, fake_dataset, capsys):
     model = write_run(tmp_path / "run")
-    expected_top1, expected_top5 = direct_errors(model, fake_dataset.arrays.test_images,
-                                                 fake_dataset.arrays.test_labels)
+    expected_top1, expected_top5 = direct_errors(
+        model, fake_dataset.arrays.test_images, fake_dataset.arrays.test_labels
+    )
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     assert main([str(checkpoint), "--no-progress", "--device", "cpu"]) == 0
     line = capsys.readouterr().out.strip()
@@ -115,10 +134,17 @@ def test_load_split_subset_is_seeded(fake_dataset):
 def test_train_split_is_the_training_set_the_run_saw(fake_dataset):
     """Validation hold-out, train_subset and label noise as `build_data` applies them (a second computation)."""
     config = run_config()
-    config["dataset"] |= {"val_fraction": 0.25, "train_subset": 20, "subset_seed": 1, "label_noise": 0.5,
-                          "noise_seed": 3}
-    config |= {"augment": OmegaConf.to_container(OmegaConf.load(CONFIGS / "augment" / "basic.yaml")),
-               "trainer": {"batch_size": 4, "eval_batch_size": 10}}
+    config["dataset"] |= {
+        "val_fraction": 0.25,
+        "train_subset": 20,
+        "subset_seed": 1,
+        "label_noise": 0.5,
+        "noise_seed": 3,
+    }
+    config |= {
+        "augment": OmegaConf.to_container(OmegaConf.load(CONFIGS / "augment" / "basic.yaml")),
+        "trainer": {"batch_size": 4, "eval_batch_size": 10},
+    }
     cfg = OmegaConf.create(config)
     trained_on = build_data(cfg, torch.device("cpu")).train
     split = load_split(cfg, "train")
@@ -161,8 +187,12 @@ def test_weights_that_do_not_fit_name_the_file(tmp_path, capsys):
 
 def test_console_entry_point_prints_no_traceback(tmp_path):
     missing = tmp_path / "nowhere"
-    result = subprocess.run([sys.executable, "-m", "sam_repro.cli.eval", str(missing), "--no-progress"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "sam_repro.cli.eval", str(missing), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
@@ -181,7 +211,9 @@ def test_sam_eval_on_a_trained_run_reproduces_its_test_error(tmp_path):
     batch = read_config(run)["trainer"]["eval_batch_size"]  # the trainer's batches: the same sums, bit for bit
     result = subprocess.run(
         [str(BIN / "sam-eval"), str(run), "--json", "--no-progress", "--device", "cpu", "--batch-size", str(batch)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)

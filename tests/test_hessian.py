@@ -1,9 +1,9 @@
 """Hessian eigenvalues against problems whose Hessian is known exactly.
 
-  * a quadratic 0.5 w^T A w + b^T w with a chosen spectrum (Hessian A);
-  * linear least squares 0.5 * mean (x^T w - y)^2 (Hessian X^T X / n), in float32 through nn.Linear, in chunks;
-  * a tiny convnet with BatchNorm, against the dense Hessian from torch.autograd.functional.hessian;
-  * `sam-analyze hessian` end to end on a checkpoint, against the dense Hessian of the same sample.
+* a quadratic 0.5 w^T A w + b^T w with a chosen spectrum (Hessian A);
+* linear least squares 0.5 * mean (x^T w - y)^2 (Hessian X^T X / n), in float32 through nn.Linear, in chunks;
+* a tiny convnet with BatchNorm, against the dense Hessian from torch.autograd.functional.hessian;
+* `sam-analyze hessian` end to end on a checkpoint, against the dense Hessian of the same sample.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def test_lanczos_quadratic_chosen_spectrum():
 
 def test_power_iteration_quadratic_chosen_spectrum():
     a, _ = chosen_spectrum_matrix()
-    report = hessian_spectrum(Quadratic(a), quadratic_chunks(a.shape[0]), k=5, method="power", iterations=300,
-                              tol=1e-6, criterion=mean_output)
+    report = hessian_spectrum(
+        Quadratic(a), quadratic_chunks(a.shape[0]), k=5, method="power", iterations=300, tol=1e-6, criterion=mean_output
+    )
     torch.testing.assert_close(as64(report["eigenvalues"]), as64(TOP), rtol=1e-8, atol=0)
     assert report["method"] == "power_iteration"
 
@@ -64,8 +65,9 @@ def test_lanczos_finds_the_top_not_the_largest_magnitude():
     a = q @ torch.diag(eigenvalues) @ q.T
     spectrum = lanczos(lambda v: a @ v, 30, k=2, dtype=torch.float64)
     assert spectrum.eigenvalues == pytest.approx([10.0, 6.0], rel=1e-9)
-    assert power_iteration(lambda v: a @ v, 30, k=1, max_iterations=500, tol=1e-8,
-                           dtype=torch.float64).eigenvalues == pytest.approx([-50.0], rel=1e-9)
+    assert power_iteration(
+        lambda v: a @ v, 30, k=1, max_iterations=500, tol=1e-8, dtype=torch.float64
+    ).eigenvalues == pytest.approx([-50.0], rel=1e-9)
 
 
 def test_lanczos_restarts_when_the_krylov_space_is_exhausted():
@@ -87,8 +89,7 @@ def test_least_squares_in_chunks_float32():
     chunks = [(x[i : i + 32], y[i : i + 32]) for i in range(0, n, 32)]  # 32, 32, 32, 4: unequal weights
     for method in ("lanczos", "power"):
         report = hessian_spectrum(model, chunks, k=5, method=method, iterations=200, tol=1e-4, criterion=half_mse)
-        torch.testing.assert_close(as64(report["eigenvalues"]), expected,
-                                   rtol=2e-4, atol=0, msg=method)
+        torch.testing.assert_close(as64(report["eigenvalues"]), expected, rtol=2e-4, atol=0, msg=method)
 
 
 def tiny_bn_net() -> nn.Module:
@@ -140,13 +141,39 @@ def test_sam_analyze_hessian_end_to_end(tmp_path, fake_dataset, capsys):
     """The CLI on a checkpoint: lambda_max equals the dense Hessian's top eigenvalue on the same seeded sample."""
     model = write_run(tmp_path / "run").double()
     out = tmp_path / "out"
-    rc = analyze(["hessian", str(tmp_path / "run"), "--subset", "24", "--seed", "3", "--k", "3", "--iterations",
-                  "60", "--chunk-size", "10", "--device", "cpu", "--out", str(out), "--no-progress"])
+    rc = analyze(
+        [
+            "hessian",
+            str(tmp_path / "run"),
+            "--subset",
+            "24",
+            "--seed",
+            "3",
+            "--k",
+            "3",
+            "--iterations",
+            "60",
+            "--chunk-size",
+            "10",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     (json_path,) = out.glob("*.hessian.json")
     record = json.loads(json_path.read_text())
-    assert record["data"] == {"dataset": "fake10", "split": "train", "subset": 24, "seed": 3, "num_examples": 24,
-                              "label_noise": 0.0, "chunk_size": 10}
+    assert record["data"] == {
+        "dataset": "fake10",
+        "split": "train",
+        "subset": 24,
+        "seed": 3,
+        "num_examples": 24,
+        "label_noise": 0.0,
+        "chunk_size": 10,
+    }
     assert record["run"]["optimizer"] == "sam" and record["run"]["epoch"] == 3
     assert {"command", "git_commit", "machine", "packages", "time"} <= record["provenance"].keys()
     assert record["result"]["bn_mode"] == "eval"

@@ -37,15 +37,25 @@ pytestmark = pytest.mark.data
 
 EPOCHS = 5
 STEPS = 4 * EPOCHS  # debug=tiny: 256 examples in batches of 64
-ARGS = [*TINY, "trainer.device=cpu", f"trainer.epochs={EPOCHS}", "optimizer=sam", "trainer.progress=log",
-        "trainer.log_every=1"]
+ARGS = [
+    *TINY,
+    "trainer.device=cpu",
+    f"trainer.epochs={EPOCHS}",
+    "optimizer=sam",
+    "trainer.progress=log",
+    "trainer.log_every=1",
+]
 SOAK = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
 # In order: kill -9 in start-up ("startup"), after a random number of steps ("steps") or while the first or second
 # checkpoint of the attempt is half-written ("write"); SIGTERM after a random number of steps ("term"). The exit
 # status each one ends the run with.
 MOMENTS = ("steps", "write", "term", "startup", "write", "steps", "write")
-EXIT_STATUS = {"startup": -signal.SIGKILL, "steps": -signal.SIGKILL, "write": -signal.SIGKILL,
-               "term": 128 + signal.SIGTERM}
+EXIT_STATUS = {
+    "startup": -signal.SIGKILL,
+    "steps": -signal.SIGKILL,
+    "write": -signal.SIGKILL,
+    "term": 128 + signal.SIGTERM,
+}
 TRAINING = "rank(s) on cpu"  # the set-up line logged after the resume, just before the first step
 STEP_LINE = re.compile(r"epoch \d+/\d+ step \d+/\d+ ")  # one per optimizer step (trainer.log_every=1)
 HANG_GUARD_S = 1800  # only against a hung child: every wait below ends on what the run does
@@ -72,8 +82,9 @@ def sam_train(runs: Path, log: Path, hold_writes: bool = False) -> subprocess.Po
     if hold_writes:
         cmd = [sys.executable, str(SOAK), "--child", "hold-write", str(runs / "never"), "--", *ARGS]
     with open(log, "w") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, env={**env_for(runs), "OMP_NUM_THREADS": "1"}, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            cmd, env={**env_for(runs), "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def temp_files(ckpt_dir: Path) -> set[str]:
@@ -124,8 +135,13 @@ def signal_after_steps(proc: subprocess.Popen, log: Path, steps: int, sig: int) 
 
 
 def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp_path):
-    reference = subprocess.run([str(BIN / "sam-train"), *ARGS], env={**env_for(tmp_path / "a"), "OMP_NUM_THREADS": "1"},
-                               capture_output=True, text=True, timeout=HANG_GUARD_S)
+    reference = subprocess.run(
+        [str(BIN / "sam-train"), *ARGS],
+        env={**env_for(tmp_path / "a"), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert reference.returncode == 0, reference.stdout + reference.stderr
     assert steps_logged_text(reference.stdout + reference.stderr) == STEPS
     ref_dir = run_dir_of(tmp_path / "a")
@@ -149,8 +165,9 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp_
             sig = signal.SIGTERM if moment == "term" else signal.SIGKILL
             signal_after_steps(proc, log, rng.randint(1, 6), sig)
         proc.wait()
-        attempts.append(Attempt(moment, started_from, proc.returncode, bool(temp_files(ckpt.parent) - before),
-                                log.read_text()))
+        attempts.append(
+            Attempt(moment, started_from, proc.returncode, bool(temp_files(ckpt.parent) - before), log.read_text())
+        )
         if proc.returncode == 0:  # finished before the kill came: nothing left to interrupt
             break
 
@@ -174,8 +191,13 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp_
     # last kill came after the final summary was written, reports the finished run).
     started_from = checkpoint_on_disk(ckpt)
     finished = json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
-    final = subprocess.run([str(BIN / "sam-train"), *ARGS], env={**env_for(runs), "OMP_NUM_THREADS": "1"},
-                           capture_output=True, text=True, timeout=HANG_GUARD_S)
+    final = subprocess.run(
+        [str(BIN / "sam-train"), *ARGS],
+        env={**env_for(runs), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     output = final.stdout + final.stderr
     assert final.returncode == 0, output
     if finished:

@@ -44,8 +44,9 @@ def test_filter_normalization_matches_weight_filter_norms():
             assert torch.count_nonzero(d) == 0, name
             continue
         # Every filter (output channel of the conv, row of the linear layer) has the norm of the weights' filter.
-        torch.testing.assert_close(d.flatten(1).norm(dim=1), param.detach().flatten(1).norm(dim=1), rtol=1e-5,
-                                   atol=0, msg=name)
+        torch.testing.assert_close(
+            d.flatten(1).norm(dim=1), param.detach().flatten(1).norm(dim=1), rtol=1e-5, atol=0, msg=name
+        )
         # ... and is not simply the weight filter itself (the direction stays random).
         assert not torch.allclose(d, param.detach()), name
 
@@ -122,8 +123,7 @@ def test_interpolation_extrapolates_weights_but_not_batchnorm_statistics():
                 p.copy_((1 - alpha) * pa + alpha * pb)
             clipped = min(max(alpha, 0.0), 1.0)
             reference[1].running_var.copy_((1 - clipped) * model_a[1].running_var + clipped * model_b[1].running_var)
-            reference[1].running_mean.copy_((1 - clipped) * model_a[1].running_mean
-                                            + clipped * model_b[1].running_mean)
+            reference[1].running_mean.copy_((1 - clipped) * model_a[1].running_mean + clipped * model_b[1].running_mean)
             expected[alpha] = float(F.cross_entropy(reference(x), y))
     assert curve["loss"] == pytest.approx([expected[-0.5], expected[0.5]], rel=1e-5)
 
@@ -145,10 +145,15 @@ def test_curve_on_a_classifier_reports_error_and_restores_eval_state():
 
 
 def test_plots_are_pngs_carrying_provenance(tmp_path):
-    curves = {"sgd": {"alpha": [0, 1, 2], "loss": [1.0, 0.5, 1.0], "error": [10.0, 5.0, 10.0]},
-              "sam": {"alpha": [0, 1, 2], "loss": [0.8, 0.6, 0.8], "error": [9.0, 6.0, 9.0]}}
-    surface = {"alpha": [-1.0, 0.0, 1.0], "beta": [-1.0, 0.0, 1.0],
-               "loss": [[a * a + b * b for a in (-1, 0, 1)] for b in (-1, 0, 1)]}
+    curves = {
+        "sgd": {"alpha": [0, 1, 2], "loss": [1.0, 0.5, 1.0], "error": [10.0, 5.0, 10.0]},
+        "sam": {"alpha": [0, 1, 2], "loss": [0.8, 0.6, 0.8], "error": [9.0, 6.0, 9.0]},
+    }
+    surface = {
+        "alpha": [-1.0, 0.0, 1.0],
+        "beta": [-1.0, 0.0, 1.0],
+        "loss": [[a * a + b * b for a in (-1, 0, 1)] for b in (-1, 0, 1)],
+    }
     record = {"command": "sam-analyze landscape run", "git_commit": "abc123"}
     for name, figure in [("curves.png", plot_curves(curves)), ("surface.png", plot_surface(surface))]:
         path = save_figure(figure, tmp_path / name, record)
@@ -184,16 +189,31 @@ def test_sam_analyze_landscape_end_to_end(tmp_path, fake_dataset, capsys):
     sample = load_split(OmegaConf.create(run_config()), "train", 16, 0)
     assert sgd["result"]["loss"][2] == pytest.approx(evaluate(sgd_model, list(sample.batches(250))).loss, rel=1e-5)
 
-    assert analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--mode", "2d", "--out", str(out),
-                    *common]) == 0
+    assert (
+        analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--mode", "2d", "--out", str(out), *common])
+        == 0
+    )
     surface_jsons = sorted(out.glob("*.landscape_2d.json"))
     assert len(surface_jsons) == 2
     surface = json.loads(surface_jsons[0].read_text())["result"]
     assert len(surface["loss"]) == 5 and len(surface["loss"][0]) == 5
     assert len(list(out.glob("*.landscape_2d.png"))) == 2 and (out / "landscape_2d.png").exists()  # + side by side
 
-    assert analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--mode", "interpolate",
-                    "--out", str(out), *common]) == 0
+    assert (
+        analyze(
+            [
+                "landscape",
+                str(tmp_path / "sgd"),
+                str(tmp_path / "sam"),
+                "--mode",
+                "interpolate",
+                "--out",
+                str(out),
+                *common,
+            ]
+        )
+        == 0
+    )
     interpolation = json.loads((out / "interpolation.json").read_text())["result"]
     assert interpolation["alpha"][0] == -0.5 and interpolation["alpha"][-1] == 1.5
     assert (out / "interpolation.png").exists()

@@ -35,7 +35,7 @@ def test_crop_is_a_window_of_the_padded_image(mode):
     out = crop(x, offsets, pad, mode)
     padded = torch.nn.functional.pad(x.float(), (pad,) * 4, mode=mode).to(torch.uint8)
     for i, (dy, dx) in enumerate(offsets.tolist()):
-        assert torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])
+        assert torch.equal(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])
     assert torch.equal(out[2], x[2])  # offset (pad, pad) is the identity
     # reflect: no pixel value outside the original image's set appears
     if mode == "reflect":
@@ -113,15 +113,16 @@ def test_batches_are_those_drawn_batch_by_batch(cpu_augment):
     data = images(n, 32, 32)
     cfg = OmegaConf.create({"crop": True, "pad": 4, "flip": True, "cutout": 8, "cutout_per_image": False})
     aug = BatchAugment(cfg, MEAN, STD, (32, 32))
-    loader = TrainLoader(data, torch.arange(n), batch, aug, seed=seed, rank=rank, world_size=world,
-                         cpu_augment=cpu_augment)
+    loader = TrainLoader(
+        data, torch.arange(n), batch, aug, seed=seed, rank=rank, world_size=world, cpu_augment=cpu_augment
+    )
     loader.set_epoch(epoch, position=2)
     got = list(loader)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_from(seed, epoch)))
     lo, hi = rank * batch // world, (rank + 1) * batch // world
     assert len(got) == n // batch - 2
     for b, (x, y) in enumerate(got, start=2):
-        idx = perm[b * batch:(b + 1) * batch][lo:hi]
+        idx = perm[b * batch : (b + 1) * batch][lo:hi]
         g = torch.Generator().manual_seed(seed_from(seed, epoch, b))
         draws = aug.draw(batch, g).slice(lo, hi)
         chosen = data[idx] if cpu_augment is None else cpu_augment(data[idx], g)
@@ -162,8 +163,9 @@ def test_no_host_to_device_copy_per_batch():
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_eval_shards_cover_the_split_exactly_once(world_size):
     n = 100
-    seen = torch.cat([y for r in range(world_size)
-                      for _, y in EvalLoader(images(n), torch.arange(n), 7, MEAN, STD, r, world_size)])
+    seen = torch.cat(
+        [y for r in range(world_size) for _, y in EvalLoader(images(n), torch.arange(n), 7, MEAN, STD, r, world_size)]
+    )
     assert sorted(seen.tolist()) == list(range(n))
 
 

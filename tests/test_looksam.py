@@ -44,7 +44,7 @@ def test_reuse_step_follows_the_stored_orthogonal_direction():
     # Hand computation of the full step's direction g_v = g_s - (g.g_s / |g|^2) g.
     w0 = [p.detach().clone() for p in model.parameters()]
     g = grads(model, x, y)
-    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    norm = torch.sqrt(sum((t**2).sum() for t in g))
     with torch.no_grad():
         for p, t in zip(model.parameters(), g):
             p.add_(rho * t / norm)
@@ -53,7 +53,7 @@ def test_reuse_step_follows_the_stored_orthogonal_direction():
         for p, w in zip(model.parameters(), w0):
             p.copy_(w)
     dot = sum((a * b).sum() for a, b in zip(g, g_s))
-    g_v = [b - dot / norm ** 2 * a for a, b in zip(g, g_s)]
+    g_v = [b - dot / norm**2 * a for a, b in zip(g, g_s)]
 
     looksam_step(model, opt, x, y, StepContext(group_size=16))  # full step
     for p, w, t in zip(model.parameters(), w0, g_s):
@@ -65,8 +65,8 @@ def test_reuse_step_follows_the_stored_orthogonal_direction():
 
     w1 = [p.detach().clone() for p in model.parameters()]
     g1 = grads(model, x, y)
-    n1 = torch.sqrt(sum((t ** 2).sum() for t in g1))
-    nv = torch.sqrt(sum((t ** 2).sum() for t in g_v))
+    n1 = torch.sqrt(sum((t**2).sum() for t in g1))
+    nv = torch.sqrt(sum((t**2).sum() for t in g_v))
     looksam_step(model, opt, x, y, StepContext(group_size=16))  # reuse step: one pass
     for p, w, t, v in zip(model.parameters(), w1, g1, g_v):
         torch.testing.assert_close(p.detach(), w - lr * (t + alpha * n1 / nv * v))
@@ -141,8 +141,9 @@ def test_fp16_overflow_in_a_full_step_stores_no_direction_and_the_next_step_is_p
     looksam_step(model, opt, x, y, StepContext(group_size=16, scaler=scaler, **FP16))  # cheap step
     # ... is a plain fp16 SGD step from the same weights and scale (before the fix: NaN weights)
     plain = torch.optim.SGD(twin.parameters(), lr=0.1)
-    sgd_step(twin, plain, x, y, StepContext(group_size=16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**7),
-                                            **FP16))
+    sgd_step(
+        twin, plain, x, y, StepContext(group_size=16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**7), **FP16)
+    )
     for p, q, b in zip(model.parameters(), twin.parameters(), before):
         assert torch.isfinite(p).all() and not torch.equal(p, b)
         torch.testing.assert_close(p, q, rtol=0, atol=0)
@@ -167,8 +168,11 @@ def test_fp16_cheap_steps_follow_the_direction_as_in_fp32():
     for fp16 in (False, True):
         model, x, y = fp32_problem()
         opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, k=3)
-        ctx = StepContext(group_size=16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10), **FP16) if fp16 \
+        ctx = (
+            StepContext(group_size=16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10), **FP16)
+            if fp16
             else StepContext(group_size=16)
+        )
         for _ in range(3):
             looksam_step(model, opt, x, y, ctx)
         results.append([p.detach().clone() for p in model.parameters()])

@@ -68,8 +68,15 @@ def tiny_noisy_data(monkeypatch):
     arrays = DatasetArrays("cifar10", 10, train_images, train_labels, train_images[:20], train_labels[:20])
     monkeypatch.setattr("sam_repro.data.sources.load_arrays", lambda name, root=None: arrays)
     with initialize_config_module(version_base="1.3", config_module="sam_repro.configs"):
-        cfg = compose("train", overrides=["dataset.label_noise=0.4", "augment=cutout", "trainer.batch_size=50",
-                                          "trainer.eval_batch_size=64"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "dataset.label_noise=0.4",
+                "augment=cutout",
+                "trainer.batch_size=50",
+                "trainer.eval_batch_size=64",
+            ],
+        )
     return arrays, build_data(cfg, torch.device("cpu"))
 
 
@@ -95,8 +102,9 @@ def test_memorization_runs_in_eval_mode_and_matches_a_hand_count(tiny_noisy_data
     assert model.training  # and back to train mode afterwards
     assert model.bn.num_batches_tracked.item() == 0
     # The same percentages counted by hand from the model's predictions on the raw images.
-    x = normalize(torch.from_numpy(arrays.train_images).permute(0, 3, 1, 2), data.noise_probe.mean,
-                  data.noise_probe.std)
+    x = normalize(
+        torch.from_numpy(arrays.train_images).permute(0, 3, 1, 2), data.noise_probe.mean, data.noise_probe.std
+    )
     predicted = Recorder.predict(x).numpy()
     noisy, true = data.train.labels.numpy(), arrays.train_labels
     flipped = noisy != true

@@ -421,8 +421,18 @@ def test_config_spells_out_the_registry_architecture(path):
 # Built through hydra (on the meta device: structure only); the large ones are covered by the test above and their
 # parameter counts by the tests at the top.
 SMALL_CONFIGS = [
-    "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "wrn16_4", "wrn40_2",
-    "shake_shake_26_2x32d", "pyramidnet110", "pyramidnet110_shakedrop", "efficientnet_b0",
+    "resnet8",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "wrn16_4",
+    "wrn40_2",
+    "shake_shake_26_2x32d",
+    "pyramidnet110",
+    "pyramidnet110_shakedrop",
+    "efficientnet_b0",
 ]
 
 

@@ -30,8 +30,9 @@ SMOKE = ["debug=preset"]
 
 def smoke(tmp_path: Path, *overrides: str) -> dict:
     env = {**os.environ, "SAM_RUNS_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "sam-train"), *overrides, *SMOKE], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "sam-train"), *overrides, *SMOKE], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (summary,) = (tmp_path / "runs").rglob("summary.json")
     result = json.loads(summary.read_text())
@@ -46,7 +47,10 @@ def test_table1_wrn28_10(tmp_path):
     out = smoke(tmp_path, "experiment=table1/wrn28_10_200ep", "dataset=cifar10", "augment=cutout", "optimizer=sam")
     config = out["config"]
     assert (config["model"]["name"], config["trainer"]["grad_clip"], config["optimizer"]["rho"]) == (
-        "wrn28_10", 5.0, 0.05)
+        "wrn28_10",
+        5.0,
+        0.05,
+    )
     assert config["augment"]["cutout"] > 0
 
 
@@ -57,8 +61,10 @@ def test_table4_label_noise(tmp_path):
     assert out["config"]["optimizer"]["rho"] == 0.05  # the paper's rho at 80% noise
 
 
-@pytest.mark.skipif(not cache_path("fashion_mnist").exists() and not Path("/usr/share/datasets/fashion-mnist").exists(),
-                    reason="Fashion-MNIST is neither prepared nor installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not cache_path("fashion_mnist").exists() and not Path("/usr/share/datasets/fashion-mnist").exists(),
+    reason="Fashion-MNIST is neither prepared nor installed (apt-get install dataset-fashion-mnist)",
+)
 def test_table5_fashion_mnist(tmp_path):
     out = smoke(tmp_path, "experiment=table5/wrn28_10", "dataset=fashion_mnist", "optimizer=sam")
     assert out["config"]["dataset"]["in_channels"] == 1 and out["config"]["model"]["in_channels"] == 1
@@ -74,9 +80,19 @@ def test_table2_imagenet_folder(tmp_path):
             folder.mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    out = smoke(tmp_path, "experiment=table2/resnet50", "optimizer=sam", f"dataset.root={tmp_path / 'data'}",
-                "dataset.image_size=32", "dataset.workers=0", "dataset.train_subset=null", "dataset.test_subset=null",
-                "trainer.batch_size=4", "trainer.m=2", "trainer.eval_batch_size=4")
+    out = smoke(
+        tmp_path,
+        "experiment=table2/resnet50",
+        "optimizer=sam",
+        f"dataset.root={tmp_path / 'data'}",
+        "dataset.image_size=32",
+        "dataset.workers=0",
+        "dataset.train_subset=null",
+        "dataset.test_subset=null",
+        "trainer.batch_size=4",
+        "trainer.m=2",
+        "trainer.eval_batch_size=4",
+    )
     config = out["config"]
     assert (config["model"]["name"], config["trainer"]["label_smoothing"]) == ("resnet50", 0.1)
     assert json.loads(out["metrics"].splitlines()[-1])["step"] == 1
@@ -88,7 +104,13 @@ def test_table3_finetune_from_a_local_checkpoint(tmp_path):
 
     weights = tmp_path / "b0.pt"
     torch.save(create_model("efficientnet_b0", num_classes=1000).state_dict(), weights)
-    out = smoke(tmp_path, "experiment=table3/efficientnet_b7", "model=efficientnet_b0",
-                f"model.pretrained_path={weights}", "dataset=cifar10", "optimizer=sam")
+    out = smoke(
+        tmp_path,
+        "experiment=table3/efficientnet_b7",
+        "model=efficientnet_b0",
+        f"model.pretrained_path={weights}",
+        "dataset=cifar10",
+        "optimizer=sam",
+    )
     assert out["config"]["model"]["name"] == "efficientnet_b0"
     assert out["config"]["model"]["pretrained_path"] == str(weights)

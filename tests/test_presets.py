@@ -36,38 +36,73 @@ COST_CELLS = ROOT / "sam_repro" / "acceptance" / "paper_cells.json"  # the GPU c
 
 # ---- the paper's values, typed from docs/paper_reference.md (independently of the presets) ----------------------
 
-CIFAR_RECIPE = dict(momentum=0.9, nesterov=True, schedule="cosine", warmup_epochs=0.0, batch_size=256, m=32,
-                    grad_clip=5.0, label_smoothing=0.0, label_noise=0.0)          # [P C.1, 3.1], [GR]
-IMAGENET_RECIPE = dict(momentum=0.9, nesterov=True, schedule="cosine", warmup_epochs=0.0, batch_size=4096, m=128,
-                       grad_clip=5.0, label_smoothing=0.1, label_noise=0.0, lr=1.0, weight_decay=1e-4,
-                       dataset="imagenet", augment="imagenet")                    # docs/paper_reference.md 2.3
+CIFAR_RECIPE = dict(
+    momentum=0.9,
+    nesterov=True,
+    schedule="cosine",
+    warmup_epochs=0.0,
+    batch_size=256,
+    m=32,
+    grad_clip=5.0,
+    label_smoothing=0.0,
+    label_noise=0.0,
+)  # [P C.1, 3.1], [GR]
+IMAGENET_RECIPE = dict(
+    momentum=0.9,
+    nesterov=True,
+    schedule="cosine",
+    warmup_epochs=0.0,
+    batch_size=4096,
+    m=128,
+    grad_clip=5.0,
+    label_smoothing=0.1,
+    label_noise=0.0,
+    lr=1.0,
+    weight_decay=1e-4,
+    dataset="imagenet",
+    augment="imagenet",
+)  # docs/paper_reference.md 2.3
 # Table 6: row -> (model, epochs, {dataset: (lr, weight decay, rho)}); epochs past WRN are inferred (1800, [FM]).
 TABLE1 = {
     "wrn28_10_200ep": ("wrn28_10", 200, {"cifar10": (0.1, 5e-4, 0.05), "cifar100": (0.1, 5e-4, 0.1)}),
     "wrn28_10_1800ep": ("wrn28_10", 1800, {"cifar10": (0.05, 1e-3, 0.05), "cifar100": (0.05, 1e-3, 0.1)}),
-    "shake_shake_26_2x96d": ("shake_shake_26_2x96d", 1800,
-                             {"cifar10": (0.02, 1e-3, 0.02), "cifar100": (0.02, 1e-3, 0.05)}),
+    "shake_shake_26_2x96d": (
+        "shake_shake_26_2x96d",
+        1800,
+        {"cifar10": (0.02, 1e-3, 0.02), "cifar100": (0.02, 1e-3, 0.05)},
+    ),
     "pyramidnet272": ("pyramidnet272", 1800, {"cifar10": (0.05, 5e-4, 0.05), "cifar100": (0.05, 5e-4, 0.2)}),
-    "pyramidnet272_shakedrop": ("pyramidnet272_shakedrop", 1800,
-                                {"cifar10": (0.02, 5e-4, 0.05), "cifar100": (0.05, 5e-4, 0.05)}),
+    "pyramidnet272_shakedrop": (
+        "pyramidnet272_shakedrop",
+        1800,
+        {"cifar10": (0.02, 5e-4, 0.05), "cifar100": (0.05, 5e-4, 0.05)},
+    ),
 }
 TABLE1_AUGMENTS = ("basic", "cutout", "autoaugment")
 TABLE2_MODELS = ("resnet50", "resnet101", "resnet152")
 # docs/paper_reference.md 2.4 (b7): batch 1024, wd 1e-5, 5k steps = 104 epochs of CIFAR; ImageNet 10 epochs at lr 0.1.
 # dataset -> (augment, lr, epochs, label smoothing); rho 0.05 (Table 10), m 16, clip 1.0 are inferred.
-TABLE3 = {"cifar10": ("autoaugment", 0.016, 104, 0.0), "cifar100": ("autoaugment", 0.016, 104, 0.0),
-          "imagenet": ("imagenet", 0.1, 10, 0.1)}
-TABLE4_RHO = {0.2: 0.1, 0.4: 0.1, 0.6: 0.1, 0.8: 0.05}                            # Table 4 caption
+TABLE3 = {
+    "cifar10": ("autoaugment", 0.016, 104, 0.0),
+    "cifar100": ("autoaugment", 0.016, 104, 0.0),
+    "imagenet": ("imagenet", 0.1, 10, 0.1),
+}
+TABLE4_RHO = {0.2: 0.1, 0.4: 0.1, 0.6: 0.1, 0.8: 0.05}  # Table 4 caption
 # Table 7 / B.1: (row, dataset) -> (lr, weight decay, rho); 200 epochs inferred.
-TABLE5 = {("wrn28_10", "svhn_extra"): (0.01, 5e-4, 0.01), ("shake_shake_26_2x96d", "svhn_extra"): (0.01, 5e-4, 0.01),
-          ("wrn28_10", "fashion_mnist"): (0.1, 5e-4, 0.05),
-          ("shake_shake_26_2x96d", "fashion_mnist"): (0.1, 5e-4, 0.02)}
+TABLE5 = {
+    ("wrn28_10", "svhn_extra"): (0.01, 5e-4, 0.01),
+    ("shake_shake_26_2x96d", "svhn_extra"): (0.01, 5e-4, 0.01),
+    ("wrn28_10", "fashion_mnist"): (0.1, 5e-4, 0.05),
+    ("shake_shake_26_2x96d", "fashion_mnist"): (0.1, 5e-4, 0.02),
+}
 TABLE5_AUGMENTS = {"svhn_extra": ("basic", "autoaugment_svhn"), "fashion_mnist": ("basic", "cutout")}
 
 
 def _both_optimizers(cell: str, values: dict, rho: float) -> dict[str, dict]:
-    return {f"{cell}/sgd": {**values, "optimizer": "sgd", "rho": None},
-            f"{cell}/sam": {**values, "optimizer": "sam", "rho": rho}}
+    return {
+        f"{cell}/sgd": {**values, "optimizer": "sgd", "rho": None},
+        f"{cell}/sam": {**values, "optimizer": "sam", "rho": rho},
+    }
 
 
 def paper_cells() -> dict[str, dict]:
@@ -76,21 +111,44 @@ def paper_cells() -> dict[str, dict]:
     for row, (model, epochs, per_dataset) in TABLE1.items():
         for dataset, (lr, wd, rho) in per_dataset.items():
             for augment in TABLE1_AUGMENTS:
-                values = dict(CIFAR_RECIPE, model=model, dataset=dataset, augment=augment, lr=lr, weight_decay=wd,
-                              epochs=epochs)
+                values = dict(
+                    CIFAR_RECIPE, model=model, dataset=dataset, augment=augment, lr=lr, weight_decay=wd, epochs=epochs
+                )
                 cells |= _both_optimizers(f"table1/{row}/{dataset}/{augment}", values, rho)
     for model in TABLE2_MODELS:
         for epochs in (100, 200, 400):
             values = dict(IMAGENET_RECIPE, model=model, epochs=epochs)
             cells |= _both_optimizers(f"table2/{model}/{epochs}ep", values, 0.05)
     for dataset, (augment, lr, epochs, smoothing) in TABLE3.items():
-        values = dict(model="efficientnet_b7", dataset=dataset, augment=augment, lr=lr, weight_decay=1e-5,
-                      epochs=epochs, label_smoothing=smoothing, momentum=0.9, nesterov=True, schedule="cosine",
-                      warmup_epochs=0.0, batch_size=1024, m=16, grad_clip=1.0, label_noise=0.0)
+        values = dict(
+            model="efficientnet_b7",
+            dataset=dataset,
+            augment=augment,
+            lr=lr,
+            weight_decay=1e-5,
+            epochs=epochs,
+            label_smoothing=smoothing,
+            momentum=0.9,
+            nesterov=True,
+            schedule="cosine",
+            warmup_epochs=0.0,
+            batch_size=1024,
+            m=16,
+            grad_clip=1.0,
+            label_noise=0.0,
+        )
         cells |= _both_optimizers(f"table3/efficientnet_b7/{dataset}", values, 0.05)
     for noise, rho in TABLE4_RHO.items():
-        values = dict(CIFAR_RECIPE, model="resnet32", dataset="cifar10", augment="basic", lr=0.1, weight_decay=5e-4,
-                      epochs=200, label_noise=noise)
+        values = dict(
+            CIFAR_RECIPE,
+            model="resnet32",
+            dataset="cifar10",
+            augment="basic",
+            lr=0.1,
+            weight_decay=5e-4,
+            epochs=200,
+            label_noise=noise,
+        )
         cells |= _both_optimizers(f"table4/resnet32_noise/noise{noise}", values, rho)
     for (row, dataset), (lr, wd, rho) in TABLE5.items():
         for augment in TABLE5_AUGMENTS[dataset]:
@@ -139,7 +197,8 @@ def _missing_config_files(cell: dict) -> list[str]:
 def test_config_files_of_every_cell_exist():
     missing = sorted({path for cell in PAPER.values() for path in _missing_config_files(cell)})
     assert not missing, "the paper's presets need these config files: " + ", ".join(
-        f"sam_repro/configs/{path}" for path in missing)
+        f"sam_repro/configs/{path}" for path in missing
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +212,25 @@ def compose_train():
 
 def hyperparameters(cfg: DictConfig) -> dict:
     """The values that define a paper cell; a second extraction, independent of scripts/write_hyperparameters.py."""
-    return dict(model=cfg.model.name, dataset=cfg.dataset.name, label_noise=cfg.dataset.label_noise,
-                augment=cfg.augment.name, optimizer=cfg.optimizer.name, lr=cfg.optimizer.lr,
-                momentum=cfg.optimizer.momentum, nesterov=cfg.optimizer.nesterov,
-                weight_decay=cfg.optimizer.weight_decay, rho=cfg.optimizer.get("rho"), schedule=cfg.schedule.name,
-                warmup_epochs=cfg.schedule.warmup_epochs, epochs=cfg.trainer.epochs,
-                batch_size=cfg.trainer.batch_size, m=cfg.trainer.m, grad_clip=cfg.trainer.grad_clip,
-                label_smoothing=cfg.trainer.label_smoothing)
+    return dict(
+        model=cfg.model.name,
+        dataset=cfg.dataset.name,
+        label_noise=cfg.dataset.label_noise,
+        augment=cfg.augment.name,
+        optimizer=cfg.optimizer.name,
+        lr=cfg.optimizer.lr,
+        momentum=cfg.optimizer.momentum,
+        nesterov=cfg.optimizer.nesterov,
+        weight_decay=cfg.optimizer.weight_decay,
+        rho=cfg.optimizer.get("rho"),
+        schedule=cfg.schedule.name,
+        warmup_epochs=cfg.schedule.warmup_epochs,
+        epochs=cfg.trainer.epochs,
+        batch_size=cfg.trainer.batch_size,
+        m=cfg.trainer.m,
+        grad_clip=cfg.trainer.grad_clip,
+        label_smoothing=cfg.trainer.label_smoothing,
+    )
 
 
 @pytest.mark.parametrize("cell", sorted(PAPER))
@@ -179,21 +250,32 @@ def test_file_is_what_the_generator_writes():
 
     Slow (a second composition of all 108 cells); the cell values themselves are checked by the tests above.
     """
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "write_hyperparameters.py"), "--check"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "write_hyperparameters.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_cost_cells_are_tables_1_2_4_5_of_the_file(recorded):
     """The JSON the GPU check reads (without OmegaConf) says what the checked hyperparameters file says."""
     data = json.loads(COST_CELLS.read_text())
-    assert set(data["cells"]) == {cell for cell in recorded if cell.split("/")[0] in ("table1", "table2", "table4",
-                                                                                      "table5")}
+    assert set(data["cells"]) == {
+        cell for cell in recorded if cell.split("/")[0] in ("table1", "table2", "table4", "table5")
+    }
     for cell, row in data["cells"].items():
         values = recorded[cell]
-        assert row == {"table": int(cell.split("/")[0][-1]), "model": values["model"], "dataset": values["dataset"],
-                       "optimizer": values["optimizer"], "epochs": values["epochs"],
-                       "batch_size": values["batch_size"], "m": values["m"]}, cell
+        assert row == {
+            "table": int(cell.split("/")[0][-1]),
+            "model": values["model"],
+            "dataset": values["dataset"],
+            "optimizer": values["optimizer"],
+            "epochs": values["epochs"],
+            "batch_size": values["batch_size"],
+            "m": values["m"],
+        }, cell
     assert set(data["datasets"]) == {row["dataset"] for row in data["cells"].values()}
 
 
@@ -201,8 +283,12 @@ def test_cost_datasets_match_the_dataset_configs(compose_train):
     data = json.loads(COST_CELLS.read_text())["datasets"]
     # Training-set sizes as the dataset configs state them (the official splits).
     assert {name: d["num_train"] for name, d in data.items()} == {
-        "cifar10": 50_000, "cifar100": 50_000, "svhn_extra": 73_257 + 531_131, "fashion_mnist": 60_000,
-        "imagenet": 1_281_167}
+        "cifar10": 50_000,
+        "cifar100": 50_000,
+        "svhn_extra": 73_257 + 531_131,
+        "fashion_mnist": 60_000,
+        "imagenet": 1_281_167,
+    }
     for name, info in data.items():
         cfg = compose_train([f"dataset={name}"])
         assert (info["image_size"], info["in_channels"]) == (cfg.dataset.image_size, cfg.dataset.in_channels), name
@@ -215,7 +301,8 @@ def test_sam_reads_rho_from_the_preset(compose_train):
     cfg = compose_train(["experiment=table1/wrn28_10_200ep", "dataset=cifar100", "optimizer=sam"])
     assert cfg.optimizer.rho == 0.1, (
         "optimizer/sam.yaml must take rho from the preset's per-dataset table: "
-        "`rho: ${oc.select:paper.rho.${dataset.name},0.05}` (see docs/presets.md)")
+        "`rho: ${oc.select:paper.rho.${dataset.name},0.05}` (see docs/presets.md)"
+    )
 
 
 def test_rho_without_a_preset_is_sams_default(compose_train):
@@ -243,8 +330,12 @@ def test_sam_variants_take_the_paper_rho_but_asam_keeps_its_scale(compose_train)
 
 
 def test_label_noise_rho_is_automatic_and_falls_back_to_0_1(compose_train):
-    rho = {noise: compose_train(["experiment=table4/resnet32_noise", f"dataset.label_noise={noise}",
-                                 "optimizer=sam"]).optimizer.rho for noise in (0.3, 0.8)}
+    rho = {
+        noise: compose_train(
+            ["experiment=table4/resnet32_noise", f"dataset.label_noise={noise}", "optimizer=sam"]
+        ).optimizer.rho
+        for noise in (0.3, 0.8)
+    }
     assert rho == {0.3: 0.1, 0.8: 0.05}
 
 
@@ -281,8 +372,13 @@ def _sam_train() -> list[str]:
 def test_cli_prints_the_resolved_cell(recorded):
     pytest.importorskip("sam_repro.train", reason="the trainer (sam_repro/train.py) is not there yet")
     cell = "table1/pyramidnet272_shakedrop/cifar100/autoaugment/sam"
-    result = subprocess.run([*_sam_train(), *recorded[cell]["overrides"], "--cfg", "job", "--resolve"],
-                            capture_output=True, text=True, timeout=180, cwd=ROOT)
+    result = subprocess.run(
+        [*_sam_train(), *recorded[cell]["overrides"], "--cfg", "job", "--resolve"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "${" not in result.stdout, "--resolve left an interpolation unresolved"
     cfg = OmegaConf.create(yaml.safe_load(result.stdout))
@@ -293,8 +389,9 @@ def test_cli_prints_the_resolved_cell(recorded):
 
 
 def _dry_run(*args: str) -> tuple[list[str], str]:
-    result = subprocess.run(["bash", str(SUBMIT_TABLE1), "--dry-run", *args], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["bash", str(SUBMIT_TABLE1), "--dry-run", *args], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     return [line for line in lines if not line.startswith("#")], lines[-1]
@@ -307,7 +404,7 @@ def test_submit_table1_dry_run_is_the_whole_grid(recorded, seeds):
     assert summary.startswith(f"# {len(tasks)} array tasks")
     assert len(set(tasks)) == len(tasks)
     table1 = {tuple(c["overrides"]) for name, c in recorded.items() if name.startswith("table1/")}
-    listed = {tuple(t.split()[:-1]) for t in tasks}      # every task ends in seed=N
+    listed = {tuple(t.split()[:-1]) for t in tasks}  # every task ends in seed=N
     assert listed == table1
     assert sorted({t.split()[-1] for t in tasks}) == [f"seed={s}" for s in range(seeds)]
 
@@ -323,8 +420,9 @@ def test_submit_table1_sgd_2x_doubles_each_rows_epochs(recorded):
 
 
 def test_submit_table1_rejects_an_unknown_row():
-    result = subprocess.run(["bash", str(SUBMIT_TABLE1), "--dry-run", "--rows", "wrn28_10"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(SUBMIT_TABLE1), "--dry-run", "--rows", "wrn28_10"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "unknown Table 1 row 'wrn28_10'" in result.stderr
 
 
@@ -335,19 +433,40 @@ def test_submit_table1_array_task_runs_its_own_line(tmp_path):
     shutil.copy(SUBMIT_TABLE1, repo / "scripts" / "slurm" / "submit_table1.sh")
     (repo / "scripts" / "slurm" / "train.sbatch").write_text(
         "#!/usr/bin/env bash\n#SBATCH --gres=gpu:8\n#SBATCH --time=48:00:00\nset -e\n#SBATCH --not-a-directive\n"
-        'echo "train $*"\n')
+        'echo "train $*"\n'
+    )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake_sbatch = bin_dir / "sbatch"
     # Records its arguments, then runs array task 7 of the submitted script the way SLURM would.
-    fake_sbatch.write_text('#!/usr/bin/env bash\necho "$@" > "$SBATCH_LOG"\n'
-                           'SLURM_ARRAY_TASK_ID=7 bash "${@: -1}" > "$TASK_LOG"\necho 4242\n')
+    fake_sbatch.write_text(
+        '#!/usr/bin/env bash\necho "$@" > "$SBATCH_LOG"\n'
+        'SLURM_ARRAY_TASK_ID=7 bash "${@: -1}" > "$TASK_LOG"\necho 4242\n'
+    )
     fake_sbatch.chmod(fake_sbatch.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SAM_RUNS_DIR=str(tmp_path / "runs"),
-               SBATCH_LOG=str(tmp_path / "sbatch.log"), TASK_LOG=str(tmp_path / "task.log"))
-    result = subprocess.run(["bash", str(repo / "scripts" / "slurm" / "submit_table1.sh"), "--seeds", "2",
-                             "--max-parallel", "8", "--", "--partition=gpu"],
-                            capture_output=True, text=True, timeout=60, env=env)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SAM_RUNS_DIR=str(tmp_path / "runs"),
+        SBATCH_LOG=str(tmp_path / "sbatch.log"),
+        TASK_LOG=str(tmp_path / "task.log"),
+    )
+    result = subprocess.run(
+        [
+            "bash",
+            str(repo / "scripts" / "slurm" / "submit_table1.sh"),
+            "--seeds",
+            "2",
+            "--max-parallel",
+            "8",
+            "--",
+            "--partition=gpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "submitted job array 4242" in result.stdout
     sbatch_args = (tmp_path / "sbatch.log").read_text().split()
@@ -356,15 +475,17 @@ def test_submit_table1_array_task_runs_its_own_line(tmp_path):
     assert (tmp_path / "task.log").read_text().strip() == f"train {tasks[7]}"
     array_script = Path(sbatch_args[-1]).read_text()
     assert "#SBATCH --gres=gpu:8" in array_script and "#SBATCH --time=48:00:00" in array_script
-    assert "--not-a-directive" not in array_script     # sbatch itself stops reading at the first command
+    assert "--not-a-directive" not in array_script  # sbatch itself stops reading at the first command
 
 
 # ---- docs/presets.md: one command per cell ----------------------------------------------------------------------
 
 
 def test_docs_give_one_command_per_cell(recorded):
-    commands = re.findall(r"`sam-train ([^`]*)`", "\n".join(
-        line for line in DOCS.read_text().splitlines() if line.startswith("|")))
-    documented = sorted(tuple(sorted(a for a in c.split() if not a.startswith("model.pretrained_path=")))
-                        for c in commands)
+    commands = re.findall(
+        r"`sam-train ([^`]*)`", "\n".join(line for line in DOCS.read_text().splitlines() if line.startswith("|"))
+    )
+    documented = sorted(
+        tuple(sorted(a for a in c.split() if not a.startswith("model.pretrained_path="))) for c in commands
+    )
     assert documented == sorted(tuple(sorted(c["overrides"])) for c in recorded.values())

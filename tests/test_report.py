@@ -36,8 +36,10 @@ def test_report_writes_figures_and_an_index_linking_them(report_runs: Path, tmp_
     assert report_cli.main([str(report_runs), "--out", str(out)]) == 0
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert pngs == [
-        "bars/other.png", "bars/table1.png",
-        "curves/cifar10-resnet20-basic-10ep.png", "curves/cifar10-wrn28_10-basic-200ep.png",
+        "bars/other.png",
+        "bars/table1.png",
+        "curves/cifar10-resnet20-basic-10ep.png",
+        "curves/cifar10-wrn28_10-basic-200ep.png",
     ]
     for png in pngs:
         data = (out / png).read_bytes()
@@ -50,8 +52,7 @@ def test_report_writes_figures_and_an_index_linking_them(report_runs: Path, tmp_
     assert sorted(re.findall(r"\]\(([^)]+\.png)\)", index)) == pngs  # every figure linked, no dangling link
     assert "## Table 1: CIFAR-10 and CIFAR-100, trained from scratch" in index
     sam_mean = 2.7 + 80.0 * np.exp(-200 / 25.0) + 0.1  # seeds add 0, 0.1, 0.2; s = 0.1 -> half-width 0.248
-    assert f"| cifar10 | wrn28_10 | basic | 200 | sam | {sam_mean:.2f} ± 0.25 (3) | 2.7 ± 0.1 | -0.80 ± 0.00 |" \
-        in index
+    assert f"| cifar10 | wrn28_10 | basic | 200 | sam | {sam_mean:.2f} ± 0.25 (3) | 2.7 ± 0.1 | -0.80 ± 0.00 |" in index
     assert "optimizer=sam/seed3 | running |" in index
     assert {"tables.md", "tables.csv", "runs.csv", "provenance.json"} <= {p.name for p in out.iterdir()}
 
@@ -74,8 +75,16 @@ def test_curve_band_averages_over_the_runs_that_reached_each_epoch():
 
 
 def test_cell_slug_is_a_file_name():
-    cell = {"dataset": "cifar10", "model": "wrn28_10", "augment": "basic", "epochs": 200, "label_noise": 0.4,
-            "train_subset": None, "trainer.m": 32, "model.pretrained_path": "/ckpt/b7 final.pt"}
+    cell = {
+        "dataset": "cifar10",
+        "model": "wrn28_10",
+        "augment": "basic",
+        "epochs": 200,
+        "label_noise": 0.4,
+        "train_subset": None,
+        "trainer.m": 32,
+        "model.pretrained_path": "/ckpt/b7 final.pt",
+    }
     assert cell_slug(cell) == (
         "cifar10-wrn28_10-basic-200ep-noise0.4-trainer.m=32-model.pretrained_path=_ckpt_b7_final.pt"
     )
@@ -87,18 +96,30 @@ def test_memorized_share_is_drawn_beside_the_test_error(tmp_path: Path):
     root = tmp_path / "runs"
     for seed, shift in enumerate((0.0, 10.0)):
         for optimizer, memorized in (("sgd", [20.0, 50.0, 80.0]), ("sam", [10.0, 12.0, 15.0])):
-            run = write_run(root, optimizer=optimizer, seed=seed, test_error=60.0, model="resnet20", epochs=3,
-                            label_noise=0.4, curve=[70.0, 65.0, 60.0])
-            rows = [{**json.loads(line), "memorized": m + shift}
-                    for line, m in zip((run / "metrics.jsonl").read_text().splitlines(), memorized)]
+            run = write_run(
+                root,
+                optimizer=optimizer,
+                seed=seed,
+                test_error=60.0,
+                model="resnet20",
+                epochs=3,
+                label_noise=0.4,
+                curve=[70.0, 65.0, 60.0],
+            )
+            rows = [
+                {**json.loads(line), "memorized": m + shift}
+                for line, m in zip((run / "metrics.jsonl").read_text().splitlines(), memorized)
+            ]
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "report"
     assert report_cli.main([str(root), "--out", str(out)]) == 0
     index = (out / "index.md").read_text()
     assert "![test error and memorized share per epoch](curves/cifar10-resnet20-basic-3ep-noise0.4.png)" in index
     # The figure itself: two panels, the right one the mean memorized share over the two seeds, per epoch.
-    curves = {arm: [Curve(np.arange(1.0, 4.0), np.array(m) + shift, True) for shift in (0.0, 10.0)]
-              for arm, m in (("sgd", [20.0, 50.0, 80.0]), ("sam", [10.0, 12.0, 15.0]))}
+    curves = {
+        arm: [Curve(np.arange(1.0, 4.0), np.array(m) + shift, True) for shift in (0.0, 10.0)]
+        for arm, m in (("sgd", [20.0, 50.0, 80.0]), ("sam", [10.0, 12.0, 15.0]))
+    }
     errors = {arm: [Curve(np.arange(1.0, 4.0), np.array([70.0, 65.0, 60.0]), True)] for arm in curves}
     figure = error_curves_figure("noisy", errors, {}, curves)
     assert len(figure.axes) == 2 and figure.axes[1].get_ylim() == (0.0, 100.0)

@@ -27,9 +27,14 @@ RUN_ARGS = [*TINY, "dataset.test_subset=200", "trainer.eval_batch_size=200", "tr
 
 # ---------------------------------------------------------------------------------------------- the comparison
 
-RECORD = {"seed": 0, "experiment": None, "optimizer": {"name": "sam", "lr": 0.1, "weight_decay": 0.0005},
-          "trainer": {"epochs": 200, "m": 32, "eval_every": 1, "compile": False, "sync_bn": False},
-          "dataset": {"noise_seed": 0, "root": "/data"}, "logger": {"mode": "offline"}}
+RECORD = {
+    "seed": 0,
+    "experiment": None,
+    "optimizer": {"name": "sam", "lr": 0.1, "weight_decay": 0.0005},
+    "trainer": {"epochs": 200, "m": 32, "eval_every": 1, "compile": False, "sync_bn": False},
+    "dataset": {"noise_seed": 0, "root": "/data"},
+    "logger": {"mode": "offline"},
+}
 
 
 def current(**changes) -> dict:
@@ -83,9 +88,16 @@ def test_one_base_list_with_named_additions():
     assert IDENTITY_NEUTRAL == NEUTRAL_KEYS
     assert {"seed", "experiment"} <= set(RUN_NAME_NEUTRAL) - set(IDENTITY_NEUTRAL)
     assert {"trainer.name", "dataset.noise_seed"} <= set(TABLE_NEUTRAL) - set(IDENTITY_NEUTRAL)
-    for key in ("trainer.resume", "trainer.compile", "trainer.channels_last", "trainer.deterministic",
-                "trainer.eval_every", "trainer.inject_nonfinite_at_step", "trainer.inject_nonfinite_rank",
-                "logger.mode"):
+    for key in (
+        "trainer.resume",
+        "trainer.compile",
+        "trainer.channels_last",
+        "trainer.deterministic",
+        "trainer.eval_every",
+        "trainer.inject_nonfinite_at_step",
+        "trainer.inject_nonfinite_rank",
+        "logger.mode",
+    ):
         assert matches(key, NEUTRAL_KEYS), key
     assert run_name("demo", ["optimizer=sam", "trainer.resume=force", "trainer.compile=true"]) == "demo/optimizer=sam"
     assert not matches("trainer.tf32", NEUTRAL_KEYS)  # it changes the numbers computed, as trainer.precision does
@@ -96,8 +108,11 @@ def test_one_base_list_with_named_additions():
 
 def fingerprint(run_dir: Path) -> dict[str, str]:
     """SHA-256 of every file of the run except the log, which may grow."""
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != "train.log"}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != "train.log"
+    }
 
 
 @pytest.mark.data
@@ -111,8 +126,15 @@ def test_a_changed_value_in_an_explicit_run_dir_is_refused_before_any_work(tmp_p
             summary = json.loads((run / "summary.json").read_text())
             (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
             before = fingerprint(run)
-        proc = train(tmp_path, *RUN_ARGS, "optimizer=sam", "optimizer.lr=0.2", "trainer.label_smoothing=0.1",
-                         f"hydra.run.dir={run}", check=False)
+        proc = train(
+            tmp_path,
+            *RUN_ARGS,
+            "optimizer=sam",
+            "optimizer.lr=0.2",
+            "trainer.label_smoothing=0.1",
+            f"hydra.run.dir={run}",
+            check=False,
+        )
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2 and "Traceback" not in out
         assert f"optimizer.lr: 0.1 in {run}, 0.2 now" in out
@@ -120,8 +142,9 @@ def test_a_changed_value_in_an_explicit_run_dir_is_refused_before_any_work(tmp_p
         assert "trainer.resume=force" in out and "already finished" not in out
         assert fingerprint(run) == before  # config.yaml, summary.json, metrics.jsonl, checkpoint, .hydra/
         if finished:  # a bad value is refused before the run directory is looked at, even one that changes nothing
-            proc = train(tmp_path, *RUN_ARGS, "optimizer=sam", "trainer.progress=loud", f"hydra.run.dir={run}",
-                         check=False)
+            proc = train(
+                tmp_path, *RUN_ARGS, "optimizer=sam", "trainer.progress=loud", f"hydra.run.dir={run}", check=False
+            )
             assert proc.returncode == 2 and "error: trainer.progress must be one of" in proc.stdout + proc.stderr
             assert "already finished" not in proc.stdout + proc.stderr and fingerprint(run) == before
 
@@ -135,8 +158,9 @@ def test_an_edited_preset_is_refused_and_force_continues_on_record(tmp_path):
     args = [*RUN_ARGS, f"hydra.searchpath=[file://{presets}]", "experiment=mine", "trainer.max_steps=1"]
     train(tmp_path, *args)
     run = only_run_dir(tmp_path)
-    (run / "summary.json").write_text(json.dumps({**json.loads((run / "summary.json").read_text()),
-                                                  "status": "interrupted"}))
+    (run / "summary.json").write_text(
+        json.dumps({**json.loads((run / "summary.json").read_text()), "status": "interrupted"})
+    )
     preset.write_text("# @package _global_\noptimizer:\n  lr: 0.05\n")
     before = fingerprint(run)
     refused = train(tmp_path, *args, check=False)
@@ -174,8 +198,9 @@ def test_keys_that_change_nothing_and_older_records_resume(tmp_path):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("override", ["trainer.epochs=0", "trainer.resume=sometimes",
-                                      "trainer.inject_nonfinite_at_step=-3"])
+@pytest.mark.parametrize(
+    "override", ["trainer.epochs=0", "trainer.resume=sometimes", "trainer.inject_nonfinite_at_step=-3"]
+)
 def test_a_refused_new_run_leaves_no_directory_behind(tmp_path, override):
     proc = train(tmp_path / "runs", *RUN_ARGS, override, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
@@ -193,8 +218,10 @@ def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path):
         assert f"pid {os.getpid()}" in (run / ".lock").read_text()
         # Another process trying the same directory (flock locks belong to the open file, so a child process
         # is a faithful second sam-train).
-        probe = ("import sys; from sam_repro.engine.rundir import RunDirLock\n"
-                 "try:\n    RunDirLock(sys.argv[1]).__enter__()\nexcept Exception as e:\n    print(e); sys.exit(3)")
+        probe = (
+            "import sys; from sam_repro.engine.rundir import RunDirLock\n"
+            "try:\n    RunDirLock(sys.argv[1]).__enter__()\nexcept Exception as e:\n    print(e); sys.exit(3)"
+        )
         proc = subprocess.run([sys.executable, "-c", probe, str(run)], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 3 and f"{run} is in use by sam-train pid {os.getpid()}" in proc.stdout
     with RunDirLock(run):  # released: the next start gets it

@@ -42,7 +42,7 @@ def hand_sam_update(model, x, y, m, rho, lr, wd):
         loss = nn.functional.cross_entropy(probe(xg), yg)
         g = torch.autograd.grad(loss, list(probe.parameters()))
         g = [gi + wd * p.detach() for gi, p in zip(g, params)]
-        norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+        norm = torch.sqrt(sum((gi**2).sum() for gi in g))
         with torch.no_grad():
             for p, gi in zip(probe.parameters(), g):
                 p.add_(rho * gi / norm)
@@ -192,8 +192,7 @@ def test_fp16_inf_in_first_pass_skips_the_step():
         return torch.full_like(grad, float("inf")) if calls["n"] == 1 else grad
 
     handle = model[0].weight.register_hook(poison)
-    ctx = StepContext(group_size=8, scaler=scaler,
-                      autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    ctx = StepContext(group_size=8, scaler=scaler, autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
     sam_step(model, opt, x, y, ctx)
     handle.remove()
     for p, b in zip(model.parameters(), before):
@@ -227,14 +226,17 @@ def test_a_step_never_reads_a_tensor_value_on_the_host(kind, precision):
     if kind == "sgd":
         opt, take = torch.optim.SGD(model.parameters(), lr=0.1), sgd_step
     elif kind == "looksam":
-        opt, take = LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, k=2, weight_decay=1e-2), \
-            looksam_step
+        opt, take = LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, k=2, weight_decay=1e-2), looksam_step
     else:
         opt, take = make_sam(model, wd=1e-2), sam_step
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    ctx = StepContext(group_size=4 if kind == "sam_m4" else 8, grad_clip=1.0, seed=0,
-                      autocast=(lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext,
-                      scaler=torch.amp.GradScaler("cpu") if precision == "fp16" else None)
+    ctx = StepContext(
+        group_size=4 if kind == "sam_m4" else 8,
+        grad_clip=1.0,
+        seed=0,
+        autocast=(lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext,
+        scaler=torch.amp.GradScaler("cpu") if precision == "fp16" else None,
+    )
     steps = 2  # LookSAM: a full step and a cheap one
     with HostReads() as reads:
         for i in range(steps):
@@ -251,8 +253,11 @@ def test_fp16_steps_whose_first_pass_overflowed_are_left_out_of_the_sam_metrics(
     model = tiny_bn_net()
     x, y = batch()
     opt = make_sam(model, rho=0.1)
-    ctx = StepContext(group_size=8, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8),
-                      autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    ctx = StepContext(
+        group_size=8,
+        scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8),
+        autocast=lambda: torch.autocast("cpu", dtype=torch.float16),
+    )
     handle = model[0].weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     skipped = sam_step(model, opt, x, y, ctx)
     handle.remove()

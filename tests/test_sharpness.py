@@ -46,7 +46,8 @@ def test_m_sharpness_equals_closed_form(quadratic, m):
         assert report["sharpness"][0][j] == pytest.approx(expected, rel=1e-10, abs=1e-12)
     assert report["groups"] == [24 // m]
     assert report["grad_norm"][0] == pytest.approx(
-        sum(float((model.a @ w + b[s].mean(0)).norm()) for s in groups) / len(groups), rel=1e-12)
+        sum(float((model.a @ w + b[s].mean(0)).norm()) for s in groups) / len(groups), rel=1e-12
+    )
     assert torch.equal(model.w.detach(), w)  # weights restored
 
 
@@ -64,8 +65,9 @@ def test_disjoint_subsets_are_disjoint_nested_and_seeded():
     flat = torch.cat(groups)
     assert len(set(flat.tolist())) == 48  # disjoint; the remainder of 2 left out
     pairs = disjoint_subsets(50, 4, seed=0)
-    assert all(set(groups[i].tolist()) == set(pairs[2 * i].tolist()) | set(pairs[2 * i + 1].tolist())
-               for i in range(6))  # m=4 groups nest in m=8 groups
+    assert all(
+        set(groups[i].tolist()) == set(pairs[2 * i].tolist()) | set(pairs[2 * i + 1].tolist()) for i in range(6)
+    )  # m=4 groups nest in m=8 groups
     assert all(torch.equal(x, y) for x, y in zip(groups, disjoint_subsets(50, 8, seed=0)))
     assert not all(torch.equal(x, y) for x, y in zip(groups, disjoint_subsets(50, 8, seed=1)))
     with pytest.raises(ValueError):
@@ -96,8 +98,25 @@ def test_sam_analyze_msharpness_end_to_end(tmp_path, fake_dataset, capsys):
     write_run(tmp_path / "sgd", optimizer="sgd", seed=0)
     write_run(tmp_path / "sam", optimizer="sam", seed=1)
     out = tmp_path / "out"
-    args = ["msharpness", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--subset", "32", "--m", "1", "8", "32",
-            "--rho", "0", "0.05", "--device", "cpu", "--out", str(out), "--no-progress"]
+    args = [
+        "msharpness",
+        str(tmp_path / "sgd"),
+        str(tmp_path / "sam"),
+        "--subset",
+        "32",
+        "--m",
+        "1",
+        "8",
+        "32",
+        "--rho",
+        "0",
+        "0.05",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert analyze(args) == 0, capsys.readouterr().err
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.msharpness.json"))]
     assert len(records) == 2 and (out / "msharpness.png").exists()
@@ -114,7 +133,20 @@ def test_sam_analyze_msharpness_end_to_end(tmp_path, fake_dataset, capsys):
 
 def test_sam_analyze_rejects_m_larger_than_the_sample(tmp_path, fake_dataset, capsys):
     write_run(tmp_path / "run")
-    rc = analyze(["msharpness", str(tmp_path / "run"), "--subset", "16", "--m", "32", "--device", "cpu",
-                  "--out", str(tmp_path / "out"), "--no-progress"])
+    rc = analyze(
+        [
+            "msharpness",
+            str(tmp_path / "run"),
+            "--subset",
+            "16",
+            "--m",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --m [32]") and err.count("\n") == 1

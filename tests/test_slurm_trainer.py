@@ -59,10 +59,19 @@ def run_dir(runs: Path, overrides: list[str]) -> Path:
 def reference(tmp_path_factory) -> Path:
     """`RUN` on 2 ranks under torchrun, never interrupted: the run directory every SLURM run is compared with."""
     runs = tmp_path_factory.mktemp("torchrun") / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "sam_repro.train", *RUN]
-    proc = subprocess.run(cmd, cwd=REPO, env=job_env(SAM_RUNS_DIR=str(runs)), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "sam_repro.train",
+        *RUN,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=job_env(SAM_RUNS_DIR=str(runs)), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir(runs, RUN)
 
@@ -194,8 +203,14 @@ def test_submitit_launcher_runs_the_sweep_in_the_derived_run_dirs(tmp_path):
             assert "perturbation_norm" not in last
 
     # The same point run by hand finds the sweep job's directory: nothing to train again.
-    single = subprocess.run([str(VENV / "bin" / "sam-train"), "optimizer=sgd", *SWEEP], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [str(VENV / "bin" / "sam-train"), "optimizer=sgd", *SWEEP],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0 and "already finished" in single.stdout + single.stderr, single.stderr
 
 

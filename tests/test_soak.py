@@ -18,9 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.data
 def test_soak_recovers_from_every_fault(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--kills", "20", "--workdir",
-                           str(tmp_path / "work"), "--out", str(tmp_path / "soak.json")],
-                          capture_output=True, text=True, timeout=5400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "soak.py"),
+            "--kills",
+            "20",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "soak.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=5400,
+    )
     last = proc.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"soak: (\d+) faults injected, (\d+) recovered, (\d+) lost", last)
     assert proc.returncode == 0 and match, proc.stdout + proc.stderr
@@ -29,7 +41,12 @@ def test_soak_recovers_from_every_fault(tmp_path):
     assert (injected, recovered, lost) == (report["injected"], report["recovered"], 0) and injected == recovered
     kinds = [f["kind"] for f in report["faults"]]
     assert sum(k.startswith("kill -9") for k in kinds) >= 20 and "kill -9 mid-write" in kinds
-    for kind in ("SIGTERM mid-write", "SIGUSR1 mid-write", "full disk mid-write", "W&B fails mid-run",
-                 "non-finite loss"):
+    for kind in (
+        "SIGTERM mid-write",
+        "SIGUSR1 mid-write",
+        "full disk mid-write",
+        "W&B fails mid-run",
+        "non-finite loss",
+    ):
         assert kind in kinds, kind
     assert report["provenance"]["git_commit"]

@@ -61,8 +61,11 @@ def runs_root(tmp_path: Path) -> Path:
 def _row(report, table_id, arm, metric=None, **cell):
     """The one row of `arm` (and `metric`, where a table has several) whose cell has the given values."""
     table = next(t for t in report.tables if t.id == table_id)
-    matches = [r for r in table.rows if r.arm == arm and (metric is None or r.metric == metric)
-               and all(r.cell.get(k) == v for k, v in cell.items())]
+    matches = [
+        r
+        for r in table.rows
+        if r.arm == arm and (metric is None or r.metric == metric) and all(r.cell.get(k) == v for k, v in cell.items())
+    ]
     assert len(matches) == 1, (arm, metric, cell, [(r.cell, r.arm, r.metric) for r in table.rows])
     return matches[0]
 
@@ -82,28 +85,45 @@ def _reference_text() -> str:
 def _markdown_rows(text: str, section: str) -> list[list[str]]:
     """Body rows of the first Markdown table after the heading that starts with `section`."""
     body = text.split(section, 1)[1].split("\n### ", 1)[0]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines()
-            if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines() if line.startswith("|")
+    ]
     return [r for r in rows[2:]]  # drop the header and the |---| line
 
 
 TABLE1_ROWS = {
-    "WRN-28-10 (200 ep)": ("wrn28_10", 200), "WRN-28-10 (1800 ep)": ("wrn28_10", 1800),
-    "Shake-Shake (26 2x96d)": ("shake_shake_26_2x96d", None), "PyramidNet": ("pyramidnet272", None),
+    "WRN-28-10 (200 ep)": ("wrn28_10", 200),
+    "WRN-28-10 (1800 ep)": ("wrn28_10", 1800),
+    "Shake-Shake (26 2x96d)": ("shake_shake_26_2x96d", None),
+    "PyramidNet": ("pyramidnet272", None),
     "PyramidNet+ShakeDrop": ("pyramidnet272_shakedrop", None),
 }
 AUGMENTS = {"Basic": "basic", "Cutout": "cutout", "AA": "autoaugment"}
 TABLE3_DATASETS = {
-    "FGVC Aircraft": "fgvc_aircraft", "Flowers": "flowers102", "Oxford-IIIT Pets": "oxford_iiit_pet",
-    "Stanford Cars": "stanford_cars", "CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "Birdsnap": "birdsnap",
-    "Food101": "food101", "ImageNet": "imagenet",
+    "FGVC Aircraft": "fgvc_aircraft",
+    "Flowers": "flowers102",
+    "Oxford-IIIT Pets": "oxford_iiit_pet",
+    "Stanford Cars": "stanford_cars",
+    "CIFAR-10": "cifar10",
+    "CIFAR-100": "cifar100",
+    "Birdsnap": "birdsnap",
+    "Food101": "food101",
+    "ImageNet": "imagenet",
 }
 TABLE4_METHODS = {
-    "Sanchez et al. (2019)": "sanchez2019", "Zhang & Sabuncu (2018)": "zhang_sabuncu2018",
-    "Lee et al. (2019)": "lee2019", "Chen et al. (2019)": "chen2019", "Huang et al. (2019)": "huang2019",
-    "MentorNet (2017)": "mentornet2017", "Mixup (2017)": "mixup2017", "MentorMix (2019)": "mentormix2019",
-    "**SGD** (ours)": "sgd", "**Mixup** (ours)": "mixup", "**Bootstrap + Mixup**": "bootstrap_mixup",
-    "**SAM**": "sam", "**Bootstrap + SAM**": "bootstrap_sam",
+    "Sanchez et al. (2019)": "sanchez2019",
+    "Zhang & Sabuncu (2018)": "zhang_sabuncu2018",
+    "Lee et al. (2019)": "lee2019",
+    "Chen et al. (2019)": "chen2019",
+    "Huang et al. (2019)": "huang2019",
+    "MentorNet (2017)": "mentornet2017",
+    "Mixup (2017)": "mixup2017",
+    "MentorMix (2019)": "mentormix2019",
+    "**SGD** (ours)": "sgd",
+    "**Mixup** (ours)": "mixup",
+    "**Bootstrap + Mixup**": "bootstrap_mixup",
+    "**SAM**": "sam",
+    "**Bootstrap + SAM**": "bootstrap_sam",
 }
 
 
@@ -155,12 +175,15 @@ def test_paper_values_parse_and_carry_their_unit():
     assert (bound.value, bound.half_width, bound.bound, bound.display()) == (2.1, 0.1, True, "2.1 ± <0.1")
     plain = paper[3].lookup("sgd", dataset="imagenet", model="efficientnet_b7")
     assert (plain.value, plain.half_width) == (15.3, None)
-    assert paper[2].lookup("sam", metric="test_error_top5", dataset="imagenet", model="resnet50",
-                           epochs=400).value == 5.51
+    assert (
+        paper[2].lookup("sam", metric="test_error_top5", dataset="imagenet", model="resnet50", epochs=400).value == 5.51
+    )
     # Table 4 is accuracy, everything else error; Shake-Shake's epochs are not printed, so any epochs match.
     assert {t: paper[t].unit for t in paper} == {1: "error", 2: "error", 3: "error", 4: "accuracy", 5: "error"}
-    assert paper[1].lookup("sgd", dataset="cifar100", model="shake_shake_26_2x96d", augment="cutout",
-                           epochs=1234).text == "15.7±0.2"
+    assert (
+        paper[1].lookup("sgd", dataset="cifar100", model="shake_shake_26_2x96d", augment="cutout", epochs=1234).text
+        == "15.7±0.2"
+    )
     with pytest.raises(KeyError):
         paper[1].lookup("sam", dataset="cifar10", model="wrn28_10", epochs=400, augment="basic")
     with pytest.raises(DataError):
@@ -252,9 +275,7 @@ def test_report_on_fake_runs(runs_root: Path):
     lonely = _row(report, 1, "sam", model="shake_shake_26_2x96d")
     assert lonely.ours == stats.Estimate(2.4, None, 1) and lonely.diff is None and lonely.diff_note == "no SGD run"
 
-    assert [(e.status, e.reason) for e in report.excluded] == [
-        ("failed", "loss is NaN at step 120"), ("running", None)
-    ]
+    assert [(e.status, e.reason) for e in report.excluded] == [("failed", "loss is NaN at step 120"), ("running", None)]
 
     markdown = render_markdown(report)
     assert "| cifar10 | wrn28_10 | basic | 200 | sgd | 3.00 ± 2.48 (3) | 3.5 ± 0.1 |" in markdown
@@ -276,8 +297,12 @@ def test_selected_table_lists_every_paper_cell(runs_root: Path):
     assert report.tables[0].rows[0].cell["model"] == "wrn28_10"  # the paper's order
     csv_rows = render_csv(report).splitlines()
     assert len(csv_rows) == 61
-    assert any(r.startswith("1,cifar10,wrn28_10,basic,200,0,,sgd,test_error,error,3,3.0000,2.4841,0 1 2,0,"
-                            "3.5±0.1,3.5000,0.1000,") for r in csv_rows)
+    assert any(
+        r.startswith(
+            "1,cifar10,wrn28_10,basic,200,0,,sgd,test_error,error,3,3.0000,2.4841,0 1 2,0,3.5±0.1,3.5000,0.1000,"
+        )
+        for r in csv_rows
+    )
 
 
 def test_label_noise_table_is_accuracy(tmp_path: Path):
@@ -297,8 +322,17 @@ def test_label_noise_table_is_accuracy(tmp_path: Path):
 
 def test_imagenet_rows_carry_top1_and_top5(tmp_path: Path):
     for seed in range(2):
-        write_run(tmp_path, optimizer="sam", seed=seed, test_error=22.4 + seed * 0.2, top5=6.2 + seed * 0.1,
-                  dataset="imagenet", model="resnet50", epochs=100, augment="imagenet")
+        write_run(
+            tmp_path,
+            optimizer="sam",
+            seed=seed,
+            test_error=22.4 + seed * 0.2,
+            top5=6.2 + seed * 0.1,
+            dataset="imagenet",
+            model="resnet50",
+            epochs=100,
+            augment="imagenet",
+        )
     report = build_report(load_runs([tmp_path]))
     top1 = _row(report, 2, "sam", metric="test_error", model="resnet50", epochs=100)
     top5 = _row(report, 2, "sam", metric="test_error_top5", model="resnet50", epochs=100)
@@ -472,8 +506,11 @@ def test_wandb_source_on_plain_api_objects():
     for edge in page["project"]["runs"]["edges"]:
         node = edge["node"]
         config = {k: v["value"] for k, v in json.loads(node["config"]).items()}
-        objects.append(SimpleNamespace(id=node["name"], state=node["state"], config=config,
-                                       summary_metrics=json.loads(node["summaryMetrics"])))
+        objects.append(
+            SimpleNamespace(
+                id=node["name"], state=node["state"], config=config, summary_metrics=json.loads(node["summaryMetrics"])
+            )
+        )
     api = SimpleNamespace(runs=lambda path: list(reversed(objects)))
     _check_wandb_report(load_wandb_runs("sam-team/sam-repro", api=api))
 
@@ -481,11 +518,13 @@ def test_wandb_source_on_plain_api_objects():
 def test_wandb_source_accepts_flattened_configs_and_rejects_bad_paths():
     from sam_repro.analysis.wandb_source import _unflatten, load_wandb_runs
 
-    assert _unflatten({"dataset.name": "cifar10", "dataset/label_noise": 0.2, "seed": 1, "model": {"name": "x"}}) \
-        == {"dataset": {"name": "cifar10", "label_noise": 0.2}, "seed": 1, "model": {"name": "x"}}
+    assert _unflatten({"dataset.name": "cifar10", "dataset/label_noise": 0.2, "seed": 1, "model": {"name": "x"}}) == {
+        "dataset": {"name": "cifar10", "label_noise": 0.2},
+        "seed": 1,
+        "model": {"name": "x"},
+    }
     with pytest.raises(ConfigError):
         load_wandb_runs("just-a-project", api=SimpleNamespace())
-
 
 
 def test_sgd_shows_the_better_of_standard_and_doubled_epochs(tmp_path: Path):
@@ -513,8 +552,10 @@ def test_sgd_shows_the_better_of_standard_and_doubled_epochs(tmp_path: Path):
     assert [(c.cell["dataset"], c.used) for c in report.baseline_choices] == [("cifar10", 400), ("cifar100", 200)]
     markdown = render_markdown(report)
     assert f"| {(3.6 + 3.8 + 3.7) / 3:.2f} ± " in markdown and "(3), 400 ep |" in markdown
-    assert "| dataset=cifar10, model=wrn28_10, augment=basic, epochs=200 | 4.20 (200 ep) | 3.70 (400 ep) | 400 ep |" \
+    assert (
+        "| dataset=cifar10, model=wrn28_10, augment=basic, epochs=200 | 4.20 (200 ep) | 3.70 (400 ep) | 400 ep |"
         in markdown
+    )
     assert render_csv(report).splitlines()[0].endswith(",epochs_used")
 
     # --sgd-epochs as-run: every budget its own cell, as the runs were.
@@ -540,8 +581,9 @@ def test_doubled_epoch_cell_with_sam_runs_keeps_its_own_sgd(tmp_path: Path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-COMMITTED_TABLES = sorted(p.parent.name for p in (REPOSITORY / "results").glob("*/provenance.json")
-                          if (p.parent / "tables.md").exists())
+COMMITTED_TABLES = sorted(
+    p.parent.name for p in (REPOSITORY / "results").glob("*/provenance.json") if (p.parent / "tables.md").exists()
+)
 
 
 @pytest.mark.parametrize("folder", COMMITTED_TABLES)
@@ -554,8 +596,13 @@ def test_committed_tables_regenerate_exactly(tmp_path: Path, folder: str):
     args = command[1:]
     out = tmp_path / "regenerated"
     args[args.index("--out") + 1] = str(out)
-    result = subprocess.run([sys.executable, "-m", "sam_repro.cli.tables", *args], cwd=REPOSITORY,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "sam_repro.cli.tables", *args],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     for name in ("tables.md", "tables.csv", "runs.csv"):
         assert (out / name).read_text() == (committed / name).read_text(), name

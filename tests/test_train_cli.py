@@ -27,8 +27,18 @@ def test_train_writes_the_run_directory(tmp_path):
     assert "optimizer=sam" in run.parent.name and "logger" not in run.parent.name
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
-    for key in ("train_loss", "train_error", "test_loss", "test_error", "test_error_top5", "lr", "images_per_second",
-                "sharpness", "grad_norm", "perturbation_norm"):
+    for key in (
+        "train_loss",
+        "train_error",
+        "test_loss",
+        "test_error",
+        "test_error_top5",
+        "lr",
+        "images_per_second",
+        "sharpness",
+        "grad_norm",
+        "perturbation_norm",
+    ):
         assert key in rows[-1], key
     assert rows[-1]["perturbation_norm"] == pytest.approx(0.05, rel=1e-4)  # ||eps|| = rho
     assert 0 <= rows[-1]["test_error_top5"] <= rows[-1]["test_error"] <= 100
@@ -39,8 +49,12 @@ def test_train_writes_the_run_directory(tmp_path):
     assert summary["provenance"]["packages"]["torch"].startswith("2.14")
     assert "sam-train" in summary["provenance"]["command"]
     config = read_config(run)
-    assert (config["optimizer"]["name"], config["model"]["name"], config["dataset"]["name"],
-            config["augment"]["name"]) == ("sam", "resnet8", "cifar10", "basic")
+    assert (
+        config["optimizer"]["name"],
+        config["model"]["name"],
+        config["dataset"]["name"],
+        config["augment"]["name"],
+    ) == ("sam", "resnet8", "cifar10", "basic")
     # debug=tiny as composed: its subsets, batch and thread, and no W&B.
     assert (config["dataset"]["train_subset"], config["dataset"]["test_subset"]) == (256, 500)
     trainer = config["trainer"]
@@ -58,8 +72,9 @@ def test_kill_and_rerun_resumes_to_the_same_result(tmp_path):
     reference = read_metrics(only_run_dir(tmp_path / "a"))
 
     runs = tmp_path / "b"
-    proc = subprocess.Popen([str(BIN / "sam-train"), *args], env=env_for(runs), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "sam-train"), *args], env=env_for(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     metrics = None
     while time.time() < deadline and proc.poll() is None:
@@ -88,14 +103,17 @@ def test_multirun_sgd_and_sam(tmp_path):
     assert "already finished" in single.stdout + single.stderr
 
 
-@pytest.mark.parametrize("override, message", [
-    ("trainer.epochs=0", "trainer.epochs must be >= 1"),
-    ("trainer.batch_size=-8", "trainer.batch_size must be positive"),
-    ("optimizer.rho=-1", "optimizer.rho must be >= 0"),
-    ("dataset.train_subset=60000", "dataset.train_subset must be in [1, 50000]"),
-    ("trainer.m=5", "trainer.m (5) must divide"),
-    ("trainer.precision=fp8", "trainer.precision must be one of"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.epochs=0", "trainer.epochs must be >= 1"),
+        ("trainer.batch_size=-8", "trainer.batch_size must be positive"),
+        ("optimizer.rho=-1", "optimizer.rho must be >= 0"),
+        ("dataset.train_subset=60000", "dataset.train_subset must be in [1, 50000]"),
+        ("trainer.m=5", "trainer.m (5) must divide"),
+        ("trainer.precision=fp8", "trainer.precision must be one of"),
+    ],
+)
 def test_bad_values_give_one_line_naming_the_key(tmp_path, override, message):
     proc = train(tmp_path, *TINY, "optimizer=sam", override, check=False)
     assert proc.returncode == 2
@@ -128,15 +146,18 @@ def test_corrupt_checkpoint_is_named_or_restarted(tmp_path):
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
 
 
-@pytest.mark.parametrize("switches, groups", [
-    (["optimizer=asam"], 64),
-    (["optimizer=looksam", "optimizer.k=2"], 64),
-    (["optimizer=sam", "trainer.precision=bf16"], 64),
-    (["optimizer=sam", "trainer.precision=fp16"], 64),
-    (["optimizer=sam", "trainer.accumulate=2"], 32),
-    (["optimizer=sam", "trainer.accumulate=2", "trainer.m=16"], 16),
-    (["optimizer=sam", "optimizer.weight_decay_mode=base_optimizer", "optimizer.p=inf", "trainer.grad_clip=5"], 64),
-])
+@pytest.mark.parametrize(
+    "switches, groups",
+    [
+        (["optimizer=asam"], 64),
+        (["optimizer=looksam", "optimizer.k=2"], 64),
+        (["optimizer=sam", "trainer.precision=bf16"], 64),
+        (["optimizer=sam", "trainer.precision=fp16"], 64),
+        (["optimizer=sam", "trainer.accumulate=2"], 32),
+        (["optimizer=sam", "trainer.accumulate=2", "trainer.m=16"], 16),
+        (["optimizer=sam", "optimizer.weight_decay_mode=base_optimizer", "optimizer.p=inf", "trainer.grad_clip=5"], 64),
+    ],
+)
 def test_optimizer_switches_train_from_the_cli(tmp_path, switches, groups):
     proc = train(tmp_path, *TINY, "trainer.epochs=1", "trainer.max_steps=3", *switches)
     assert f"groups of {groups})" in proc.stdout + proc.stderr

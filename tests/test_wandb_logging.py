@@ -45,19 +45,23 @@ def fake_wandb(monkeypatch):
 
 
 def config(mode="online", experiment="table1/wrn28_10_200ep"):
-    return OmegaConf.create({
-        "experiment": experiment, "seed": 3,
-        "dataset": {"name": "cifar100"}, "model": {"name": "wrn28_10"}, "augment": {"name": "cutout"},
-        "optimizer": {"name": "sam"},
-        "logger": {"name": "wandb", "mode": mode, "project": "p", "entity": None, "group": None, "tags": ["x"]},
-    })
+    return OmegaConf.create(
+        {
+            "experiment": experiment,
+            "seed": 3,
+            "dataset": {"name": "cifar100"},
+            "model": {"name": "wrn28_10"},
+            "augment": {"name": "cutout"},
+            "optimizer": {"name": "sam"},
+            "logger": {"name": "wandb", "mode": mode, "project": "p", "entity": None, "group": None, "tags": ["x"]},
+        }
+    )
 
 
 def env():
     import torch
 
-    return DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
-                   launcher="single")
+    return DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
 
 
 def test_run_carries_group_job_type_and_tags(fake_wandb, tmp_path):
@@ -67,8 +71,14 @@ def test_run_carries_group_job_type_and_tags(fake_wandb, tmp_path):
     assert run.kwargs["job_type"] == "sam"
     assert {"dataset:cifar100", "model:wrn28_10", "augment:cutout", "optimizer:sam", "x"} <= set(run.kwargs["tags"])
     assert run.kwargs["resume"] == "allow" and run.kwargs["mode"] == "online"
-    row = {"epoch": 1, "step": 10, "train_loss": 1.0, "train_error": 50.0, "test_error": 40.0,
-           "images_per_second": 100.0}
+    row = {
+        "epoch": 1,
+        "step": 10,
+        "train_loss": 1.0,
+        "train_error": 50.0,
+        "test_error": 40.0,
+        "images_per_second": 100.0,
+    }
     logger.log_epoch(row)
     assert run.logged == [row]
     logger.finish({"status": "failed", "test_error": 40.0})
@@ -89,8 +99,9 @@ def test_a_failing_wandb_is_a_warning(fake_wandb, tmp_path, caplog):
     fake_wandb.init = broken
     logger = MetricsLogger(config(), tmp_path, env())
     assert logger.wandb_run is None and "W&B could not start" in caplog.text
-    logger.log_epoch({"epoch": 1, "step": 1, "train_loss": 1.0, "train_error": 1.0, "test_error": 1.0,
-                      "images_per_second": 1.0})
+    logger.log_epoch(
+        {"epoch": 1, "step": 1, "train_loss": 1.0, "train_error": 1.0, "test_error": 1.0, "images_per_second": 1.0}
+    )
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 

@@ -153,8 +153,17 @@ def build_report(
         )  # fmt: skip
     if selected is None and by_table.get(None):
         reports.append(
-            _table_report(None, by_table[None], groups, grouping, excluded_sources, False, warnings, epochs_used,
-                          tuple(extra_metrics))
+            _table_report(
+                None,
+                by_table[None],
+                groups,
+                grouping,
+                excluded_sources,
+                False,
+                warnings,
+                epochs_used,
+                tuple(extra_metrics),
+            )
         )
     excluded.sort(key=lambda e: e.source)
     return Report(reports, runs, grouping, excluded, warnings, choices, tuple(extra_metrics))
@@ -293,8 +302,11 @@ def _extras(runs: list[RunRecord], keys: tuple[str, ...], excluded: set[str]) ->
     """Mean ± interval of each summary key over the averaged runs that record it (None where none does)."""
     out = {}
     for key in keys:
-        values = [float(r.summary[key]) for r in sorted(runs, key=lambda r: r.source)
-                  if r.source not in excluded and is_number(r.summary.get(key))]
+        values = [
+            float(r.summary[key])
+            for r in sorted(runs, key=lambda r: r.source)
+            if r.source not in excluded and is_number(r.summary.get(key))
+        ]
         out[key] = mean_ci(values) if values else None
     return out
 

@@ -75,8 +75,10 @@ class HessianOperator:
 
     def _flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         return torch.cat(
-            [(t if t is not None else torch.zeros(n, device=self.device, dtype=self.dtype)).reshape(-1)
-             for t, n in zip(tensors, self.numels)]
+            [
+                (t if t is not None else torch.zeros(n, device=self.device, dtype=self.dtype)).reshape(-1)
+                for t, n in zip(tensors, self.numels)
+            ]
         )
 
     def _unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
@@ -280,11 +282,28 @@ def hessian_spectrum(
         operator = HessianOperator(model, chunks, criterion)
         start = time.perf_counter()
         if method == "lanczos":
-            spectrum = lanczos(operator, operator.dim, k, iterations, seed=seed, device=operator.device,
-                               dtype=operator.dtype, progress=progress)
+            spectrum = lanczos(
+                operator,
+                operator.dim,
+                k,
+                iterations,
+                seed=seed,
+                device=operator.device,
+                dtype=operator.dtype,
+                progress=progress,
+            )
         elif method == "power":
-            spectrum = power_iteration(operator, operator.dim, k, iterations or 100, tol, seed=seed,
-                                       device=operator.device, dtype=operator.dtype, progress=progress)
+            spectrum = power_iteration(
+                operator,
+                operator.dim,
+                k,
+                iterations or 100,
+                tol,
+                seed=seed,
+                device=operator.device,
+                dtype=operator.dtype,
+                progress=progress,
+            )
         else:
             raise ValueError(f"method must be lanczos or power (got {method!r})")
         wall_time = time.perf_counter() - start
@@ -298,7 +317,8 @@ def hessian_spectrum(
         "k": k,
         "loss": loss,
         "loss_function": "mean cross-entropy over the sample, weight decay excluded"
-        if criterion is F.cross_entropy else getattr(criterion, "__name__", repr(criterion)),
+        if criterion is F.cross_entropy
+        else getattr(criterion, "__name__", repr(criterion)),
         "num_examples": operator.num_examples,
         "num_parameters": operator.dim,
         "bn_mode": bn_mode(model),

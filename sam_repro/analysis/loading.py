@@ -258,7 +258,9 @@ def load_split(
         images, labels = arrays.test_images, arrays.test_labels
     else:
         positions, _ = select_train_indices(
-            len(arrays.train_labels), float(dataset.get("val_fraction") or 0.0), dataset.get("train_subset"),
+            len(arrays.train_labels),
+            float(dataset.get("val_fraction") or 0.0),
+            dataset.get("train_subset"),
             int(dataset.get("subset_seed") or 0),
         )
         images, labels = arrays.train_images[positions], arrays.train_labels[positions].astype(np.int64)

@@ -61,8 +61,12 @@ def curve_band(curves: Sequence[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndar
     return epochs, np.nanmean(table, axis=0), np.nanmin(table, axis=0), np.nanmax(table, axis=0)
 
 
-def error_curves_figure(title: str, arms: Mapping[str, Sequence[Curve]], paper: Mapping[str, float],
-                        memorized: Mapping[str, Sequence[Curve]] | None = None) -> Figure:
+def error_curves_figure(
+    title: str,
+    arms: Mapping[str, Sequence[Curve]],
+    paper: Mapping[str, float],
+    memorized: Mapping[str, Sequence[Curve]] | None = None,
+) -> Figure:
     """Mean test error per epoch of each arm's finished runs, shaded between the best and worst seed.
 
     Unfinished runs are drawn as thin dotted lines; `paper` (arm -> test error %) as dashed horizontal lines.
@@ -77,8 +81,9 @@ def error_curves_figure(title: str, arms: Mapping[str, Sequence[Curve]], paper: 
     _draw_curves(axes, arms, colours, "%")
     for arm in sorted(arms, key=arm_order):
         if arm in paper:
-            axes.axhline(paper[arm], color=colours[arm], linestyle="--", linewidth=1.0,
-                         label=f"{arm}, paper: {paper[arm]:g}%")
+            axes.axhline(
+                paper[arm], color=colours[arm], linestyle="--", linewidth=1.0, label=f"{arm}, paper: {paper[arm]:g}%"
+            )
     axes.set_yscale("log")
     axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
     axes.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
@@ -133,11 +138,26 @@ def table_bars_figure(table: TableReport) -> Figure | None:
     for a, arm in enumerate(arms):
         ours = [cells[key].get(arm) for key in cells]
         offset = (2 * a - len(arms) + 0.5) * width
-        _bars(axes, positions + offset, width, [r.ours.mean if r and r.ours else math.nan for r in ours],
-              [r.ours.half_width if r and r.ours else None for r in ours], colours[arm], f"{arm}, ours", None)
-        _bars(axes, positions + offset + width, width,
-              [r.paper.value if r and r.paper else math.nan for r in ours],
-              [r.paper.half_width if r and r.paper else None for r in ours], colours[arm], f"{arm}, paper", "///")
+        _bars(
+            axes,
+            positions + offset,
+            width,
+            [r.ours.mean if r and r.ours else math.nan for r in ours],
+            [r.ours.half_width if r and r.ours else None for r in ours],
+            colours[arm],
+            f"{arm}, ours",
+            None,
+        )
+        _bars(
+            axes,
+            positions + offset + width,
+            width,
+            [r.paper.value if r and r.paper else math.nan for r in ours],
+            [r.paper.half_width if r and r.paper else None for r in ours],
+            colours[arm],
+            f"{arm}, paper",
+            "///",
+        )
     axes.set_xticks(positions, [_cell_tick(key, table) for key in cells], fontsize=8)
     axes.set_ylabel(UNIT_LABELS[table.unit].split(",")[0])
     name = f"Table {table.id}: {table.title}" if table.id is not None else table.title
@@ -199,8 +219,16 @@ def cell_slug(cell: Mapping[str, object]) -> str:
         if value is None or (key == "label_noise" and value == 0):
             continue
         text = f"{value:g}" if isinstance(value, float) else str(value)
-        parts.append({"dataset": text, "model": text, "augment": text, "epochs": f"{text}ep",
-                      "label_noise": f"noise{text}", "train_subset": f"subset{text}"}.get(key, f"{key}={text}"))
+        parts.append(
+            {
+                "dataset": text,
+                "model": text,
+                "augment": text,
+                "epochs": f"{text}ep",
+                "label_noise": f"noise{text}",
+                "train_subset": f"subset{text}",
+            }.get(key, f"{key}={text}")
+        )
     slug = "-".join(parts)
     return "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in slug)
 
@@ -226,9 +254,13 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
             lines += [f"![{table_heading(table)}: ours vs paper](bars/{name}.png)", ""]
         cells = list(dict.fromkeys(tuple(row.cell.items()) for row in table.rows))
         for cell in cells:
-            arms, memorized = ({arm: [c for r in sorted(runs, key=lambda r: r.source) if (c := run_curve(r, key))]
-                                for arm, runs in runs_by_cell.get(cell, {}).items()}
-                               for key in ("test_error", "memorized"))
+            arms, memorized = (
+                {
+                    arm: [c for r in sorted(runs, key=lambda r: r.source) if (c := run_curve(r, key))]
+                    for arm, runs in runs_by_cell.get(cell, {}).items()
+                }
+                for key in ("test_error", "memorized")
+            )
             arms = {arm: curves for arm, curves in arms.items() if curves}
             memorized = {arm: curves for arm, curves in memorized.items() if curves}
             if not arms:
@@ -237,9 +269,11 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
             while slug in slugs:  # two cells that only differ in characters a file name cannot hold
                 slug += "_"
             slugs.add(slug)
-            paper = {row.arm: (100.0 - row.paper.value if table.unit == "accuracy" else row.paper.value)
-                     for row in table.rows
-                     if tuple(row.cell.items()) == cell and row.metric == "test_error" and row.paper}
+            paper = {
+                row.arm: (100.0 - row.paper.value if table.unit == "accuracy" else row.paper.value)
+                for row in table.rows
+                if tuple(row.cell.items()) == cell and row.metric == "test_error" and row.paper
+            }
             figure = error_curves_figure(cell_label(dict(cell)), arms, paper, memorized or None)
             written.append(save_figure(figure, out / "curves" / f"{slug}.png"))
             what = "test error and memorized share" if memorized else "test error"

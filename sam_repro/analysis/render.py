@@ -112,8 +112,10 @@ VALUE_COLUMNS = (
 
 def extra_columns(report: Report) -> tuple[Column, ...]:
     """A column per `extra_metrics` key the report was built with (e.g. `memorized`)."""
-    return tuple(Column(key.replace("_", " "), lambda row, key=key: format_estimate(row.extras.get(key)))
-                 for key in report.extra_metrics)
+    return tuple(
+        Column(key.replace("_", " "), lambda row, key=key: format_estimate(row.extras.get(key)))
+        for key in report.extra_metrics
+    )
 
 
 def _header(table: TableReport, columns: Sequence[Column]) -> list[str]:
@@ -233,9 +235,16 @@ def render_csv(report: Report) -> str:
     columns = report.grouping.columns
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    extras = [(f"{key}{suffix}", lambda row, key=key, part=part: _csv_number(
-        getattr(row.extras.get(key), part, None) if row.extras.get(key) else None))
-        for key in report.extra_metrics for suffix, part in (("_mean", "mean"), ("_ci95", "half_width"))]
+    extras = [
+        (
+            f"{key}{suffix}",
+            lambda row, key=key, part=part: _csv_number(
+                getattr(row.extras.get(key), part, None) if row.extras.get(key) else None
+            ),
+        )
+        for key in report.extra_metrics
+        for suffix, part in (("_mean", "mean"), ("_ci95", "half_width"))
+    ]
     writer.writerow(("table",) + columns + CSV_FIELDS[1:] + tuple(name for name, _ in extras))
     for table in report.tables:
         for row in table.rows:

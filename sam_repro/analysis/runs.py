@@ -108,9 +108,7 @@ def load_run(directory: Path) -> RunRecord:
     if not summary_path.exists():
         return RunRecord(directory.as_posix(), config, {}, NO_SUMMARY, "no summary.json", directory)
     summary = _read_summary(summary_path)
-    return RunRecord(
-        directory.as_posix(), config, summary, str(summary["status"]), summary.get("reason"), directory
-    )
+    return RunRecord(directory.as_posix(), config, summary, str(summary["status"]), summary.get("reason"), directory)
 
 
 def load_runs(roots: Iterable[str | os.PathLike]) -> list[RunRecord]:

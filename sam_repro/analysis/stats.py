@@ -68,9 +68,7 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate
     return Estimate(mean, t_quantile(n - 1, confidence) * standard_error, n)
 
 
-def paired_difference(
-    a: Mapping[int, float], b: Mapping[int, float], confidence: float = CONFIDENCE
-) -> Difference:
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence: float = CONFIDENCE) -> Difference:
     """Interval of mean(a_s − b_s) over the seeds s of `a`; `b` must hold the same seeds."""
     if set(a) != set(b):
         raise ValueError(f"paired difference needs the same seeds (got {sorted(a)} and {sorted(b)})")

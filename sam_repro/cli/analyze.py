@@ -153,15 +153,24 @@ def run_hessian(args: argparse.Namespace) -> int:
         run = session.open(path)
         sample = session.sample(run)
         report = hessian_spectrum(
-            run.model, _chunks(sample, args.chunk_size), k=args.k, method=args.method, iterations=args.iterations,
-            tol=args.tol, seed=args.seed, progress=session.progress,
+            run.model,
+            _chunks(sample, args.chunk_size),
+            k=args.k,
+            method=args.method,
+            iterations=args.iterations,
+            tol=args.tol,
+            seed=args.seed,
+            progress=session.progress,
         )
-        session.write(f"{session.stem(path)}.hessian.json", session.record(run, sample, report,
-                                                                           chunk_size=args.chunk_size))
+        session.write(
+            f"{session.stem(path)}.hessian.json", session.record(run, sample, report, chunk_size=args.chunk_size)
+        )
         ratio = report["lambda_max_over_lambda_5"]
-        print(f"{run.label}: lambda_max {report['lambda_max']:.4g}"
-              + (f"  lambda_max/lambda_5 {ratio:.3g}" if ratio is not None else "")
-              + f"  (bn {report['bn_mode']}, {report['num_examples']} examples, {report['matvecs']} Hv)")
+        print(
+            f"{run.label}: lambda_max {report['lambda_max']:.4g}"
+            + (f"  lambda_max/lambda_5 {ratio:.3g}" if ratio is not None else "")
+            + f"  (bn {report['bn_mode']}, {report['num_examples']} examples, {report['matvecs']} Hv)"
+        )
         spectra[session.legend(run)] = report["eigenvalues"]
     session.save("hessian.png", plot_spectra(spectra))
     return 0
@@ -222,19 +231,27 @@ def run_landscape(args: argparse.Namespace) -> int:
             curves[session.legend(run)] = result
             centre = result["loss"][points // 2]
         else:
-            directions = (filter_normalized_direction(run.model, generator),
-                          filter_normalized_direction(run.model, generator))
+            directions = (
+                filter_normalized_direction(run.model, generator),
+                filter_normalized_direction(run.model, generator),
+            )
             result = loss_surface(run.model, batches, directions, grid, grid, progress=session.progress)
             session.save(f"{stem}.landscape_2d.png", plot_surface(result, title=f"{run.label} ({sample.split} loss)"))
             surfaces[session.legend(run)] = result
             centre = result["loss"][points // 2][points // 2]
-        result |= {"direction": "filter-normalized Gaussian (Li et al. 2018), bias/BatchNorm directions zero",
-                   "direction_seed": args.seed, "bn_mode": bn_mode(run.model)}
-        session.write(f"{stem}.landscape_{args.mode}.json", session.record(run, sample, result,
-                                                                          chunk_size=args.chunk_size))
+        result |= {
+            "direction": "filter-normalized Gaussian (Li et al. 2018), bias/BatchNorm directions zero",
+            "direction_seed": args.seed,
+            "bn_mode": bn_mode(run.model),
+        }
+        session.write(
+            f"{stem}.landscape_{args.mode}.json", session.record(run, sample, result, chunk_size=args.chunk_size)
+        )
         shape = f"{points}x{points}" if args.mode == "2d" else f"{points}"
-        print(f"{run.label}: {args.mode} landscape on {shape} points in [{start}, {stop}], "
-              f"loss {centre:.4g} at the grid centre")
+        print(
+            f"{run.label}: {args.mode} landscape on {shape} points in [{start}, {stop}], "
+            f"loss {centre:.4g} at the grid centre"
+        )
     if curves:
         session.save("landscape_1d.png", plot_curves(curves, title=f"{args.split} loss along a random direction"))
     if len(surfaces) > 1:  # the runs side by side, on the same contour levels
@@ -249,15 +266,18 @@ def _interpolate(session: _Session, grid: list[float]) -> int:
     run_a, run_b = (session.open(path) for path in args.runs)
     sample = session.sample(run_a)
     try:
-        result = interpolation_curve(run_a.model, run_b.model, _chunks(sample, args.chunk_size), grid,
-                                     progress=session.progress)
+        result = interpolation_curve(
+            run_a.model, run_b.model, _chunks(sample, args.chunk_size), grid, progress=session.progress
+        )
     except ValueError as error:
         raise CheckpointError(f"{run_a.checkpoint} and {run_b.checkpoint}: {error}") from error
     result |= {"from": run_a.describe(), "to": run_b.describe()}
     session.write("interpolation.json", session.record(run_a, sample, result, chunk_size=args.chunk_size))
     label = f"{run_a.label} -> {run_b.label}"
-    session.save("interpolation.png", plot_curves(
-        {label: result}, xlabel=r"$\alpha$: $(1-\alpha)\,w_a + \alpha\,w_b$", title="Linear interpolation"))
+    session.save(
+        "interpolation.png",
+        plot_curves({label: result}, xlabel=r"$\alpha$: $(1-\alpha)\,w_a + \alpha\,w_b$", title="Linear interpolation"),
+    )
     print(f"{label}: loss {result['loss'][0]:.4g} ... {result['loss'][-1]:.4g} over alpha in [{grid[0]}, {grid[-1]}]")
     return 0
 
@@ -281,13 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    hessian = commands.add_parser("hessian", parents=[common], help="top-k Hessian eigenvalues (lambda_max, "
-                                  "lambda_max/lambda_5)")
+    hessian = commands.add_parser(
+        "hessian", parents=[common], help="top-k Hessian eigenvalues (lambda_max, lambda_max/lambda_5)"
+    )
     hessian.add_argument("--subset", type=int, default=1000, help="examples in the sample (default: %(default)s)")
     hessian.add_argument("--k", type=int, default=5, help="number of top eigenvalues (default: 5)")
     hessian.add_argument("--method", default="lanczos", choices=("lanczos", "power"))
-    hessian.add_argument("--iterations", type=int, default=None,
-                         help="Lanczos steps (default max(3k, 30)) or power-iteration cap per eigenvalue (100)")
+    hessian.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="Lanczos steps (default max(3k, 30)) or power-iteration cap per eigenvalue (100)",
+    )
     hessian.add_argument("--tol", type=float, default=1e-3, help="power iteration: relative residual to stop at")
     hessian.set_defaults(handler=run_hessian)
 
@@ -300,10 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     landscape = commands.add_parser("landscape", parents=[common], help="1D/2D loss landscapes, interpolation")
     landscape.add_argument("--subset", type=int, default=1000, help="examples in the sample (default: %(default)s)")
     landscape.add_argument("--mode", default="1d", choices=("1d", "2d", "interpolate"))
-    landscape.add_argument("--range", type=float, nargs=2, default=None, metavar=("START", "STOP"),
-                           help="coordinate range (default: -1 1; interpolate: -0.5 1.5)")
-    landscape.add_argument("--points", type=int, default=None,
-                           help="grid points per axis (default: 41 for 1d and interpolate, 21 for 2d)")
+    landscape.add_argument(
+        "--range",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("START", "STOP"),
+        help="coordinate range (default: -1 1; interpolate: -0.5 1.5)",
+    )
+    landscape.add_argument(
+        "--points", type=int, default=None, help="grid points per axis (default: 41 for 1d and interpolate, 21 for 2d)"
+    )
     landscape.set_defaults(handler=run_landscape)
     return parser
 

@@ -40,8 +40,13 @@ def evaluate_run(
     set_tf32(False)
     run = open_run(path, resolved)
     data = load_split(run.cfg, split, root=data_root).to(resolved)
-    batches = tqdm(data.batches(batch_size), total=math.ceil(len(data) / batch_size), desc=f"eval {split}",
-                   disable=not progress, leave=False)
+    batches = tqdm(
+        data.batches(batch_size),
+        total=math.ceil(len(data) / batch_size),
+        desc=f"eval {split}",
+        disable=not progress,
+        leave=False,
+    )
     with torch.inference_mode():
         result = evaluate(run.model, batches)
     return {
@@ -62,8 +67,10 @@ def format_result(record: dict[str, Any]) -> str:
     """One human-readable line, e.g. `runs/x: top-1 error 3.21%  top-5 error 0.11%  (test, 10000 images, ...)`."""
     top5 = f"  top-5 error {record['top5_error']:.2f}%" if record["top5_error"] is not None else ""
     epoch = f", epoch {record['epoch']}" if record["epoch"] is not None else ""
-    return (f"{record['run']}: top-1 error {record['top1_error']:.2f}%{top5}  ({record['dataset']} {record['split']}, "
-            f"{record['num_examples']} images, loss {record['loss']:.4f}{epoch})")
+    return (
+        f"{record['run']}: top-1 error {record['top1_error']:.2f}%{top5}  ({record['dataset']} {record['split']}, "
+        f"{record['num_examples']} images, loss {record['loss']:.4f}{epoch})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         for path in args.runs:
-            record = evaluate_run(path, args.split, args.batch_size, args.device, args.data_root,
-                                  progress=not args.no_progress)
+            record = evaluate_run(
+                path, args.split, args.batch_size, args.device, args.data_root, progress=not args.no_progress
+            )
             print(json.dumps(record) if args.json else format_result(record), flush=True)
     except SamReproError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -19,8 +19,9 @@ from sam_repro.errors import SamReproError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sam-report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sam-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_selection_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for index.md and the figures")
     args = parser.parse_args(argv)

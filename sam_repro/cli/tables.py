@@ -26,22 +26,45 @@ from sam_repro.paper import TABLE_IDS
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared with sam-report: which runs, which table, how to group."""
-    parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIRS",
-                        help="run directories or folders containing them (searched recursively)")
-    parser.add_argument("--table", default="auto", choices=[*map(str, TABLE_IDS), "auto"],
-                        help="one table of the paper, with all its cells (missing ones marked), or auto: every "
-                             "table that has runs, plus 'Other runs' (default)")
-    parser.add_argument("--group-by", action="append", default=[], metavar="KEYS",
-                        help="comma-separated dotted config keys that split cells further, e.g. trainer.m; "
-                             "optimizer.* keys (optimizer.rho) split the optimizer column instead")
-    parser.add_argument("--wandb", metavar="ENTITY/PROJECT",
-                        help="also read the runs of this W&B project through the public API")
-    parser.add_argument("--show", nargs="+", default=[], metavar="KEY",
-                        help="also show these summary.json values as mean ± interval, e.g. memorized (the share "
-                             "of flipped training labels learnt, label-noise runs) or best_test_error")
-    parser.add_argument("--sgd-epochs", choices=["best", "as-run"], default="best",
-                        help="best (default): as the paper, where SGD-only runs at twice a cell's epochs exist, show "
-                             "the SGD budget with the lower mean error; as-run: every epoch count its own cell")
+    parser.add_argument(
+        "run_dirs",
+        nargs="*",
+        metavar="RUN_DIRS",
+        help="run directories or folders containing them (searched recursively)",
+    )
+    parser.add_argument(
+        "--table",
+        default="auto",
+        choices=[*map(str, TABLE_IDS), "auto"],
+        help="one table of the paper, with all its cells (missing ones marked), or auto: every "
+        "table that has runs, plus 'Other runs' (default)",
+    )
+    parser.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        metavar="KEYS",
+        help="comma-separated dotted config keys that split cells further, e.g. trainer.m; "
+        "optimizer.* keys (optimizer.rho) split the optimizer column instead",
+    )
+    parser.add_argument(
+        "--wandb", metavar="ENTITY/PROJECT", help="also read the runs of this W&B project through the public API"
+    )
+    parser.add_argument(
+        "--show",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="also show these summary.json values as mean ± interval, e.g. memorized (the share "
+        "of flipped training labels learnt, label-noise runs) or best_test_error",
+    )
+    parser.add_argument(
+        "--sgd-epochs",
+        choices=["best", "as-run"],
+        default="best",
+        help="best (default): as the paper, where SGD-only runs at twice a cell's epochs exist, show "
+        "the SGD budget with the lower mean error; as-run: every epoch count its own cell",
+    )
 
 
 def collect_runs(run_dirs: Sequence[str], wandb_path: str | None) -> list[RunRecord]:
@@ -69,22 +92,32 @@ def inputs_of(args: argparse.Namespace) -> list[str]:
 def load_report(args: argparse.Namespace):
     """The runs named on the command line and their report; warnings go to stderr (shared with sam-report)."""
     runs = collect_runs(args.run_dirs, args.wandb)
-    report = build_report(runs, table=args.table, group_by=args.group_by,
-                          sgd_best_of_doubled=args.sgd_epochs == "best", extra_metrics=args.show)
+    report = build_report(
+        runs,
+        table=args.table,
+        group_by=args.group_by,
+        sgd_best_of_doubled=args.sgd_epochs == "best",
+        extra_metrics=args.show,
+    )
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return runs, report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sam-tables", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sam-tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_selection_arguments(parser)
-    parser.add_argument("--out", metavar="DIR",
-                        help="write tables.md, tables.csv, runs.csv (+ tables.tex) and provenance.json here; "
-                             "without it the tables are printed and nothing is written")
-    parser.add_argument("--latex", action="store_true", help="also LaTeX (tables.tex; printed instead of Markdown "
-                                                             "without --out)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write tables.md, tables.csv, runs.csv (+ tables.tex) and provenance.json here; "
+        "without it the tables are printed and nothing is written",
+    )
+    parser.add_argument(
+        "--latex", action="store_true", help="also LaTeX (tables.tex; printed instead of Markdown without --out)"
+    )
     args = parser.parse_args(argv)
     try:
         runs, report = load_report(args)
@@ -97,8 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     averaged = len(runs) - len(report.excluded)
-    print(f"{len(runs)} runs ({averaged} averaged, {len(report.excluded)} not): "
-          + " ".join(p.as_posix() for p in written))
+    print(
+        f"{len(runs)} runs ({averaged} averaged, {len(report.excluded)} not): "
+        + " ".join(p.as_posix() for p in written)
+    )
     return 0
 
 

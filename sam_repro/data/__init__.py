@@ -37,8 +37,9 @@ class Data:
     info: dict = field(default_factory=dict)  # label-noise record etc., goes into summary.json
 
 
-def select_train_indices(n_total: int, val_fraction: float, train_subset: int | None, subset_seed: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def select_train_indices(
+    n_total: int, val_fraction: float, train_subset: int | None, subset_seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices) of the official training set, as described in the module docstring."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"dataset.val_fraction must be in [0, 1) (got {val_fraction})")
@@ -47,7 +48,8 @@ def select_train_indices(n_total: int, val_fraction: float, train_subset: int | 
     if train_subset is not None:
         if not 0 < train_subset <= len(train_idx):
             raise ConfigError(
-                f"dataset.train_subset must be in [1, {len(train_idx)}] for this split (got {train_subset})")
+                f"dataset.train_subset must be in [1, {len(train_idx)}] for this split (got {train_subset})"
+            )
         rng = np.random.default_rng(subset_seed)
         train_idx = np.sort(rng.choice(train_idx, size=train_subset, replace=False))
     return train_idx, val_idx
@@ -60,15 +62,17 @@ def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) ->
 
     ds, aug, tr = cfg.dataset, cfg.augment, cfg.trainer
     arrays = load_arrays(ds.name, ds.root)
-    train_idx, val_idx = select_train_indices(len(arrays.train_labels), float(ds.val_fraction),
-                                              ds.train_subset, int(ds.subset_seed))
+    train_idx, val_idx = select_train_indices(
+        len(arrays.train_labels), float(ds.val_fraction), ds.train_subset, int(ds.subset_seed)
+    )
     true_labels = labels = arrays.train_labels[train_idx].astype(np.int64)
     info: dict = {"num_train": len(train_idx), "num_val": len(val_idx)}
     if ds.label_noise:
         from sam_repro.data.noise import corrupt_labels
 
-        labels, info["label_noise"] = corrupt_labels(labels, float(ds.label_noise), int(ds.num_classes),
-                                                     int(ds.noise_seed))
+        labels, info["label_noise"] = corrupt_labels(
+            labels, float(ds.label_noise), int(ds.num_classes), int(ds.noise_seed)
+        )
     if tr.batch_size > len(train_idx):
         raise ConfigError(f"trainer.batch_size ({tr.batch_size}) is larger than the training set ({len(train_idx)})")
 
@@ -82,29 +86,44 @@ def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) ->
         cpu_augment = lambda images, generator: autoaugment_batch(images, policy, generator)  # noqa: E731
 
     to_dev = lambda x: to_device_uint8(x, device)  # noqa: E731
-    train = TrainLoader(to_dev(arrays.train_images[train_idx]), torch.from_numpy(labels).to(device),
-                        int(tr.batch_size), augment, seed=int(cfg.seed), rank=rank, world_size=world_size,
-                        cpu_augment=cpu_augment)
+    train = TrainLoader(
+        to_dev(arrays.train_images[train_idx]),
+        torch.from_numpy(labels).to(device),
+        int(tr.batch_size),
+        augment,
+        seed=int(cfg.seed),
+        rank=rank,
+        world_size=world_size,
+        cpu_augment=cpu_augment,
+    )
     n_test = len(arrays.test_labels) if ds.get("test_subset") is None else int(ds.test_subset)
     if not 0 < n_test <= len(arrays.test_labels):
         raise ConfigError(f"dataset.test_subset must be in [1, {len(arrays.test_labels)}] (got {ds.test_subset})")
     test_labels = torch.from_numpy(arrays.test_labels[:n_test].astype(np.int64)).to(device)
-    test = EvalLoader(to_dev(arrays.test_images[:n_test]), test_labels, int(tr.eval_batch_size), ds.mean, ds.std,
-                      rank, world_size)
+    test = EvalLoader(
+        to_dev(arrays.test_images[:n_test]), test_labels, int(tr.eval_batch_size), ds.mean, ds.std, rank, world_size
+    )
     val = None
     if len(val_idx):
         val_labels = torch.from_numpy(arrays.train_labels[val_idx].astype(np.int64)).to(device)
-        val = EvalLoader(to_dev(arrays.train_images[val_idx]), val_labels, int(tr.eval_batch_size), ds.mean,
-                         ds.std, rank, world_size)
+        val = EvalLoader(
+            to_dev(arrays.train_images[val_idx]), val_labels, int(tr.eval_batch_size), ds.mean, ds.std, rank, world_size
+        )
     noise_probe = None
     if ds.label_noise:
         probe = np.arange(len(labels))
         if len(probe) > MEMORIZATION_SAMPLE:
-            probe = np.sort(np.random.default_rng(int(ds.noise_seed)).choice(probe, MEMORIZATION_SAMPLE,
-                                                                             replace=False))
+            probe = np.sort(np.random.default_rng(int(ds.noise_seed)).choice(probe, MEMORIZATION_SAMPLE, replace=False))
         pairs = torch.from_numpy(np.stack([labels[probe], true_labels[probe]], axis=1)).to(device)
-        noise_probe = EvalLoader(train.images[torch.from_numpy(probe).to(device)], pairs, int(tr.eval_batch_size),
-                                 ds.mean, ds.std, rank, world_size)
+        noise_probe = EvalLoader(
+            train.images[torch.from_numpy(probe).to(device)],
+            pairs,
+            int(tr.eval_batch_size),
+            ds.mean,
+            ds.std,
+            rank,
+            world_size,
+        )
         info["memorization_sample"] = len(probe)
     return Data(train=train, test=test, val=val, num_train=len(train_idx), info=info, noise_probe=noise_probe)
 
@@ -118,11 +137,19 @@ def _build_imagenet(cfg, device: torch.device, rank: int, world_size: int) -> Da
     for key in ("train_subset", "label_noise", "val_fraction", "test_subset"):
         if ds.get(key):
             raise ConfigError(f"dataset.{key} is not supported for imagenet (got {ds.get(key)})")
-    common = dict(root=ds.root, rank=rank, world_size=world_size, seed=int(cfg.seed), epoch=0,
-                  workers=int(ds.get("workers", 8)), image_size=int(ds.image_size), pin_memory=device.type == "cuda")
+    common = dict(
+        root=ds.root,
+        rank=rank,
+        world_size=world_size,
+        seed=int(cfg.seed),
+        epoch=0,
+        workers=int(ds.get("workers", 8)),
+        image_size=int(ds.image_size),
+        pin_memory=device.type == "cuda",
+    )
     train = StreamingTrainLoader(
-        build_imagenet_loader(split="train", batch_size=tr.batch_size // world_size, **common), device)
-    test = StreamingEvalLoader(build_imagenet_loader(split="val", batch_size=int(tr.eval_batch_size), **common),
-                               device)
+        build_imagenet_loader(split="train", batch_size=tr.batch_size // world_size, **common), device
+    )
+    test = StreamingEvalLoader(build_imagenet_loader(split="val", batch_size=int(tr.eval_batch_size), **common), device)
     n_train = len(train.loader.dataset)
     return Data(train=train, test=test, val=None, num_train=n_train, info={"num_train": n_train})

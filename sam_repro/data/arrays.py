@@ -67,8 +67,10 @@ def check_splits(splits: Splits, num_classes: int, source: str) -> None:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise DataError(f"{source}: {kind} images must be uint8 N x H x W x C (got {images.dtype} {images.shape})")
         if labels.dtype != np.uint8 or labels.shape != (images.shape[0],):
-            raise DataError(f"{source}: {kind} labels must be uint8 of shape ({images.shape[0]},) "
-                            f"(got {labels.dtype} {labels.shape})")
+            raise DataError(
+                f"{source}: {kind} labels must be uint8 of shape ({images.shape[0]},) "
+                f"(got {labels.dtype} {labels.shape})"
+            )
         if labels.size and int(labels.max()) >= num_classes:
             raise DataError(f"{source}: {kind} label {int(labels.max())} is outside [0, {num_classes})")
 
@@ -79,6 +81,8 @@ def verify_sha256(splits: Splits, expected: Mapping[str, str], source: str) -> d
     wrong = [key for key in SPLIT_KEYS if key in expected and actual[key] != expected[key]]
     if wrong:
         details = ", ".join(f"{key} {actual[key][:12]}... != {expected[key][:12]}..." for key in wrong)
-        raise DataError(f"{source}: decoded arrays do not match the known SHA-256 ({details}); "
-                        "the source is corrupt or not the official data: delete it and prepare again")
+        raise DataError(
+            f"{source}: decoded arrays do not match the known SHA-256 ({details}); "
+            "the source is corrupt or not the official data: delete it and prepare again"
+        )
     return actual

@@ -27,8 +27,9 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _channel_stats(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean * 255, 1 / (std * 255)) as (1, C, 1, 1) tensors on `device`, made once (not copied per batch)."""
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
     inv_std_t = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
@@ -95,7 +96,7 @@ class Draws:
     flips: torch.Tensor | None  # (B,) bool
     centres: torch.Tensor | None  # (1 or B, 2) cutout centres
 
-    def slice(self, start: int, stop: int) -> "Draws":
+    def slice(self, start: int, stop: int) -> Draws:
         centres = self.centres
         if centres is not None and len(centres) > 1:
             centres = centres[start:stop]
@@ -109,11 +110,13 @@ class Draws:
     def stack(draws: Sequence[Draws], device: torch.device) -> Draws:
         """The draws of several batches as one Draws with a leading batch dimension, on `device` (one copy per
         field); index it with `[i]`. Pinned first for a GPU, so the copies do not block."""
+
         def field(values):
             return None if not draws or values[0] is None else host_to_device(torch.stack(values), device)
 
-        return Draws(field([d.offsets for d in draws]), field([d.flips for d in draws]),
-                     field([d.centres for d in draws]))
+        return Draws(
+            field([d.offsets for d in draws]), field([d.flips for d in draws]), field([d.centres for d in draws])
+        )
 
     def __getitem__(self, i: int) -> Draws:
         return Draws(*(None if t is None else t[i] for t in (self.offsets, self.flips, self.centres)))
@@ -140,8 +143,9 @@ class BatchAugment:
         centres = None
         if self.cutout > 0:
             k = batch if self.cutout_per_image else 1
-            centres = torch.stack([torch.randint(0, h, (k,), generator=generator),
-                                   torch.randint(0, w, (k,), generator=generator)], dim=1)
+            centres = torch.stack(
+                [torch.randint(0, h, (k,), generator=generator), torch.randint(0, w, (k,), generator=generator)], dim=1
+            )
         return Draws(offsets, flips, centres)
 
     def __call__(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:

@@ -37,8 +37,9 @@ def _augmenter(policy: str) -> AutoAugment:
     return AutoAugment(AutoAugmentPolicy(policy))
 
 
-def _sub_policy_draws(n: int, num_policies: int, generator: torch.Generator) -> list[tuple[int, torch.Tensor,
-                                                                                            torch.Tensor]]:
+def _sub_policy_draws(
+    n: int, num_policies: int, generator: torch.Generator
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """`AutoAugment.get_params(num_policies)` for n images in turn, drawn from `generator` in the same order."""
     draws = []
     for _ in range(n):
@@ -54,8 +55,10 @@ def autoaugment_batch(images: torch.Tensor, policy: str, generator: torch.Genera
     its own sub-policy draw; reproducible from `generator` (advanced by one draw). Returns a new uint8 tensor."""
     augment = _augmenter(policy)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.device.type != "cpu":
-        raise ValueError(f"autoaugment_batch needs a uint8 N x C x H x W CPU tensor (got {images.dtype} "
-                         f"{tuple(images.shape)} on {images.device})")
+        raise ValueError(
+            f"autoaugment_batch needs a uint8 N x C x H x W CPU tensor (got {images.dtype} "
+            f"{tuple(images.shape)} on {images.device})"
+        )
     n, _, height, width = images.shape
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     draws = _sub_policy_draws(n, len(augment.policies), torch.Generator().manual_seed(seed))
@@ -74,6 +77,7 @@ def autoaugment_batch(images: torch.Tensor, policy: str, generator: torch.Genera
                 groups.setdefault((op_name, magnitude), []).append(i)
         for (op_name, magnitude), members in groups.items():
             index = torch.tensor(members)
-            out[index] = _apply_op(out[index], op_name, magnitude, interpolation=augment.interpolation,
-                                   fill=augment.fill)
+            out[index] = _apply_op(
+                out[index], op_name, magnitude, interpolation=augment.interpolation, fill=augment.fill
+            )
     return out

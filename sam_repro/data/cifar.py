@@ -97,8 +97,10 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 
 
 def _read_pickle_batches(archive: Path, names: list[str], label_key: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
-    decoded = {name: decode_pickle_batch(_unpickle_batch(raw, name), label_key, name)
-               for name, raw in _stream_members(archive, set(names))}
+    decoded = {
+        name: decode_pickle_batch(_unpickle_batch(raw, name), label_key, name)
+        for name, raw in _stream_members(archive, set(names))
+    }
     return [decoded[name] for name in names]
 
 

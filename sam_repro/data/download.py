@@ -46,8 +46,10 @@ def verify_md5(path: Path, md5: str) -> None:
     """DataError if the file at `path` does not have MD5 `md5` (the file is left alone: it may be the user's)."""
     actual = md5_of_file(path)
     if actual != md5:
-        raise DataError(f"{path} has MD5 {actual}, expected {md5}: the file is damaged or not the official one; "
-                        "delete it (or replace it with a good copy) and prepare again")
+        raise DataError(
+            f"{path} has MD5 {actual}, expected {md5}: the file is damaged or not the official one; "
+            "delete it (or replace it with a good copy) and prepare again"
+        )
 
 
 def download_url(url: str, dest: Path, md5: str | None, *, timeout: float = CONNECT_TIMEOUT_S) -> Path:
@@ -64,8 +66,14 @@ def download_url(url: str, dest: Path, md5: str | None, *, timeout: float = CONN
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False,
-                      disable=total is not None and total < PROGRESS_MIN_BYTES) as bar:
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=dest.name,
+                leave=False,
+                disable=total is not None and total < PROGRESS_MIN_BYTES,
+            ) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
@@ -79,8 +87,10 @@ def download_url(url: str, dest: Path, md5: str | None, *, timeout: float = CONN
         raise
     if md5 is not None and digest.hexdigest() != md5:
         part.unlink()
-        raise DataError(f"{dest.name} downloaded from {url} has MD5 {digest.hexdigest()}, expected {md5}; "
-                        "the corrupt download was deleted: run again, or put a good copy at " + str(dest))
+        raise DataError(
+            f"{dest.name} downloaded from {url} has MD5 {digest.hexdigest()}, expected {md5}; "
+            "the corrupt download was deleted: run again, or put a good copy at " + str(dest)
+        )
     os.replace(part, dest)
     log.info("downloaded %s -> %s", url, dest)
     return dest

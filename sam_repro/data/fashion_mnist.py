@@ -39,8 +39,9 @@ def decode_idx(raw: bytes, name: str) -> np.ndarray:
     header = 4 + 4 * ndim
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     if len(raw) != header + int(np.prod(shape)):
-        raise DataError(f"{name}: header says shape {shape}, file holds {len(raw) - header} values; "
-                        "delete it and prepare again")
+        raise DataError(
+            f"{name}: header says shape {shape}, file holds {len(raw) - header} values; delete it and prepare again"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
@@ -58,7 +59,9 @@ def read_fashion_mnist(folder: Path) -> Splits:
     for kind in ("train", "test"):
         images = arrays[f"{kind}_images"]
         if images.ndim != 3 or images.shape[0] != arrays[f"{kind}_labels"].shape[0]:
-            raise DataError(f"{folder / FILES[f'{kind}_images']}: expected N x 28 x 28 images, one per label "
-                            f"(got {images.shape} for {arrays[f'{kind}_labels'].shape[0]} labels)")
+            raise DataError(
+                f"{folder / FILES[f'{kind}_images']}: expected N x 28 x 28 images, one per label "
+                f"(got {images.shape} for {arrays[f'{kind}_labels'].shape[0]} labels)"
+            )
         arrays[f"{kind}_images"] = images[..., None]  # a channel axis, like every other dataset here
     return Splits(**arrays)

@@ -50,22 +50,27 @@ def _check_split(folder: Path) -> None:
 
 
 def train_transform(image_size: int = 224) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                                     interpolation=InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BICUBIC
+            ),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def eval_transform(image_size: int = 224) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.Resize(image_size + CROP_PADDING, interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size + CROP_PADDING, interpolation=InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
 
 
 class ShardSampler(Sampler):
@@ -73,8 +78,9 @@ class ShardSampler(Sampler):
     multiple of world_size; eval: a contiguous block, in order). Training yields (epoch, index) keys for
     `SeededSamples`; evaluation yields plain indices."""
 
-    def __init__(self, num_examples: int, rank: int, world_size: int, *, shuffle: bool, seed: int = 0,
-                 epoch: int = 0) -> None:
+    def __init__(
+        self, num_examples: int, rank: int, world_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}) (got {rank})")
         self.num_examples, self.rank, self.world_size = num_examples, rank, world_size
@@ -93,7 +99,7 @@ class ShardSampler(Sampler):
         return order[r::w].tolist()
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
-        indices = self.indices()[self.skip:]
+        indices = self.indices()[self.skip :]
         return iter([(self.epoch, i) for i in indices] if self.shuffle else indices)
 
     def __len__(self) -> int:
@@ -162,8 +168,18 @@ class StreamingEvalLoader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def build_imagenet_loader(root: str | Path, split: str, batch_size: int, rank: int, world_size: int, seed: int,
-                          epoch: int, workers: int, image_size: int = 224, pin_memory: bool = False) -> DataLoader:
+def build_imagenet_loader(
+    root: str | Path,
+    split: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    workers: int,
+    image_size: int = 224,
+    pin_memory: bool = False,
+) -> DataLoader:
     """DataLoader over this rank's shard of `<root>/imagenet/<split>` (split: train | val).
 
     `batch_size` is per rank. Training batches are full (the incomplete last one is dropped, as in the official
@@ -176,8 +192,9 @@ def build_imagenet_loader(root: str | Path, split: str, batch_size: int, rank: i
     folder = Path(root).expanduser() / "imagenet" / split
     _check_split(folder)
     train = split == "train"
-    dataset = datasets.ImageFolder(str(folder), transform=train_transform(image_size) if train
-                                   else eval_transform(image_size))
+    dataset = datasets.ImageFolder(
+        str(folder), transform=train_transform(image_size) if train else eval_transform(image_size)
+    )
     sampler = ShardSampler(len(dataset), rank, world_size, shuffle=train, seed=seed, epoch=epoch)
     return DataLoader(
         SeededSamples(dataset, seed) if train else dataset,

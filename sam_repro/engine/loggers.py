@@ -77,23 +77,38 @@ class MetricsLogger:
                 if not online:
                     self.wandb_run.log(row)
         except Exception as exc:  # noqa: BLE001 -- W&B must never stop training
-            log.warning("W&B could not start (%s: %s); training goes on, metrics are in %s",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", self.path)
+            log.warning(
+                "W&B could not start (%s: %s); training goes on, metrics are in %s",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+                self.path,
+            )
             self.wandb_run = None
 
     def _init_wandb(self, wandb, lcfg, online: bool, run_id: str):
         return wandb.init(
-            project=lcfg.project, entity=lcfg.get("entity"), group=_group(self.cfg),
-            job_type=str(self.cfg.optimizer.name), tags=self._tags(), name=self._name(),
-            dir=str(self.run_dir), id=run_id, resume="allow" if online else None, mode=lcfg.mode,
+            project=lcfg.project,
+            entity=lcfg.get("entity"),
+            group=_group(self.cfg),
+            job_type=str(self.cfg.optimizer.name),
+            tags=self._tags(),
+            name=self._name(),
+            dir=str(self.run_dir),
+            id=run_id,
+            resume="allow" if online else None,
+            mode=lcfg.mode,
             config=redact(OmegaConf.to_container(self.cfg, resolve=True)),
             settings=wandb.Settings(init_timeout=float(lcfg.get("init_timeout", 30)), silent=True),
         )
 
     def _tags(self) -> list[str]:
         c = self.cfg
-        tags = [f"dataset:{c.dataset.name}", f"model:{c.model.name}", f"augment:{c.augment.name}",
-                f"optimizer:{c.optimizer.name}"]
+        tags = [
+            f"dataset:{c.dataset.name}",
+            f"model:{c.model.name}",
+            f"augment:{c.augment.name}",
+            f"optimizer:{c.optimizer.name}",
+        ]
         return tags + [str(t) for t in (c.logger.get("tags") or [])]
 
     def _name(self) -> str:
@@ -137,8 +152,17 @@ class MetricsLogger:
         if self.wandb_run is None:
             return
         try:
-            for key in ("status", "test_error", "best_test_error", "test_error_top5", "epochs", "wall_time_s",
-                        "memorized", "flipped_true", "clean_train_error"):
+            for key in (
+                "status",
+                "test_error",
+                "best_test_error",
+                "test_error_top5",
+                "epochs",
+                "wall_time_s",
+                "memorized",
+                "flipped_true",
+                "clean_train_error",
+            ):
                 if key not in summary:
                     continue
                 self.wandb_run.summary[key] = summary.get(key)
@@ -166,8 +190,7 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{epochs}", leave=False,
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
 
     def update(self, totals, optimizer) -> None:
         self.done += 1
@@ -179,14 +202,26 @@ class Progress:
                 self.bar.set_postfix(self._stats(totals), refresh=False)
         elif self.mode == "log" and (self.done % self.log_every == 0):
             s = self._stats(totals)
-            log.info("epoch %d/%d step %d/%d | loss %s | err %s | lr %.4g | %s img/s", self.epoch, self.epochs,
-                     self.done, self.steps, s["loss"], s["err"], optimizer.param_groups[0]["lr"], s["img/s"])
+            log.info(
+                "epoch %d/%d step %d/%d | loss %s | err %s | lr %.4g | %s img/s",
+                self.epoch,
+                self.epochs,
+                self.done,
+                self.steps,
+                s["loss"],
+                s["err"],
+                optimizer.param_groups[0]["lr"],
+                s["img/s"],
+            )
 
     def _stats(self, totals) -> dict:
         n = max(totals.count, 1)
         rate = totals.count / max(totals.seconds(), 1e-9)
-        return {"loss": f"{float(totals.loss) / n:.4f}", "err": f"{100 * (1 - float(totals.correct) / n):.2f}%",
-                "img/s": f"{rate:.0f}"}
+        return {
+            "loss": f"{float(totals.loss) / n:.4f}",
+            "err": f"{100 * (1 - float(totals.correct) / n):.2f}%",
+            "img/s": f"{rate:.0f}",
+        }
 
     def close(self) -> None:
         if self.bar is not None:

@@ -21,8 +21,9 @@ from pathlib import Path
 REDACTED = "<redacted>"
 # Names of environment variables (WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...) and of config keys that hold
 # credentials.
-_CREDENTIAL = re.compile(r"api[_-]?key|token|secret|passw(?:or)?d|credential|private[_-]?key|access[_-]?key",
-                         re.IGNORECASE)
+_CREDENTIAL = re.compile(
+    r"api[_-]?key|token|secret|passw(?:or)?d|credential|private[_-]?key|access[_-]?key", re.IGNORECASE
+)
 _CREDENTIAL_KEY = re.compile(r"(?:^|_)(?:api_?key|token|secret|password|passwd|credentials?)(?:$|_)", re.IGNORECASE)
 _MIN_SECRET = 6  # shorter environment values ("1", "true") would redact ordinary text
 
@@ -42,8 +43,14 @@ def redact(obj, environ=None, _secrets: list[str] | None = None):
             obj = obj.replace(secret, REDACTED)
         return obj
     if isinstance(obj, dict):
-        return {k: (REDACTED if isinstance(k, str) and _CREDENTIAL_KEY.search(k) and v not in (None, "") else
-                    redact(v, environ, secrets)) for k, v in obj.items()}
+        return {
+            k: (
+                REDACTED
+                if isinstance(k, str) and _CREDENTIAL_KEY.search(k) and v not in (None, "")
+                else redact(v, environ, secrets)
+            )
+            for k, v in obj.items()
+        }
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, environ, secrets) for v in obj)
     return obj
@@ -56,10 +63,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def git_commit(root: Path = PROJECT_ROOT) -> str | None:
     """HEAD of the checkout the code runs from, with `-dirty` when tracked files differ; None outside git."""
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

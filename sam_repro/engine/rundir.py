@@ -40,13 +40,16 @@ def run_name(experiment: str | None, overrides: Sequence[str] | None) -> str:
     """`<experiment or default>/<sorted relevant overrides joined by ','>` (or `.../base` when there are none)."""
     from sam_repro.engine.provenance import redact
 
-    last = {override_key(o): redact(o.lstrip("+")) for o in (overrides or [])
-            if not matches(override_key(o), RUN_NAME_NEUTRAL)}  # the last value wins
+    last = {
+        override_key(o): redact(o.lstrip("+"))
+        for o in (overrides or [])
+        if not matches(override_key(o), RUN_NAME_NEUTRAL)
+    }  # the last value wins
     kept = sorted(last.values())
     tail = ",".join(kept).replace("/", "_") or "base"
     if len(tail) > MAX_NAME:
         digest = hashlib.sha1(tail.encode()).hexdigest()[:10]
-        tail = f"{tail[:MAX_NAME - 11]}_{digest}"
+        tail = f"{tail[: MAX_NAME - 11]}_{digest}"
     return f"{experiment or 'default'}/{tail}"
 
 
@@ -75,8 +78,11 @@ class Change:
         return f"{self.key}: {recorded} in {run_dir}, {current} now"
 
     def as_record(self) -> dict:
-        return {"key": self.key, "recorded": None if self.recorded is ABSENT else self.recorded,
-                "current": None if self.current is ABSENT else self.current}
+        return {
+            "key": self.key,
+            "recorded": None if self.recorded is ABSENT else self.recorded,
+            "current": None if self.current is ABSENT else self.current,
+        }
 
 
 def _show(value: Any) -> str:
@@ -92,8 +98,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any],
-                   default_of: Callable[[list[str]], Mapping[str, Any]] | None = None) -> list[Change]:
+def config_changes(
+    recorded: Mapping[str, Any],
+    current: Mapping[str, Any],
+    default_of: Callable[[list[str]], Mapping[str, Any]] | None = None,
+) -> list[Change]:
     """The training keys whose value differs between a run's recorded configuration and the current one.
 
     Keys of IDENTITY_NEUTRAL are left out. A key the record lacks is compared with its default, which
@@ -123,17 +132,21 @@ def read_recorded_config(run_dir: Path) -> dict | None:
     try:
         recorded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not readable YAML ({str(exc).splitlines()[0]}); restore it, or train in "
-                          "another directory") from None
+        raise ConfigError(
+            f"{path} is not readable YAML ({str(exc).splitlines()[0]}); restore it, or train in another directory"
+        ) from None
     if not isinstance(recorded, dict):
         raise ConfigError(f"{path} holds no configuration; restore it, or train in another directory")
     return recorded
 
 
 def identity_error(run_dir: Path, changes: Sequence[Change]) -> str:
-    lines = [f"{run_dir} was started with another configuration:", *(f"  {c.describe(run_dir)}" for c in changes),
-             "Train in another directory (hydra.run.dir=..., or another SAM_RUNS_DIR), or pass trainer.resume=force "
-             "to continue this run with the new values (recorded in its summary.json)."]
+    lines = [
+        f"{run_dir} was started with another configuration:",
+        *(f"  {c.describe(run_dir)}" for c in changes),
+        "Train in another directory (hydra.run.dir=..., or another SAM_RUNS_DIR), or pass trainer.resume=force "
+        "to continue this run with the new values (recorded in its summary.json).",
+    ]
     return "\n".join(lines)
 
 
@@ -163,8 +176,9 @@ class RunDirLock:
             self.handle.seek(0)
             holder = self.handle.read().strip() or "another sam-train"
             self.handle.close()
-            raise ConfigError(f"{self.run_dir} is in use by {holder}: wait for that run to end (or stop it) before "
-                              "starting it again") from None
+            raise ConfigError(
+                f"{self.run_dir} is in use by {holder}: wait for that run to end (or stop it) before starting it again"
+            ) from None
         except OSError as exc:  # ENOLCK / EOPNOTSUPP: no flock on this file system
             log.warning("cannot lock %s (%s); make sure no other sam-train uses this directory", self.run_dir, exc)
         return self

@@ -66,10 +66,12 @@ class RunningStatsAverage:
     from the same starting point, as when G devices each update their own copy and the copies are averaged."""
 
     def __init__(self, model: nn.Module, groups: int) -> None:
-        self.modules = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats] \
-            if groups > 1 else []
-        self.start = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-                      for m in self.modules]
+        self.modules = (
+            [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats] if groups > 1 else []
+        )
+        self.start = [
+            (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in self.modules
+        ]
         self.sums = [(torch.zeros_like(mean), torch.zeros_like(var)) for mean, var, _ in self.start]
         self.count = 0
 
@@ -174,9 +176,15 @@ def _loss_scale(ctx: StepContext, device: torch.device) -> torch.Tensor | float:
     return ctx.scaler.scale(torch.ones((), device=device)) if ctx.scaler is not None else 1.0
 
 
-def _base_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], ctx: StepContext,
-               loss_scale: torch.Tensor | float, add_l2: bool, before_unscale: Callable[[], None] | None = None,
-               after_unscale: Callable[[], None] | None = None) -> torch.Tensor | None:
+def _base_step(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    ctx: StepContext,
+    loss_scale: torch.Tensor | float,
+    add_l2: bool,
+    before_unscale: Callable[[], None] | None = None,
+    after_unscale: Callable[[], None] | None = None,
+) -> torch.Tensor | None:
     """[L2 gradient at w (SGD in l2 mode)], [a variant's change to the gradient], unscale (fp16: the overflow
     check), [a variant's read of the final gradient], clip, step, update.
 
@@ -201,8 +209,14 @@ def _base_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], ctx
     return total_norm
 
 
-def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             ctx: StepContext, before_unscale: Callable[[], None] | None = None) -> StepStats:
+def sgd_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ctx: StepContext,
+    before_unscale: Callable[[], None] | None = None,
+) -> StepStats:
     """Plain step with ghost-batch BatchNorm: the per-rank batch's gradient as the mean over its groups."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
@@ -223,8 +237,14 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
     return StepStats(loss_sum, correct, len(x))
 
 
-def sam_step(model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor, ctx: StepContext,
-             after_unscale: Callable[[], None] | None = None) -> StepStats:
+def sam_step(
+    model: nn.Module,
+    optimizer: SAM,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ctx: StepContext,
+    after_unscale: Callable[[], None] | None = None,
+) -> StepStats:
     """SAM (Algorithm 1) with one perturbation per group of m examples; see the module docstring."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)

@@ -21,11 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_repro.data import build_data
 from sam_repro.engine import backends
-from sam_repro.engine.checkpoint import (atomic_write_json, load_checkpoint, remove_stale_temporaries,
-                                         save_checkpoint)
+from sam_repro.engine.checkpoint import atomic_write_json, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from sam_repro.engine.config import validate
-from sam_repro.engine.distributed import (DistEnv, all_reduce_mean_, all_reduce_sum, barrier, cleanup_distributed,
-                                          init_distributed)
+from sam_repro.engine.distributed import (
+    DistEnv,
+    all_reduce_mean_,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+)
 from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorization
 from sam_repro.engine.loggers import MetricsLogger, Progress
 from sam_repro.engine.preemption import StopSignal
@@ -89,8 +94,11 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
         if env.is_main and summary_path.exists():
             atomic_write_json(summary_path, previous)
     if previous.get("status") == "finished":
-        log.info("run already finished: %s (test error %.2f%%); delete the directory to train again",
-                 run_dir, previous["test_error"])
+        log.info(
+            "run already finished: %s (test error %.2f%%); delete the directory to train again",
+            run_dir,
+            previous["test_error"],
+        )
         return previous
 
     # ---- set-up ---------------------------------------------------------------------------------------------
@@ -149,11 +157,18 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
     take_step = {"sgd": sgd_step, "looksam": looksam_step}.get(cfg.optimizer.name, sam_step)
 
     # ---- outputs ---------------------------------------------------------------------------------------------
-    metrics = MetricsLogger(cfg, run_dir, env, resume_epoch=epoch if state else 0,
-                            wandb_id=state.get("wandb_id") if state else None)
+    metrics = MetricsLogger(
+        cfg, run_dir, env, resume_epoch=epoch if state else 0, wandb_id=state.get("wandb_id") if state else None
+    )
     prov = provenance()
-    summary = {"status": "running", "reason": None, "epochs": epoch, "label_noise": data.info.get("label_noise"),
-               "num_train": data.num_train, "provenance": prov}
+    summary = {
+        "status": "running",
+        "reason": None,
+        "epochs": epoch,
+        "label_noise": data.info.get("label_noise"),
+        "num_train": data.num_train,
+        "provenance": prov,
+    }
     if previous.get("resume_forced"):
         summary["resume_forced"] = previous["resume_forced"]
     if env.is_main:
@@ -161,24 +176,46 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_json(summary_path, summary)
     stop = StopSignal(env)
-    log.info("%s | %s on %s (%d train examples), %d epochs x %d steps, batch %d (per rank %d, groups of %d), "
-             "%d rank(s) on %s", cfg.optimizer.name, cfg.model.name, cfg.dataset.name, data.num_train, epochs,
-             steps_per_epoch, cfg.trainer.batch_size, per_rank, ctx.group_size, env.world_size, device)
+    log.info(
+        "%s | %s on %s (%d train examples), %d epochs x %d steps, batch %d (per rank %d, groups of %d), "
+        "%d rank(s) on %s",
+        cfg.optimizer.name,
+        cfg.model.name,
+        cfg.dataset.name,
+        data.num_train,
+        epochs,
+        steps_per_epoch,
+        cfg.trainer.batch_size,
+        per_rank,
+        ctx.group_size,
+        env.world_size,
+        device,
+    )
 
-    def checkpoint(partial_epoch: "_EpochTotals | None" = None) -> None:
+    def checkpoint(partial_epoch: _EpochTotals | None = None) -> None:
         average_bn_stats(model, env)
         rngs = _gather_rng(env, device)
         # Every rank's own running sums: an epoch's training metrics are summed over ranks only at its end.
         totals = _gather(env, partial_epoch.state_dict()) if partial_epoch else None
         if env.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "loader": data.train.state_dict(), "rng": rngs, "epoch": epoch, "step": step,
-                "best_test_error": best, "wall_time_s": wall_before + time.time() - start_time,
-                "config": OmegaConf.to_container(cfg, resolve=True), "wandb_id": metrics.wandb_id,
-                "epoch_totals": totals,
-            })
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "loader": data.train.state_dict(),
+                    "rng": rngs,
+                    "epoch": epoch,
+                    "step": step,
+                    "best_test_error": best,
+                    "wall_time_s": wall_before + time.time() - start_time,
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                    "wandb_id": metrics.wandb_id,
+                    "epoch_totals": totals,
+                },
+            )
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     status, reason, last = "finished", None, None
@@ -194,8 +231,10 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
                 stats = take_step(train_model, optimizer, x, y, ctx)
                 scheduler.step()
                 step += 1
-                if step == cfg.trainer.inject_nonfinite_at_step and cfg.trainer.get("inject_nonfinite_rank") in \
-                        (None, env.rank):  # fault tests only (keys left out of run identity)
+                if step == cfg.trainer.inject_nonfinite_at_step and cfg.trainer.get("inject_nonfinite_rank") in (
+                    None,
+                    env.rank,
+                ):  # fault tests only (keys left out of run identity)
                     stats.loss_sum = stats.loss_sum + float("nan")
                 totals.add(stats)
                 progress.update(totals, optimizer)
@@ -214,12 +253,19 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
             epoch += 1
             data.train.set_epoch(epoch)
             average_bn_stats(model, env)
-            last = {"epoch": epoch, "step": step, **totals.summary(env), "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_second": totals.images_per_second(env), "epoch_time_s": totals.seconds()}
+            last = {
+                "epoch": epoch,
+                "step": step,
+                **totals.summary(env),
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_second": totals.images_per_second(env),
+                "epoch_time_s": totals.seconds(),
+            }
             if epoch % cfg.trainer.eval_every == 0 or epoch == epochs or capped:
                 test = evaluate(model, data.test, env, autocast)
-                last.update({"test_loss": test["loss"], "test_error": test["error"],
-                             "test_error_top5": test["error_top5"]})
+                last.update(
+                    {"test_loss": test["loss"], "test_error": test["error"], "test_error_top5": test["error_top5"]}
+                )
                 best = min(best, last["test_error"])
                 if data.val is not None:
                     val = evaluate(model, data.val, env, autocast)
@@ -237,8 +283,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
         status, reason = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        summary = _finish_summary(summary, status, reason, epoch, best, metrics, wall_before + time.time()
-                                  - start_time)
+        summary = _finish_summary(summary, status, reason, epoch, best, metrics, wall_before + time.time() - start_time)
         if env.is_main:
             try:
                 atomic_write_json(summary_path, summary)
@@ -307,8 +352,9 @@ def _gather(env: DistEnv, mine: object) -> list:
 
 def _gather_rng(env: DistEnv, device: torch.device) -> list[dict]:
     """Every rank's RNG state (a list indexed by rank)."""
-    return _gather(env, {"cpu": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+    return _gather(
+        env, {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    )
 
 
 def _rank_totals(saved: list[dict] | dict | None, env: DistEnv) -> dict | None:
@@ -352,8 +398,13 @@ class _EpochTotals:
         return {**{k: saved[old] for k, old in cls._BEFORE_MASKING.items() if old in saved}, **saved}
 
     def state_dict(self) -> dict:
-        return {**{k: float(getattr(self, k)) for k in self.KEYS}, "count": self.count, "steps": self.steps,
-                "sam": self.sam, "elapsed": self.seconds()}
+        return {
+            **{k: float(getattr(self, k)) for k in self.KEYS},
+            "count": self.count,
+            "steps": self.steps,
+            "sam": self.sam,
+            "elapsed": self.seconds(),
+        }
 
     def add(self, s) -> None:
         self.loss += s.loss_sum
@@ -362,8 +413,9 @@ class _EpochTotals:
         self.steps += 1
         if s.perturbed_loss_sum is not None:
             self.sam = True
-            kept = (torch.isfinite(s.perturbed_loss_sum) & torch.isfinite(s.grad_norm)
-                    & torch.isfinite(s.perturbation_norm))
+            kept = (
+                torch.isfinite(s.perturbed_loss_sum) & torch.isfinite(s.grad_norm) & torch.isfinite(s.perturbation_norm)
+            )
             self.perturbed += torch.where(kept, s.perturbed_loss_sum, 0.0)
             self.sam_loss += torch.where(kept, s.loss_sum, 0.0)
             self.grad_norm += torch.where(kept, s.grad_norm, 0.0)
@@ -381,8 +433,10 @@ class _EpochTotals:
         """NonFiniteLoss on every rank at once when the loss is non-finite on any: the loss sums are summed over
         ranks (one all-reduce), so all ranks decide on the same number at the same step."""
         if self.count and not math.isfinite(float(all_reduce_sum(self.loss))):
-            raise NonFiniteLoss(f"training loss became non-finite by step {step}: lower optimizer.lr, set "
-                                f"trainer.grad_clip, or use trainer.precision=fp32")
+            raise NonFiniteLoss(
+                f"training loss became non-finite by step {step}: lower optimizer.lr, set "
+                f"trainer.grad_clip, or use trainer.precision=fp32"
+            )
 
     def summary(self, env: DistEnv) -> dict:
         extra = torch.tensor([float(self.count), float(self.steps)], device=self.loss.device, dtype=torch.float64)
@@ -390,22 +444,34 @@ class _EpochTotals:
         loss, correct, perturbed, sam_loss, gnorm, enorm, sam_n, sam_steps, n, steps = all_reduce_sum(sums).tolist()
         out = {"train_loss": loss / n, "train_error": 100.0 * (1 - correct / n)}
         if self.sam and sam_steps > 0:  # (none kept: every SAM step of the epoch overflowed, nothing to report)
-            out.update({"perturbed_loss": perturbed / sam_n, "sharpness": (perturbed - sam_loss) / sam_n,
-                        "grad_norm": gnorm / sam_steps, "perturbation_norm": enorm / sam_steps})
+            out.update(
+                {
+                    "perturbed_loss": perturbed / sam_n,
+                    "sharpness": (perturbed - sam_loss) / sam_n,
+                    "grad_norm": gnorm / sam_steps,
+                    "perturbation_norm": enorm / sam_steps,
+                }
+            )
         return out
 
 
-def _finish_summary(summary: dict, status: str, reason: str | None, epoch: int, best: float,
-                    metrics: MetricsLogger, wall: float) -> dict:
+def _finish_summary(
+    summary: dict, status: str, reason: str | None, epoch: int, best: float, metrics: MetricsLogger, wall: float
+) -> dict:
     final = metrics.last_evaluated()
     summary = dict(summary)
-    summary.update({
-        "status": status, "reason": reason, "epochs": epoch, "wall_time_s": wall,
-        "test_error": final.get("test_error") if final else None,
-        "test_error_top5": final.get("test_error_top5") if final else None,
-        "best_test_error": best if math.isfinite(best) else None,
-        "images_per_second": metrics.mean_images_per_second(),
-    })
+    summary.update(
+        {
+            "status": status,
+            "reason": reason,
+            "epochs": epoch,
+            "wall_time_s": wall,
+            "test_error": final.get("test_error") if final else None,
+            "test_error_top5": final.get("test_error_top5") if final else None,
+            "best_test_error": best if math.isfinite(best) else None,
+            "images_per_second": metrics.mean_images_per_second(),
+        }
+    )
     for key in ("val_error", *MEMORIZATION_KEYS):
         if final and key in final:
             summary[key] = final[key]

@@ -42,9 +42,7 @@ def create_timm_model(
     overrides = {k: v for k, v in {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate}.items() if v is not None}
     if timm_name.startswith("resnet"):
         overrides["zero_init_last"] = True
-    model = timm.create_model(
-        timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **overrides
-    )
+    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **overrides)
     if pretrained_path is not None:
         load_pretrained(model, pretrained_path)
     return model

@@ -54,9 +54,14 @@ def build_optimizer(cfg_opt, model: torch.nn.Module) -> torch.optim.Optimizer:
         return opt
     if not is_sam(cfg_opt):
         raise ConfigError(f"optimizer.name must be sgd or one of {SAM_FAMILY} (got {cfg_opt.name!r})")
-    common = dict(rho=float(cfg_opt.rho), adaptive=bool(cfg_opt.adaptive), eta=float(cfg_opt.eta),
-                  p=math.inf if str(cfg_opt.p) in ("inf", "infinity") else float(cfg_opt.p),
-                  weight_decay=wd, weight_decay_mode=mode)
+    common = dict(
+        rho=float(cfg_opt.rho),
+        adaptive=bool(cfg_opt.adaptive),
+        eta=float(cfg_opt.eta),
+        p=math.inf if str(cfg_opt.p) in ("inf", "infinity") else float(cfg_opt.p),
+        weight_decay=wd,
+        weight_decay_mode=mode,
+    )
     groups = param_groups(model, adaptive=bool(cfg_opt.adaptive))
     if cfg_opt.name == "looksam":
         from sam_repro.optim.looksam import LookSAM
@@ -65,8 +70,9 @@ def build_optimizer(cfg_opt, model: torch.nn.Module) -> torch.optim.Optimizer:
     return SAM(groups, base, **common, **kwargs)
 
 
-def build_schedule(cfg_sched, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
-                   ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(
+    cfg_sched, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration schedule as a LambdaLR multiplier of the peak lr: linear warmup, then cosine or constant."""
     warmup = int(round(float(cfg_sched.warmup_epochs) * steps_per_epoch))
     peak = optimizer.param_groups[0]["lr"]
