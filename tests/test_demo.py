@@ -91,3 +91,76 @@ def test_gpu_profile_code_path_at_toy_size():
                 assert line in config
     finally:
         shutil.rmtree(ROOT / runs, ignore_errors=True)
+
+
+def test_cpu_preset_is_the_setting_measured_over_three_seeds():
+    """`experiment=demo` trains exactly as the 3-seed runs of results/cpu_scale_table4_search/ that the README
+    quotes (cpu_scale_table4 on 1,000 images for 60 epochs, 40% noise): only keys that change nothing differ."""
+    from omegaconf import OmegaConf
+
+    from sam_repro.engine.rundir import config_changes
+
+    measured = ["experiment=cpu_scale_table4", "dataset.train_subset=1000", "trainer.epochs=60"]
+    with initialize_config_module("sam_repro.configs", version_base="1.3"):
+        for optimizer in ("sgd", "sam"):
+            cfg = compose("train", overrides=["experiment=demo", f"optimizer={optimizer}"])
+            ref = compose("train", overrides=[*measured, f"optimizer={optimizer}", "dataset.label_noise=0.4"])
+            demo_cfg, ref_cfg = (OmegaConf.to_container(c, resolve=True) for c in (cfg, ref))
+            assert config_changes(ref_cfg, demo_cfg) == []
+            assert config_changes(ref_cfg, {**demo_cfg, "seed": 1}) != []  # the comparison can fail
+    assert (cfg.dataset.label_noise, cfg.dataset.train_subset, cfg.trainer.epochs) == (0.4, 1000, 60)
+    assert cfg.trainer.m == cfg.trainer.batch_size == 128 and cfg.optimizer.rho == 0.1
+    assert cfg.logger.mode == "offline" and list(cfg.logger.tags) == ["demo"]
+
+
+def _table_rows(stdout: str) -> dict[str, dict[str, float]]:
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], map(float, cells[1:])))
+    return rows
+
+
+@pytest.mark.skipif(not cache_path("cifar10").exists(), reason="CIFAR-10 is not prepared (make test does)")
+def test_cpu_demo_closing_table_equals_the_two_summaries(tmp_path):
+    """`scripts/demo.py --profile cpu` at toy size: its closing table holds each run's summary.json values (test
+    error, best test error, memorized) and SAM - SGD computed from them."""
+    runs = tmp_path / "runs"  # absolute, outside the checkout: the demo prints it as given
+    toy = [
+        "model=resnet8",
+        "dataset.train_subset=256",
+        "dataset.test_subset=500",
+        "dataset.val_fraction=0",
+        "trainer.batch_size=64",
+        "trainer.m=64",
+        "trainer.epochs=2",
+        "trainer.eval_every=1",
+        "logger.mode=disabled",
+        "trainer.threads=1",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--profile", "cpu", *toy],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "SAM_RUNS_DIR": str(runs)},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = _table_rows(result.stdout)
+    assert set(rows) == {"sgd", "sam"}
+    summaries = {}
+    for optimizer in ("sgd", "sam"):
+        (run_dir,) = (runs / "demo").glob(f"*optimizer={optimizer}*/seed0")
+        s = summaries[optimizer] = json.loads((run_dir / "summary.json").read_text())
+        assert s["status"] == "finished" and s["label_noise"]["n_corrupted"] > 0
+        assert rows[optimizer]["test error %"] == round(s["test_error"], 2)
+        assert rows[optimizer]["best test error %"] == round(s["best_test_error"], 2)
+        assert rows[optimizer]["memorized %"] == round(s["memorized"], 2)
+        assert rows[optimizer]["epochs"] == s["epochs"] == 2
+        assert str(run_dir) in result.stdout
+    diff = summaries["sam"]["test_error"] - summaries["sgd"]["test_error"]
+    mem = summaries["sam"]["memorized"] - summaries["sgd"]["memorized"]
+    assert f"SAM - SGD test error: {diff:+.2f} points, memorized {mem:+.2f} points" in result.stdout
