@@ -134,6 +134,21 @@ def test_forward_shapes_for_cifar_fashion_mnist_and_odd_sizes(family, norm):
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
+def test_global_pooling_is_a_mean_with_a_deterministic_backward(family):
+    """No `nn.AdaptiveAvgPool2d` (its CUDA backward has no deterministic implementation, so
+    `trainer.deterministic=true` would stop on a GPU); the mean pools exactly as it did, in float64."""
+    model = TINY[family](num_classes=10, in_channels=3, norm="batch").double()
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    (pool,) = [m for m in model.modules() if type(m).__name__ == "GlobalAvgPool"]
+    x = torch.randn(3, 16, 7, 5, dtype=torch.float64, requires_grad=True)
+    ours, ref = pool(x), nn.AdaptiveAvgPool2d(1)(x)
+    assert ours.shape == ref.shape and torch.allclose(ours, ref, rtol=1e-12, atol=0)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
 def test_batchnorm_is_plain_with_flax_momentum_and_epsilon(family):
     norms = [m for m in TINY[family](num_classes=10).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(type(m) is nn.BatchNorm2d for m in norms)

@@ -101,8 +101,17 @@ def zero_init_residual_branches(branch_ends: list[nn.Module]) -> None:
             nn.init.zeros_(layer.bias)
 
 
+class GlobalAvgPool(nn.Module):
+    """The mean over the spatial dimensions, kept as (N, C, 1, 1). Written as a mean rather than
+    `nn.AdaptiveAvgPool2d(1)`, whose CUDA backward has no deterministic implementation: with it
+    `trainer.deterministic=true` stops at the first backward pass on a GPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
 class Classifier(nn.Sequential):
     """Global average pooling over any spatial size, then the dense layer."""
 
     def __init__(self, in_features: int, num_classes: int):
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_features, num_classes))
+        super().__init__(GlobalAvgPool(), nn.Flatten(), nn.Linear(in_features, num_classes))
