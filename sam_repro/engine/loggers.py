@@ -26,17 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from sam_repro.engine.checkpoint import atomic_write_bytes
 from sam_repro.engine.distributed import all_reduce_sum
 from sam_repro.engine.provenance import redact
-from sam_repro.paper import paper_value_of_preset
+from sam_repro.paper import paper_value_of_preset, run_group
 
 log = logging.getLogger("sam_repro")
 
 
 def _group(cfg: DictConfig) -> str:
     """The table cell a run belongs to: what SGD and SAM runs that should be compared have in common."""
-    if cfg.logger.get("group"):
-        return str(cfg.logger.group)
-    experiment = cfg.get("experiment") or "default"
-    return f"{experiment}/{cfg.dataset.name}/{cfg.model.name}/{cfg.augment.name}"
+    return run_group(OmegaConf.to_container(cfg, resolve=True))
 
 
 def paper_summary(cfg: DictConfig) -> dict:

@@ -251,6 +251,32 @@ def run_cell(config: Mapping[str, Any]) -> dict[str, Any]:
     return {name: cell[name] for name in CELL_KEYS}
 
 
+def run_group(config: Mapping[str, Any]) -> str:
+    """The W&B group of a run: its table cell, so SGD and SAM runs to compare (and their seeds) share it.
+    `logger.group` when set; else the experiment preset, dataset, model, augment, label noise (when > 0), training
+    subset (when set) and epochs: `table1/wrn28_10_200ep/cifar10/wrn28_10/basic/200ep`."""
+    explicit = config_value(config, "logger.group")
+    if explicit:
+        return str(explicit)
+    cell = run_cell(config)
+    parts = [
+        str(config_value(config, "experiment") or "default"),
+        *(str(cell[k]) for k in ("dataset", "model", "augment")),
+    ]
+    if cell["label_noise"]:
+        parts.append(f"noise{cell['label_noise']:g}")
+    if cell["train_subset"] is not None:
+        parts.append(f"subset{cell['train_subset']}")
+    if cell["epochs"] is not None:
+        parts.append(f"{cell['epochs']}ep")
+    return "/".join(parts)
+
+
+def as_error(value: PaperValue, table_id: int) -> float:
+    """A printed value as a test error in percent (Table 4 prints accuracy)."""
+    return 100.0 - value.value if paper_table(table_id).unit == "accuracy" else value.value
+
+
 def table_of_experiment(experiment: str | None) -> int | None:
     """The table a preset belongs to: `table1/wrn28_10_200ep` -> 1; None for other presets (demo, cpu_scale)."""
     match = _EXPERIMENT_TABLE.match(str(experiment or ""))
@@ -328,7 +354,7 @@ class PresetValue:
     @property
     def error(self) -> float:
         """The published value as a test error in percent (Table 4 prints accuracy)."""
-        return 100.0 - self.value.value if paper_table(self.cell.table).unit == "accuracy" else self.value.value
+        return as_error(self.value, self.cell.table)
 
 
 def _preset_candidates(config: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
