@@ -163,20 +163,27 @@ def _paper_line(paper: Mapping[str, Mapping[str, Any]]) -> str:
     return "Paper (test error %): " + ", ".join(shown) if shown else "The paper prints no value for this cell."
 
 
-def build_report(spec: Mapping[str, Any]):
-    """The `wandb_workspaces` Report of a spec (no network until `.save()`)."""
+def report_library():
+    """wandb_workspaces' reports module and its filter expressions, or one line saying how to install them."""
     try:
         import wandb_workspaces.reports.v2 as wr
         from wandb_workspaces import expr
     except ImportError:
         raise ConfigError("sam-wandb report needs wandb-workspaces: pip install 'sam-repro[wandb-report]'") from None
+    return wr, expr
+
+
+def build_report(spec: Mapping[str, Any]):
+    """The `wandb_workspaces` Report of a spec (no network until `.save()`, unless the spec names no entity: then
+    the library asks W&B for the API key's default one)."""
+    wr, expr = report_library()
     blocks: list = [wr.P(spec["description"])]
     for section in spec["sections"]:
         runset = wr.Runset(
             entity=spec["entity"] or "",
             project=spec["project"],
             name=section["title"],
-            filters=[expr.Metric("Group").isin(section["filter"]["group"])],
+            filters=expr.And(expr.Metric("Group").isin(section["filter"]["group"])),
             groupby=["JobType"],  # one colour per optimizer, seeds aggregated
             visible_columns=list(section["runs_table"]),
         )

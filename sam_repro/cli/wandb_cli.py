@@ -89,7 +89,7 @@ def _sync(args: argparse.Namespace) -> int:
 # ---- report ---------------------------------------------------------------------------------------------------
 def _report(args: argparse.Namespace) -> int:
     from sam_repro.analysis.runs import load_runs
-    from sam_repro.analysis.wandb_report import build_report, report_spec
+    from sam_repro.analysis.wandb_report import build_report, report_library, report_spec
 
     runs = load_runs(args.runs) if args.runs else None
     spec = report_spec(args.table, args.entity, args.project, runs)
@@ -104,7 +104,7 @@ def _report(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text)
         return 0
-    report = build_report(spec)  # refuses without wandb-workspaces, before any network
+    report_library()  # refuses without wandb-workspaces, before any network
     import wandb
 
     try:
@@ -115,6 +115,7 @@ def _report(args: argparse.Namespace) -> int:
             "(or pass --dry-run to write the spec without network)"
         ) from None
     try:
+        report = build_report(spec)
         report.save()
     except Exception as exc:  # noqa: BLE001
         first = str(exc).splitlines()[0] if str(exc) else ""
