@@ -224,3 +224,67 @@ def test_sync_of_a_missing_folder_is_one_line(tmp_path, capsys):
     assert wandb_cli.main(["sync", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path / 'nope'}: no such directory (pass the folder that holds the run directories)"
+
+
+# ---- the per-step rows, without training ----------------------------------------------------------------------
+class CountingTotals:
+    """The trainer's epoch totals, counting how often their device sums are read."""
+
+    reads = 0
+
+    def __init__(self):
+        import torch
+
+        from sam_repro.engine.trainer import _EpochTotals
+
+        self.inner = _EpochTotals(torch.device("cpu"))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def sums(self):
+        CountingTotals.reads += 1
+        return self.inner.sums()
+
+
+def test_step_rows_read_the_sums_only_at_log_points_and_span_epochs(tmp_path):
+    import types
+
+    import torch
+
+    from sam_repro.engine.distributed import DistEnv
+    from sam_repro.engine.loggers import MetricsLogger, StepCurves
+
+    cfg = OmegaConf.create({"logger": {"name": "none", "mode": "disabled", "log_every_steps": 3}})
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
+    metrics = MetricsLogger(cfg, tmp_path, env)
+    curves = StepCurves(cfg, env, metrics, steps_per_epoch=4)
+    optimizer = types.SimpleNamespace(param_groups=[{"lr": 0.1}])
+    step, reads = 0, []
+    for _ in range(2):  # 2 epochs of 4 steps; step s has loss sum s over 10 examples, s correct, SAM sharpness 0.5
+        totals = CountingTotals()
+        curves.start_epoch(totals)
+        for _ in range(4):
+            step += 1
+            value = torch.tensor(float(step), dtype=torch.float64)
+            stats = types.SimpleNamespace(
+                loss_sum=value,
+                correct=value,
+                count=10,
+                perturbed_loss_sum=value + 5.0,
+                grad_norm=torch.tensor(2.0),
+                perturbation_norm=torch.tensor(0.05),
+            )
+            totals.add(stats)
+            before = CountingTotals.reads
+            curves.update(step, totals, optimizer)
+            reads.append(CountingTotals.reads - before)
+        curves.end_epoch(totals)
+    assert reads == [0, 0, 1, 0, 0, 1, 0, 0]  # at steps 3 and 6 only
+    rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and [r["epoch"] for r in rows] == [0.75, 1.5]
+    # Step 6's interval holds steps 4 (epoch 1) and 5, 6 (epoch 2): loss (4 + 5 + 6) / 30 examples.
+    assert rows[1]["train_loss"] == pytest.approx(15 / 30) and rows[1]["train_error"] == pytest.approx(50.0)
+    assert rows[0]["train_loss"] == pytest.approx(6 / 30) and rows[0]["sharpness"] == pytest.approx(15 / 30)
+    assert rows[1]["grad_norm"] == pytest.approx(2.0) and rows[1]["lr"] == 0.1
+    assert not (tmp_path / "metrics.jsonl").exists()  # step rows never go to metrics.jsonl

@@ -279,10 +279,11 @@ class StepCurves:
         self.mark = self._read(totals)  # (a resumed epoch's totals start from the checkpoint's sums)
 
     def end_epoch(self, totals) -> None:
-        self.carry = self._interval(totals)
+        self.carry = self._since_mark(self._read(totals))
 
-    def _interval(self, totals) -> tuple:
-        (sums, host), (mark_sums, mark_host) = self._read(totals), self.mark
+    def _since_mark(self, now: tuple) -> tuple:
+        """The sums from the interval's start to `now` (device sums, host [count, steps, seconds])."""
+        (sums, host), (mark_sums, mark_host) = now, self.mark
         sums, host = sums - mark_sums, [a - b for a, b in zip(host, mark_host)]
         if self.carry is not None:
             sums, host = sums + self.carry[0], [a + b for a, b in zip(host, self.carry[1])]
@@ -291,8 +292,9 @@ class StepCurves:
     def update(self, step: int, totals, optimizer) -> None:
         if step % self.every:
             return
-        sums, (count, steps, seconds) = self._interval(totals)
-        self.mark, self.carry = self._read(totals), None
+        now = self._read(totals)
+        sums, (count, steps, seconds) = self._since_mark(now)
+        self.mark, self.carry = now, None
         extra = torch.tensor([float(count), float(steps)], dtype=sums.dtype, device=sums.device)
         values = all_reduce_sum(torch.cat([sums, extra])).tolist()  # every rank: the same step, one collective
         loss, correct, perturbed, sam_loss, gnorm, enorm, sam_n, sam_steps, n, _ = values
