@@ -288,3 +288,35 @@ def test_step_rows_read_the_sums_only_at_log_points_and_span_epochs(tmp_path):
     assert rows[0]["train_loss"] == pytest.approx(6 / 30) and rows[0]["sharpness"] == pytest.approx(15 / 30)
     assert rows[1]["grad_norm"] == pytest.approx(2.0) and rows[1]["lr"] == 0.1
     assert not (tmp_path / "metrics.jsonl").exists()  # step rows never go to metrics.jsonl
+
+
+def test_a_requeued_offline_run_replays_step_and_epoch_rows_in_order(tmp_path):
+    import torch
+
+    from sam_repro.engine.distributed import DistEnv
+    from sam_repro.engine.loggers import MetricsLogger
+
+    cfg = OmegaConf.create(
+        {
+            "experiment": None,
+            "seed": 0,
+            "dataset": {"name": "cifar10"},
+            "model": {"name": "resnet8"},
+            "augment": {"name": "basic"},
+            "optimizer": {"name": "sgd"},
+            "logger": {"name": "wandb", "mode": "offline", "project": "p", "tags": [], "log_every_steps": 2},
+        }
+    )
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
+    first = MetricsLogger(cfg, tmp_path, env)
+    for step in (2, 4, 6):  # the checkpoint is at step 4 (epoch 1); the row of step 6 comes after it
+        first.log_step({"step": step, "train_loss": 1.0 / step})
+        if step == 4:
+            first.log_epoch({"epoch": 1, "step": 4, "train_loss": 0.3, "train_error": 9.0, "images_per_second": 1.0})
+    first.finish({"status": "interrupted"})
+    MetricsLogger(cfg, tmp_path, env, resume_epoch=1, resume_step=4).finish({"status": "interrupted"})
+    assert [json.loads(line)["step"] for line in (tmp_path / "steps.jsonl").read_text().splitlines()] == [2, 4]
+    first_file, second_file = sorted(offline_run_files(tmp_path), key=lambda p: p.stat().st_mtime)
+    replayed = read_offline_run(second_file).history
+    assert [(h.get("step"), "epoch" in h) for h in replayed] == [(2, False), (4, False), (4, True)]
+    assert replayed[0]["steps/train_loss"] == 0.5

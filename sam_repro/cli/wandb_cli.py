@@ -95,7 +95,8 @@ def _report(args: argparse.Namespace) -> int:
     spec = report_spec(args.table, args.entity, args.project, runs)
     if runs is not None and not spec["sections"]:
         raise DataError(f"{' '.join(args.runs)}: no runs of a cell of Table {args.table} found")
-    cells = f"{len(spec['sections'])} sections (cells of Table {args.table})"
+    count = len(spec["sections"])
+    cells = f"{count} section{'s' if count != 1 else ''} (cells of Table {args.table})"
     if args.dry_run:
         text = json.dumps(spec, indent=1, ensure_ascii=False) + "\n"
         if args.out:
