@@ -2,7 +2,8 @@
 
 `NEUTRAL_KEYS` is the base list: keys that never change a result. They say where and how a run logs, shows
 progress, evaluates, is placed and executed, and checkpoints:
-  * logging, Hydra, paths: `logger`, `hydra`, `run_root`, `dataset.root`;
+  * logging, Hydra, paths: `logger` (`logger.log_every_steps` too: per-step rows change no result), `hydra`,
+    `run_root`, `dataset.root`;
   * console: `trainer.progress`, `trainer.log_every` (also the steps between checks for a non-finite loss: a
     failing run stops a few steps earlier or later, with the same last good checkpoint);
   * evaluation: `trainer.eval_batch_size` and `trainer.eval_every` (evaluation never touches the training state;

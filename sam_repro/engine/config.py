@@ -236,6 +236,7 @@ RULES: dict[str, Rule] = {
     "logger.group": text(null=True, optional=True),
     "logger.tags": texts(optional=True),
     "logger.init_timeout": number(positive=True, optional=True),
+    "logger.log_every_steps": integer(min=1),
     # ---- top level -----------------------------------------------------------------------------------------------
     "seed": integer(min=0),
 }

@@ -1,6 +1,13 @@
-"""Where metrics go: `metrics.jsonl` in the run directory (always, the source of truth for tables), Weights &
-Biases (optional; offline by default; a failure to start is a warning, never fatal), and the console (a tqdm bar on
-a terminal, plain log lines otherwise). Rank 0 only."""
+"""Where metrics go: `metrics.jsonl` in the run directory (always, one row per epoch, the source of truth for tables
+and resume), `steps.jsonl` (a row every `logger.log_every_steps` optimizer steps: the per-step training curves),
+Weights & Biases (optional; offline by default; a failure to start is a warning, never fatal), and the console (a
+tqdm bar on a terminal, plain log lines otherwise). Rank 0 only.
+
+What a W&B run carries for the dashboard: group = the table cell (SGD and SAM runs of one cell side by side),
+job_type = the optimizer, tags, the resolved config; history rows per epoch (keys as in metrics.jsonl, against
+`epoch`) and per step (`steps/...` keys, against `step`); a summary with status, the last and the best test error,
+and, for a run from a paper preset, the paper's value for its cell (`paper/test_error`, `paper/ci95`,
+`paper/same_setting`, `paper/cell`)."""
 
 from __future__ import annotations
 
@@ -13,20 +20,58 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sam_repro.engine.checkpoint import atomic_write_bytes
+from sam_repro.engine.distributed import all_reduce_sum
 from sam_repro.engine.provenance import redact
+from sam_repro.paper import paper_value_of_preset, run_group
 
 log = logging.getLogger("sam_repro")
 
 
 def _group(cfg: DictConfig) -> str:
     """The table cell a run belongs to: what SGD and SAM runs that should be compared have in common."""
-    if cfg.logger.get("group"):
-        return str(cfg.logger.group)
-    experiment = cfg.get("experiment") or "default"
-    return f"{experiment}/{cfg.dataset.name}/{cfg.model.name}/{cfg.augment.name}"
+    return run_group(OmegaConf.to_container(cfg, resolve=True))
+
+
+def paper_summary(cfg: DictConfig) -> dict:
+    """The paper's published test error and 95% interval for the cell of the preset the run started from, flat
+    keys for the W&B summary and summary.json; {} for a run from no paper preset. `paper/same_setting` is false
+    when the run deviates from the preset (fewer epochs, a subset, another model or lr): then the number is the
+    target, not a like-for-like comparison."""
+    found = paper_value_of_preset(OmegaConf.to_container(cfg, resolve=True))
+    if found is None:
+        return {}
+    out = {"paper/test_error": found.error, "paper/same_setting": found.same_setting, "paper/cell": found.preset}
+    if found.value.half_width is not None:
+        out["paper/ci95"] = found.value.half_width
+    return out
+
+
+STEP_PREFIX = "steps/"  # W&B keys of the per-step rows (steps.jsonl has them bare), plotted against `step`
+SUMMARY_KEYS = (
+    "status",
+    "test_error",
+    "best_test_error",
+    "test_error_top5",
+    "epochs",
+    "wall_time_s",
+    "memorized",
+    "flipped_true",
+    "clean_train_error",
+)
+
+
+def _read_rows(path: Path, keep) -> list[dict]:
+    """The rows of a JSON-lines file that `keep` accepts; the file is rewritten with those only."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if keep(r)]
+    if len(kept) != len(rows):
+        text = "".join(json.dumps(r) + "\n" for r in kept).encode()
+        atomic_write_bytes(path, lambda f: f.write(text))
+    return kept
 
 
 @contextlib.contextmanager
@@ -40,21 +85,30 @@ def _redacted_argv():
 
 
 class MetricsLogger:
-    def __init__(self, cfg: DictConfig, run_dir: Path, env, resume_epoch: int = 0, wandb_id: str | None = None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        env,
+        resume_epoch: int = 0,
+        wandb_id: str | None = None,
+        resume_step: int = 0,
+    ):
         self.cfg, self.run_dir, self.enabled = cfg, run_dir, env.is_main
-        self.path = run_dir / "metrics.jsonl"
+        self.path, self.steps_path = run_dir / "metrics.jsonl", run_dir / "steps.jsonl"
         self.rows: list[dict] = []
+        self.step_rows: list[dict] = []
         self.wandb_run = None
         self.wandb_id = wandb_id
+        self._defined: set[str] = set()
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        # Keep what the checkpoint covers; a line written after the last checkpoint is redone.
         if self.path.exists():
-            # Keep the epochs the checkpoint covers; a line written after the last checkpoint is redone.
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in rows if r.get("epoch", 0) <= resume_epoch]
-            text = "".join(json.dumps(r) + "\n" for r in self.rows).encode()
-            atomic_write_bytes(self.path, lambda f: f.write(text))
+            self.rows = _read_rows(self.path, lambda r: r.get("epoch", 0) <= resume_epoch)
+        if self.steps_path.exists():
+            self.step_rows = _read_rows(self.steps_path, lambda r: r.get("step", 0) <= resume_step)
         self._start_wandb()
 
     # ---- W&B ------------------------------------------------------------------------------------------------
@@ -72,9 +126,13 @@ class MetricsLogger:
             with _redacted_argv():  # W&B records the command line in the run's metadata
                 self.wandb_run = self._init_wandb(wandb, lcfg, online, run_id)
             self.wandb_id = run_id
-            self.wandb_run.define_metric("*", step_metric="epoch")
-            for row in self.rows:  # a new offline run after a requeue: replay the history it would miss
-                if not online:
+            self._define_metrics()
+            self.wandb_run.summary.update(paper_summary(self.cfg))
+            if not online:  # a new offline run after a requeue: replay the history it would miss, in step order
+                history = [(r["step"], 0, self._step_row(r)) for r in self.step_rows]
+                history += [(r.get("step", 0), 1, r) for r in self.rows]
+                for _, _, row in sorted(history, key=lambda h: h[:2]):
+                    self._log_epoch_keys(row)
                     self.wandb_run.log(row)
         except Exception as exc:  # noqa: BLE001 -- W&B must never stop training
             log.warning(
@@ -84,6 +142,27 @@ class MetricsLogger:
                 self.path,
             )
             self.wandb_run = None
+
+    def _define_metrics(self) -> None:
+        """The x-axes and summaries: epoch rows against `epoch`, step rows against `step`; the runs table's test
+        error as the last and the lowest (finish() then writes both as plain numbers)."""
+        run = self.wandb_run
+        run.define_metric("epoch")
+        run.define_metric("step")
+        run.define_metric(STEP_PREFIX + "*", step_metric="step")
+        run.define_metric("test_error", step_metric="epoch", summary="last,min")
+        self._defined |= {"epoch", "step", "test_error"}
+
+    def _log_epoch_keys(self, row: dict) -> None:
+        """Each epoch key plotted against `epoch` (named one by one: a `*` glob would also catch the step keys)."""
+        for key in row:
+            if key not in self._defined and not key.startswith(STEP_PREFIX):
+                self.wandb_run.define_metric(key, step_metric="epoch")
+                self._defined.add(key)
+
+    @staticmethod
+    def _step_row(row: dict) -> dict:
+        return {"step": row["step"], **{STEP_PREFIX + k: v for k, v in row.items() if k != "step"}}
 
     def _init_wandb(self, wandb, lcfg, online: bool, run_id: str):
         return wandb.init(
@@ -132,12 +211,28 @@ class MetricsLogger:
             parts.append(f"sharpness {row['sharpness']:.4f}")
         parts.append(f"{row['images_per_second']:.0f} img/s")
         log.info(" | ".join(parts))
-        if self.wandb_run is not None:
-            try:
-                self.wandb_run.log(row)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("W&B log failed (%s); continuing with local metrics only", exc)
-                self.wandb_run = None
+        self._log_wandb(row, epoch_row=True)
+
+    def log_step(self, row: dict) -> None:
+        """One per-step row (`step`, training loss and error over the interval, lr, SAM's norms and sharpness,
+        images/s): to steps.jsonl and W&B, never to metrics.jsonl."""
+        if not self.enabled:
+            return
+        self.step_rows.append(row)
+        with open(self.steps_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._log_wandb(self._step_row(row), epoch_row=False)
+
+    def _log_wandb(self, row: dict, epoch_row: bool) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            if epoch_row:
+                self._log_epoch_keys(row)
+            self.wandb_run.log(row)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("W&B log failed (%s); continuing with local metrics only", exc)
+            self.wandb_run = None
 
     def last_evaluated(self) -> dict | None:
         """The last epoch's metrics that include a test evaluation."""
@@ -152,17 +247,7 @@ class MetricsLogger:
         if self.wandb_run is None:
             return
         try:
-            for key in (
-                "status",
-                "test_error",
-                "best_test_error",
-                "test_error_top5",
-                "epochs",
-                "wall_time_s",
-                "memorized",
-                "flipped_true",
-                "clean_train_error",
-            ):
+            for key in (*SUMMARY_KEYS, *(k for k in summary if k.startswith("paper/"))):
                 if key not in summary:
                     continue
                 self.wandb_run.summary[key] = summary.get(key)
@@ -170,6 +255,67 @@ class MetricsLogger:
         except Exception as exc:  # noqa: BLE001
             log.warning("W&B finish failed (%s)", exc)
         self.wandb_run = None
+
+
+class StepCurves:
+    """The per-step rows: every `logger.log_every_steps` optimizer steps, the training loss and error over the
+    steps since the last row, the learning rate, SAM's ||g||, ||eps|| and sharpness, and images/s.
+
+    The interval's sums are differences of the epoch's device-side running sums (`totals.sums()`), so nothing is
+    read from the device between log points; at one, every rank sums them over ranks (one all-reduce, one copy to
+    the host). An interval that spans an epoch's end carries the old epoch's remainder, still on the device."""
+
+    def __init__(self, cfg: DictConfig, env, metrics: MetricsLogger, steps_per_epoch: int) -> None:
+        self.every = int(cfg.logger.get("log_every_steps", 50))
+        self.env, self.metrics, self.steps_per_epoch = env, metrics, steps_per_epoch
+        self.carry = None  # (device sums, host [count, steps, seconds]) of the epochs before, since the last row
+        self.mark = None  # the same, of this epoch's totals at the interval's start
+
+    @staticmethod
+    def _read(totals) -> tuple:
+        return totals.sums(), [totals.count, totals.steps, totals.seconds()]
+
+    def start_epoch(self, totals) -> None:
+        self.mark = self._read(totals)  # (a resumed epoch's totals start from the checkpoint's sums)
+
+    def end_epoch(self, totals) -> None:
+        self.carry = self._since_mark(self._read(totals))
+
+    def _since_mark(self, now: tuple) -> tuple:
+        """The sums from the interval's start to `now` (device sums, host [count, steps, seconds])."""
+        (sums, host), (mark_sums, mark_host) = now, self.mark
+        sums, host = sums - mark_sums, [a - b for a, b in zip(host, mark_host)]
+        if self.carry is not None:
+            sums, host = sums + self.carry[0], [a + b for a, b in zip(host, self.carry[1])]
+        return sums, host
+
+    def update(self, step: int, totals, optimizer) -> None:
+        if step % self.every:
+            return
+        now = self._read(totals)
+        sums, (count, steps, seconds) = self._since_mark(now)
+        self.mark, self.carry = now, None
+        extra = torch.tensor([float(count), float(steps)], dtype=sums.dtype, device=sums.device)
+        values = all_reduce_sum(torch.cat([sums, extra])).tolist()  # every rank: the same step, one collective
+        loss, correct, perturbed, sam_loss, gnorm, enorm, sam_n, sam_steps, n, _ = values
+        row = {
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "train_loss": loss / max(n, 1),
+            "train_error": 100.0 * (1 - correct / max(n, 1)),
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "images_per_second": n / max(seconds, 1e-9),
+        }
+        if totals.sam and sam_steps > 0:
+            row.update(
+                {
+                    "perturbed_loss": perturbed / sam_n,
+                    "sharpness": (perturbed - sam_loss) / sam_n,
+                    "grad_norm": gnorm / sam_steps,
+                    "perturbation_norm": enorm / sam_steps,
+                }
+            )
+        self.metrics.log_step(row)
 
 
 class Progress:

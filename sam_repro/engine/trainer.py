@@ -2,8 +2,9 @@
 checkpoint), summary. One SAM step is `step.sam_step`; everything here is plumbing around it.
 
 Outputs in the run directory (the current working directory's `run_dir` argument):
-  config.yaml, metrics.jsonl (one line per epoch), summary.json (status, errors, provenance),
-  checkpoints/last.pt (atomic, every epoch and on a stop signal), train.log, wandb/ (offline runs).
+  config.yaml, metrics.jsonl (one line per epoch), steps.jsonl (one line every logger.log_every_steps steps),
+  summary.json (status, errors, provenance, the paper's value for a preset's cell), checkpoints/last.pt (atomic,
+  every epoch and on a stop signal), train.log, wandb/ (offline runs).
 Only rank 0 writes; every rank computes.
 """
 
@@ -32,7 +33,7 @@ from sam_repro.engine.distributed import (
     init_distributed,
 )
 from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorization
-from sam_repro.engine.loggers import MetricsLogger, Progress
+from sam_repro.engine.loggers import MetricsLogger, Progress, StepCurves, paper_summary
 from sam_repro.engine.preemption import StopSignal
 from sam_repro.engine.provenance import provenance
 from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
@@ -158,8 +159,14 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
 
     # ---- outputs ---------------------------------------------------------------------------------------------
     metrics = MetricsLogger(
-        cfg, run_dir, env, resume_epoch=epoch if state else 0, wandb_id=state.get("wandb_id") if state else None
+        cfg,
+        run_dir,
+        env,
+        resume_epoch=epoch if state else 0,
+        wandb_id=state.get("wandb_id") if state else None,
+        resume_step=step,
     )
+    curves = StepCurves(cfg, env, metrics, steps_per_epoch)
     prov = provenance()
     summary = {
         "status": "running",
@@ -167,6 +174,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
         "epochs": epoch,
         "label_noise": data.info.get("label_noise"),
         "num_train": data.num_train,
+        **paper_summary(cfg),
         "provenance": prov,
     }
     if previous.get("resume_forced"):
@@ -225,6 +233,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
             totals = _EpochTotals(device, _rank_totals(state.get("epoch_totals"), env) if state else None)
             state = None  # partial-epoch totals apply to the first (resumed) epoch only
             progress = Progress(cfg, env, epoch + 1, epochs, steps_per_epoch, start=data.train.position)
+            curves.start_epoch(totals)
             stopped = capped = False
             for x, y in data.train:
                 ctx.step = step
@@ -238,6 +247,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
                     stats.loss_sum = stats.loss_sum + float("nan")
                 totals.add(stats)
                 progress.update(totals, optimizer)
+                curves.update(step, totals, optimizer)  # a W&B / steps.jsonl row every logger.log_every_steps
                 if step % cfg.trainer.log_every == 0:
                     totals.check_finite(step)  # every rank: summed over ranks, so all stop at this step
                 stopped = stop.should_stop()  # every rank calls it every step: they agree on where to stop
@@ -245,6 +255,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
                 if stopped or capped:
                     break
             progress.close()
+            curves.end_epoch(totals)
             totals.check_finite(step)
             if stopped:
                 status, reason = "interrupted", f"stopped by {stop.signal_name} at step {step}"
@@ -438,9 +449,13 @@ class _EpochTotals:
                 f"trainer.grad_clip, or use trainer.precision=fp32"
             )
 
+    def sums(self) -> torch.Tensor:
+        """The running sums of KEYS as one device tensor (no synchronisation)."""
+        return torch.stack([getattr(self, k) for k in self.KEYS])
+
     def summary(self, env: DistEnv) -> dict:
         extra = torch.tensor([float(self.count), float(self.steps)], device=self.loss.device, dtype=torch.float64)
-        sums = torch.cat([torch.stack([getattr(self, k) for k in self.KEYS]), extra])
+        sums = torch.cat([self.sums(), extra])
         loss, correct, perturbed, sam_loss, gnorm, enorm, sam_n, sam_steps, n, steps = all_reduce_sum(sums).tolist()
         out = {"train_loss": loss / n, "train_error": 100.0 * (1 - correct / n)}
         if self.sam and sam_steps > 0:  # (none kept: every SAM step of the epoch overflowed, nothing to report)

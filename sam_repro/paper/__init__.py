@@ -251,6 +251,32 @@ def run_cell(config: Mapping[str, Any]) -> dict[str, Any]:
     return {name: cell[name] for name in CELL_KEYS}
 
 
+def run_group(config: Mapping[str, Any]) -> str:
+    """The W&B group of a run: its table cell, so SGD and SAM runs to compare (and their seeds) share it.
+    `logger.group` when set; else the experiment preset, dataset, model, augment, label noise (when > 0), training
+    subset (when set) and epochs: `table1/wrn28_10_200ep/cifar10/wrn28_10/basic/200ep`."""
+    explicit = config_value(config, "logger.group")
+    if explicit:
+        return str(explicit)
+    cell = run_cell(config)
+    parts = [
+        str(config_value(config, "experiment") or "default"),
+        *(str(cell[k]) for k in ("dataset", "model", "augment")),
+    ]
+    if cell["label_noise"]:
+        parts.append(f"noise{cell['label_noise']:g}")
+    if cell["train_subset"] is not None:
+        parts.append(f"subset{cell['train_subset']}")
+    if cell["epochs"] is not None:
+        parts.append(f"{cell['epochs']}ep")
+    return "/".join(parts)
+
+
+def as_error(value: PaperValue, table_id: int) -> float:
+    """A printed value as a test error in percent (Table 4 prints accuracy)."""
+    return 100.0 - value.value if paper_table(table_id).unit == "accuracy" else value.value
+
+
 def table_of_experiment(experiment: str | None) -> int | None:
     """The table a preset belongs to: `table1/wrn28_10_200ep` -> 1; None for other presets (demo, cpu_scale)."""
     match = _EXPERIMENT_TABLE.match(str(experiment or ""))
@@ -290,3 +316,84 @@ def paper_value(
         return None
     name = optimizer if optimizer is not None else str(config_value(config, "optimizer.name", ""))
     return cell.values.get(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's value for a run started from a preset, also when it deviates from it
+# ----------------------------------------------------------------------------------------------------------------
+
+# The settings a preset's cell fixes (hyperparameters.yaml's fields) -> where a run's config holds them.
+_SETTING_SOURCES = {
+    "model": "model.name",
+    "lr": "optimizer.lr",
+    "momentum": "optimizer.momentum",
+    "nesterov": "optimizer.nesterov",
+    "weight_decay": "optimizer.weight_decay",
+    "rho": "optimizer.rho",
+    "schedule": "schedule.name",
+    "warmup_epochs": "schedule.warmup_epochs",
+    "epochs": "trainer.epochs",
+    "batch_size": "trainer.batch_size",
+    "m": "trainer.m",
+    "grad_clip": "trainer.grad_clip",
+    "label_smoothing": "trainer.label_smoothing",
+}
+# What shortens or shrinks a run without being a setting of the cell: any of these set means another setting.
+_SHORTENED = {"trainer.epoch_scale": 1.0, "trainer.max_steps": None, "dataset.train_subset": None}
+
+
+@dataclass(frozen=True)
+class PresetValue:
+    """The paper's number for the cell of the preset a run started from (`paper_value_of_preset`)."""
+
+    preset: str  # the cell id in hyperparameters.yaml, e.g. "table1/wrn28_10_200ep/cifar10/basic/sam"
+    cell: PaperCell
+    value: PaperValue
+    same_setting: bool  # the run trains exactly the preset's cell: its settings, full length, full data
+
+    @property
+    def error(self) -> float:
+        """The published value as a test error in percent (Table 4 prints accuracy)."""
+        return as_error(self.value, self.cell.table)
+
+
+def _preset_candidates(config: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The preset cells a run's experiment, dataset, augment, optimizer and label noise pick out."""
+    experiment = f"experiment={config_value(config, 'experiment')}"
+    wanted = {
+        "dataset": config_value(config, "dataset.name"),
+        "augment": config_value(config, "augment.name"),
+        "optimizer": config_value(config, "optimizer.name"),
+        "label_noise": float(config_value(config, "dataset.label_noise", 0.0) or 0.0),
+    }
+    return [
+        (cell_id, settings)
+        for cell_id, settings in hyperparameters().items()
+        if experiment in settings["overrides"] and all(same_value(wanted[k], settings[k]) for k in wanted)
+    ]
+
+
+def paper_value_of_preset(config: Mapping[str, Any], metric: str = "test_error") -> PresetValue | None:
+    """The published value of the cell whose preset a run started from (`experiment=tableN/...` with that cell's
+    dataset, augment, optimizer and label noise), also when the run deviates from the preset (fewer epochs, a
+    training subset, another model or lr): `same_setting` says whether it does not. None for a run from no paper
+    preset, or when the preset has several cells the run could be (Table 2's epochs, overridden)."""
+    table_id = table_of_experiment(config_value(config, "experiment"))
+    if table_id not in paper_tables():
+        return None
+    candidates = _preset_candidates(config)
+    if len(candidates) > 1:  # Table 2: the epochs are the cell's axis; take the one the run names
+        candidates = [c for c in candidates if same_value(config_value(config, "trainer.epochs"), c[1]["epochs"])]
+    if len(candidates) != 1:
+        return None
+    preset, settings = candidates[0]
+    keys = {k: settings[k] for k in ("dataset", "model", "augment", "epochs", "label_noise")}
+    cell = paper_table(table_id).match({**keys, "train_subset": None}, metric)
+    value = cell.values.get(settings["optimizer"]) if cell is not None else None
+    if value is None:
+        return None
+    same = all(
+        same_value(config_value(config, source), settings[name]) for name, source in _SETTING_SOURCES.items()
+    ) and all(same_value(config_value(config, key, default), default) for key, default in _SHORTENED.items())
+    same = same and config_value(config, "dataset.test_subset") is None
+    return PresetValue(preset, cell, value, same)
