@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from sam_repro.engine.checkpoint import atomic_write_json
 from sam_repro.engine.provenance import provenance
 from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
+from sam_repro.files import atomic_write_json
 from sam_repro.models import create_model
 from sam_repro.optim.looksam import LookSAM
 from sam_repro.optim.sam import SAM

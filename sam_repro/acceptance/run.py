@@ -27,9 +27,9 @@ import torch
 
 from sam_repro.acceptance import checks, cost, throughput, training
 from sam_repro.acceptance.throughput import Bench, RowSpec, Timing
-from sam_repro.engine.checkpoint import atomic_write_bytes, atomic_write_json
 from sam_repro.engine.provenance import provenance
 from sam_repro.errors import SamReproError
+from sam_repro.files import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -317,7 +317,7 @@ def _main(args: argparse.Namespace) -> int:
     atomic_write_json(out, report)
     md = out.with_suffix(".md")
     text = render_markdown(report)
-    atomic_write_bytes(md, lambda f: f.write(text.encode()))
+    atomic_write_text(md, text)
     print(f"wrote {out} and {md} ({report['elapsed_s']:.0f} s)", flush=True)
     passed = sum(r["status"] == "passed" for r in results)
     print(f"gpu check: {passed} of {len(results)} correctness checks passed", flush=True)

@@ -38,6 +38,7 @@ from sam_repro.data.augment import normalize
 from sam_repro.data.noise import corrupt_labels
 from sam_repro.engine.checkpoint import FORMAT, load_checkpoint
 from sam_repro.errors import CheckpointError, ConfigError, DataError
+from sam_repro.files import atomic_write_json
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 CHECKPOINT_FORMAT = FORMAT
@@ -334,12 +335,9 @@ def evaluate(
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    """Write `payload` as indented JSON atomically (temp file + rename), so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write `payload` as indented JSON (keys in the order given) atomically (`sam_repro.files`), so a reader never
+    sees half a file."""
+    return atomic_write_json(path, payload, sort_keys=False)
 
 
 def save_figure(figure, path: Path, provenance_record: Mapping[str, Any] | None = None) -> Path:

@@ -25,6 +25,7 @@ from typing import Any
 from sam_repro.analysis.aggregate import Report, Row, TableReport
 from sam_repro.analysis.grouping import ABSENT, BASELINE, cell_label, is_number, value_label
 from sam_repro.analysis.stats import Difference, Estimate
+from sam_repro.files import atomic_write_text
 from sam_repro.paper import TABLES_FILE, normalise_epochs
 
 MISSING = "missing"
@@ -333,9 +334,7 @@ def write_tables(report: Report, out_dir: str | os.PathLike, latex: bool = False
         outputs["tables.tex"] = render_latex(report)
     written = []
     for name, text in outputs.items():
-        path = out / name
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
+        written.append(atomic_write_text(out / name, text))
     return written
 
 
