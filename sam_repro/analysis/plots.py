@@ -34,7 +34,7 @@ from sam_repro.analysis.render import (
     table_heading,
 )
 from sam_repro.analysis.runs import RunRecord, load_metrics
-from sam_repro.files import atomic_write_bytes
+from sam_repro.files import atomic_write_bytes, atomic_write_text
 
 ARM_COLOURS = {"sgd": "#1f77b4", "sam": "#ff7f0e"}
 OTHER_COLOURS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -296,6 +296,5 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
             what = "test error and memorized share" if memorized else "test error"
             lines += [f"**{cell_label(dict(cell))}**", "", f"![{what} per epoch](curves/{slug}.png)", ""]
     lines += render_notices_markdown(report)
-    index = out / "index.md"
-    index.write_text("\n".join(lines), encoding="utf-8")
+    index = atomic_write_text(out / "index.md", "\n".join(lines))
     return [index, *written]
