@@ -78,8 +78,8 @@ def train(ranks: int, workdir: Path, args) -> dict:
 
 
 def main() -> int:
-    from sam_repro.engine.checkpoint import atomic_write_json
     from sam_repro.engine.provenance import provenance
+    from sam_repro.files import atomic_write_json
     from sam_repro.models import create_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

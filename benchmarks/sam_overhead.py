@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from sam_repro.engine.checkpoint import atomic_write_json
+from sam_repro.engine.distributed import resolve_device
 from sam_repro.engine.provenance import provenance
 from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
+from sam_repro.files import atomic_write_json
 from sam_repro.models import create_model
 from sam_repro.optim.looksam import LookSAM
 from sam_repro.optim.sam import SAM
@@ -55,13 +56,13 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=str(RESULTS / "sam_overhead.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device, option="--device")
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)

@@ -43,6 +43,7 @@ from sam_repro.engine.rundir import (
     register_resolvers,
 )
 from sam_repro.errors import ConfigError, SamReproError
+from sam_repro.files import atomic_write_text
 from sam_repro.run_keys import flatten, matches
 
 log = logging.getLogger("sam_repro")
@@ -98,16 +99,14 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
 
 def _write_hydra_record(hc, task_cfg: DictConfig, run_dir: Path) -> None:
     """What Hydra writes into `<run_dir>/.hydra/` itself when `hydra.output_subdir` is set."""
-    from sam_repro.engine.checkpoint import atomic_write_bytes
-
     record = {
         "config.yaml": OmegaConf.to_container(task_cfg),
         "hydra.yaml": {"hydra": OmegaConf.to_container(hc)},
         "overrides.yaml": list(hc.overrides.task),
     }
     for name, content in record.items():
-        text = OmegaConf.to_yaml(OmegaConf.create(redact(content))).encode()
-        atomic_write_bytes(run_dir / HYDRA_RECORD / name, lambda f, text=text: f.write(text))
+        text = OmegaConf.to_yaml(OmegaConf.create(redact(content)))
+        atomic_write_text(run_dir / HYDRA_RECORD / name, text)
 
 
 def _remove_new_run_dir(run_dir: Path, run_root: Path) -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Regenerate results/cpu_scale/ from the finished CPU-scale runs (scripts/run_cpu_scale.py):
-# the table (sam-tables), learning curves (sam-report), and, from the seed-0 checkpoints in runs/cpu_scale/,
-# the Hessian's top eigenvalues, m-sharpness and loss landscapes of SGD vs SAM (sam-analyze); then the ablation
-# table (m = 32 vs m = 128, rho) in results/cpu_scale_ablation/.
+# Regenerate results/cpu_scale/ from the finished CPU-scale runs (scripts/run_cpu_scale.py): the table
+# (sam-tables), learning curves (sam-report), and, from the seed-0 checkpoints in runs/cpu_scale/ ($SAM_RUNS_DIR
+# when it is set), the Hessian's top eigenvalues, m-sharpness and loss landscapes of SGD vs SAM (sam-analyze); then
+# the ablation table (m = 32 vs m = 128, rho) in results/cpu_scale_ablation/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -15,8 +15,9 @@ $BIN/sam-report $OUT/runs --out $OUT/report
 $BIN/sam-tables $OUT/runs $ABL/runs --group-by trainer.m,optimizer.rho --out $ABL
 
 for noise in 0.4 0.0; do
-    sgd=runs/cpu_scale/dataset.label_noise=${noise},optimizer=sgd/seed0
-    sam=runs/cpu_scale/dataset.label_noise=${noise},optimizer=sam/seed0
+    # the seed-0 run directories, named as sam-train names them (under $SAM_RUNS_DIR when it is set)
+    sgd=$($BIN/python -m sam_repro.engine.rundir experiment=cpu_scale "dataset.label_noise=$noise" optimizer=sgd seed=0)
+    sam=$($BIN/python -m sam_repro.engine.rundir experiment=cpu_scale "dataset.label_noise=$noise" optimizer=sam seed=0)
     if [ ! -f "$sgd/checkpoints/last.pt" ] || [ ! -f "$sam/summary.json" ] || ! grep -q '"finished"' "$sam/summary.json"; then
         echo "skipping label noise $noise: SGD and SAM seed-0 runs are not both finished"; continue
     fi

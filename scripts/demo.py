@@ -5,22 +5,21 @@
 Profiles: `cpu` runs `experiment=demo` (sized for a 2-core CPU), `gpu` runs `experiment=demo_gpu` (all 50,000
 images, a WRN in bf16, a few minutes on one GPU); `auto` (the default, `make demo`) picks gpu where CUDA is
 available and cpu elsewhere; `make demo DEMO=cpu|gpu` forces one. Each run is an ordinary `sam-train` run in
-`runs/<preset>/optimizer=<name>/seed0/`: re-running the demo reports the finished runs at once, and an interrupted
-demo resumes where it stopped. Extra arguments are passed to both runs as Hydra overrides (e.g.
-`python scripts/demo.py trainer.epochs=2`).
+`runs/<preset>/optimizer=<name>/seed0/` (under $SAM_RUNS_DIR when it is set; `engine.rundir.run_dir` names it):
+re-running the demo reports the finished runs at once, and an interrupted demo resumes where it stopped. Extra
+arguments are passed to both runs as Hydra overrides (e.g. `python scripts/demo.py trainer.epochs=2`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sam_repro.engine.rundir import run_name
+from sam_repro.engine.rundir import run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,9 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_demo(PROFILES[profile], extra)
 
 
+def shown(directory: Path) -> str:
+    """A run directory relative to the repository when it lies inside it (runs/...), else as it is (an absolute
+    SAM_RUNS_DIR elsewhere)."""
+    return str(directory.relative_to(ROOT)) if directory.is_relative_to(ROOT) else str(directory)
+
+
 def run_demo(experiment: str, extra: list[str]) -> int:
     """SGD, then SAM, with `experiment=<experiment>` and the overrides; then the table."""
-    runs_root = Path(os.environ.get("SAM_RUNS_DIR", "runs"))
     results = {}
     for optimizer in ("sgd", "sam"):
         print(f"\n=== {optimizer.upper()} ===", flush=True)
@@ -58,13 +62,12 @@ def run_demo(experiment: str, extra: list[str]) -> int:
         if rc != 0:
             print(f"demo: `{' '.join(cmd)}` failed with exit status {rc}", file=sys.stderr)
             return rc
-        seed = next((o.split("=", 1)[1] for o in extra if o.startswith("seed=")), "0")
-        run_dir = ROOT / runs_root / run_name(experiment, [f"optimizer={optimizer}", *extra]) / f"seed{seed}"
-        summary = json.loads((run_dir / "summary.json").read_text())
-        results[optimizer] = (summary, time.time() - t0, run_dir)
+        directory = ROOT / run_dir([f"optimizer={optimizer}", *extra], experiment)  # sam-train runs in ROOT
+        summary = json.loads((directory / "summary.json").read_text())
+        results[optimizer] = (summary, time.time() - t0, directory)
 
     print(closing_table(experiment, {name: r[0] for name, r in results.items()}))
-    print("Run directories:", *(str(_shown(r[2])) for r in results.values()), sep="\n  ")
+    print("Run directories:", *(shown(r[2]) for r in results.values()), sep="\n  ")
     return 0
 
 
@@ -102,14 +105,6 @@ def closing_table(experiment: str, summaries: dict[str, dict]) -> str:
     else:
         lines.append("(one seed each; see README for what this scale shows)")
     return "\n".join(lines) + "\n"
-
-
-def _shown(path: Path) -> Path:
-    """A run directory as the user can type it: relative to the checkout when it lies inside it."""
-    try:
-        return path.resolve().relative_to(ROOT)
-    except ValueError:
-        return path
 
 
 if __name__ == "__main__":

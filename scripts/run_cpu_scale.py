@@ -5,8 +5,8 @@ run.
     python scripts/run_cpu_scale.py --seeds 0 --noise 0.4 --set trainer.m=32 --results results/cpu_scale_ablation
     python scripts/run_cpu_scale.py --experiment cpu_scale_table4 --noise 0.4 0.6 --results results/cpu_scale_table4
 
-Runs live in runs/<experiment>/... ($SAM_RUNS_DIR moves runs/); they resume when interrupted, and finished ones are
-skipped. As each run finishes,
+Runs live in runs/<experiment>/... ($SAM_RUNS_DIR moves runs/; `engine.rundir.run_dir` names each); they resume
+when interrupted, and finished ones are skipped. As each run finishes,
 its config.yaml, metrics.jsonl and summary.json (no checkpoint) are copied to <results>/runs/<same path>, so the
 committed results grow run by run and `sam-tables results/cpu_scale` regenerates the table. SAM runs (twice the
 work of SGD's) are started first, so that two workers finish the grid together.
@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sam_repro.engine.rundir import run_name
+from sam_repro.engine.rundir import run_dir, run_path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -52,9 +52,8 @@ def run_one(experiment: str, overrides: list[str], results: Path) -> tuple[list[
         *overrides,
     ]
     rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seed = next(o.split("=")[1] for o in overrides if o.startswith("seed="))
-    rel = Path(run_name(experiment, overrides)) / f"seed{seed}"
-    src, dst = ROOT / os.environ.get("SAM_RUNS_DIR", "runs") / rel, results / "runs" / rel
+    # where sam-train (started in ROOT) trained, and the same path below <results>/runs/
+    src, dst = ROOT / run_dir(overrides, experiment), results / "runs" / run_path(overrides, experiment)
     if rc == 0 and (src / "summary.json").exists():
         dst.mkdir(parents=True, exist_ok=True)
         for name in KEEP:

@@ -405,8 +405,8 @@ def main() -> int:
     injected = len(soak.faults)
     recovered = sum(f.recovered for f in soak.faults)
     if args.out:
-        from sam_repro.engine.checkpoint import atomic_write_json
         from sam_repro.engine.provenance import provenance
+        from sam_repro.files import atomic_write_json
 
         atomic_write_json(
             args.out,

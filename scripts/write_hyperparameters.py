@@ -26,6 +26,7 @@ import yaml
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from sam_repro.files import atomic_write_text
 from sam_repro.paper import HYPERPARAMETERS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path} is stale: run `python scripts/write_hyperparameters.py`", file=sys.stderr)
         return 1 if stale else 0
     for path, text in outputs.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        atomic_write_text(path, text)
         print(f"wrote {path}")
     return 0
 

@@ -24,7 +24,8 @@ from sam_repro.analysis.landscape import (
     plot_surface,
     plot_surfaces,
 )
-from sam_repro.analysis.loading import evaluate, load_split, save_figure
+from sam_repro.analysis.loading import evaluate, load_split
+from sam_repro.analysis.plots import save_figure
 from sam_repro.cli.analyze import main as analyze
 
 

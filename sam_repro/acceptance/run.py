@@ -27,9 +27,10 @@ import torch
 
 from sam_repro.acceptance import checks, cost, throughput, training
 from sam_repro.acceptance.throughput import Bench, RowSpec, Timing
-from sam_repro.engine.checkpoint import atomic_write_bytes, atomic_write_json
-from sam_repro.engine.provenance import provenance
+from sam_repro.engine.distributed import resolve_device
+from sam_repro.engine.provenance import command_line, provenance
 from sam_repro.errors import SamReproError
+from sam_repro.files import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -117,7 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a `sam-data cifar10 --export-subset N` file for the real-data part (default: the "
         "prepared cache if there is one)",
     )
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto)")
     args = parser.parse_args(argv)
     if args.smoke and args.out is None:
         parser.error("--smoke needs --out FILE: toy-sized numbers are not results")
@@ -135,10 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     budget = Budget(args.budget_s)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device or "auto", option="--device")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SamReproError(f"--device {args.device}: no CUDA GPU is visible")
         torch.cuda.set_device(device)
     smoke = args.smoke
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -317,7 +316,7 @@ def _main(args: argparse.Namespace) -> int:
     atomic_write_json(out, report)
     md = out.with_suffix(".md")
     text = render_markdown(report)
-    atomic_write_bytes(md, lambda f: f.write(text.encode()))
+    atomic_write_text(md, text)
     print(f"wrote {out} and {md} ({report['elapsed_s']:.0f} s)", flush=True)
     passed = sum(r["status"] == "passed" for r in results)
     print(f"gpu check: {passed} of {len(results)} correctness checks passed", flush=True)
@@ -451,7 +450,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# GPU check: {report['gpu']}{' (smoke: toy sizes, not results)' if report['smoke'] else ''}",
         "",
-        f"`{prov['command']}` at {prov['time']}, commit {prov['git_commit']}; torch {pkgs.get('torch')}, "
+        f"`{command_line(prov)}` at {prov['time']}, commit {prov['git_commit']}; torch {pkgs.get('torch')}, "
         f"CUDA {prov['machine'].get('cuda')}, Python {pkgs.get('python')}; {report['elapsed_s']:.0f} s of a "
         f"{report['budget_s']:.0f} s budget.",
         "",

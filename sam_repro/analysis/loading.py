@@ -8,9 +8,10 @@ Owns four things the analyses share, so that each of them is only its mathematic
   * `load_split`: the images of a dataset split (the test split, or the training set exactly as the run saw it) as
     uint8, normalized batch by batch, optionally a seeded subset (the fixed sample the Hessian, m-sharpness and
     landscapes are computed on);
-  * `evaluate`: the one evaluation loop (mean loss, top-1 and top-5 error in percent);
-  * `write_json`, `save_figure`: result files written atomically, PNGs with the provenance record the caller passes
-    (command, git commit, machine, versions, time) in their text chunks.
+  * `evaluate`: mean loss, top-1 and top-5 error in percent, over the trainer's evaluation loop
+    (`engine.evaluation.evaluation_sums`);
+  * `write_json`: result files written atomically (`sam_repro.files`); their plots go through the one figure
+    writer, `analysis.plots.save_figure`, with the provenance record in their text chunks.
 
 Every failure a user can cause (a missing or corrupt checkpoint, weights that do not fit the model) raises a
 CheckpointError naming the file, which the CLIs print as one line.
@@ -19,7 +20,6 @@ CheckpointError naming the file, which the CLIs print as one line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,7 +37,9 @@ from sam_repro.data import select_train_indices, sources
 from sam_repro.data.augment import normalize
 from sam_repro.data.noise import corrupt_labels
 from sam_repro.engine.checkpoint import FORMAT, load_checkpoint
+from sam_repro.engine.evaluation import evaluation_sums
 from sam_repro.errors import CheckpointError, ConfigError, DataError
+from sam_repro.files import atomic_write_json
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 CHECKPOINT_FORMAT = FORMAT
@@ -172,19 +174,6 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> the first GPU if there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ConfigError(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-    return resolved
-
-
 # ----------------------------------------------------------------------------------------------------- data
 
 
@@ -297,59 +286,40 @@ class Evaluation:
     num_examples: int
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     criterion=F.cross_entropy,
 ) -> Evaluation:
-    """Mean `criterion` (a batch-mean loss) over all examples, and top-1/top-5 error in percent.
+    """Mean `criterion` (a batch-mean loss) over all examples, and top-1/top-5 error in percent: the trainer's
+    loop, `engine.evaluation.evaluation_sums`.
 
     Runs the model as it is (the caller sets eval mode); batches may differ in size, each weighted by its count.
     """
-    loss_sum, wrong1, wrong5, count = 0.0, 0, 0, 0
-    classification = True
-    num_classes = None
-    for inputs, targets in batches:
-        outputs = model(inputs)
-        n = inputs.shape[0]
-        loss_sum += float(criterion(outputs, targets)) * n
-        count += n
-        if outputs.ndim != 2 or targets.ndim != 1 or targets.dtype != torch.long:
-            classification = False
-            continue
-        num_classes = outputs.shape[1]
-        top = outputs.topk(min(5, num_classes), dim=1).indices
-        hits = top == targets.unsqueeze(1)
-        wrong1 += int((~hits[:, 0]).sum())
-        wrong5 += int((~hits.any(dim=1)).sum())
+    sums, num_classes = evaluation_sums(
+        model, batches, lambda outputs, targets: _batch_sum(criterion, outputs, targets)
+    )
+    count = 0 if sums is None else int(sums[3].item())
     if count == 0:
         raise DataError("no examples to evaluate on")
-    top1 = 100.0 * wrong1 / count if classification else None
-    top5 = 100.0 * wrong5 / count if classification and num_classes is not None and num_classes >= 5 else None
+    loss_sum, correct1, correct5, _ = sums.tolist()
+    top1 = 100.0 * (count - int(correct1)) / count if num_classes is not None else None
+    top5 = 100.0 * (count - int(correct5)) / count if num_classes is not None and num_classes >= 5 else None
     return Evaluation(loss=loss_sum / count, top1_error=top1, top5_error=top5, num_examples=count)
+
+
+def _batch_sum(criterion, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A batch-mean `criterion` as the batch's sum, in float64 (as the mean times the count was always summed)."""
+    return torch.as_tensor(criterion(outputs, targets), dtype=torch.float64) * outputs.shape[0]
 
 
 # ----------------------------------------------------------------------------------------------------- outputs
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    """Write `payload` as indented JSON atomically (temp file + rename), so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def save_figure(figure, path: Path, provenance_record: Mapping[str, Any] | None = None) -> Path:
-    """Save a matplotlib Figure as PNG with the provenance in its text chunks (`Description`, `Software`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = {"Software": "sam-repro"}
-    if provenance_record is not None:
-        text["Description"] = json.dumps(provenance_record, sort_keys=True)
-    figure.savefig(path, dpi=150, bbox_inches="tight", metadata=text)
-    return path
+    """Write `payload` as indented JSON (keys in the order given) atomically (`sam_repro.files`), so a reader never
+    sees half a file."""
+    return atomic_write_json(path, payload, sort_keys=False)
 
 
 def file_stem(path: str | os.PathLike) -> str:

@@ -7,11 +7,14 @@ orange, others in a fixed order) so that every figure of a report reads the same
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -31,6 +34,7 @@ from sam_repro.analysis.render import (
     table_heading,
 )
 from sam_repro.analysis.runs import RunRecord, load_metrics
+from sam_repro.files import atomic_write_bytes, atomic_write_text
 
 ARM_COLOURS = {"sgd": "#1f77b4", "sam": "#ff7f0e"}
 OTHER_COLOURS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -187,11 +191,24 @@ def _cell_tick(key: tuple, table: TableReport) -> str:
     return "\n".join(parts)
 
 
-def save_figure(figure: Figure, path: Path) -> Path:
-    """PNG without the creation-time metadata matplotlib would otherwise embed in some formats."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", metadata={"Software": None})
-    return path
+def save_figure(
+    figure: Figure,
+    path: str | os.PathLike,
+    provenance: Mapping[str, Any] | None = None,
+    *,
+    dpi: float | str = "figure",
+    tight: bool = False,
+) -> Path:
+    """The one figure writer (the report's figures and sam-analyze's plots): `figure` as a PNG, written atomically
+    (`sam_repro.files`), without the creation-time metadata matplotlib would otherwise embed, so that the same
+    figure gives the same bytes. With a `provenance` record (command, git commit, machine, versions, time), the
+    record goes into the PNG's `Description` text chunk and `Software` names sam-repro; without one, no `Software`
+    chunk either. `tight` crops to the drawn area (`bbox_inches="tight"`)."""
+    metadata: dict[str, str | None] = {"Software": None}
+    if provenance is not None:
+        metadata = {"Software": "sam-repro", "Description": json.dumps(provenance, sort_keys=True)}
+    options: dict[str, Any] = {"bbox_inches": "tight"} if tight else {}
+    return atomic_write_bytes(path, lambda f: figure.savefig(f, format="png", dpi=dpi, metadata=metadata, **options))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,6 +296,5 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
             what = "test error and memorized share" if memorized else "test error"
             lines += [f"**{cell_label(dict(cell))}**", "", f"![{what} per epoch](curves/{slug}.png)", ""]
     lines += render_notices_markdown(report)
-    index = out / "index.md"
-    index.write_text("\n".join(lines), encoding="utf-8")
+    index = atomic_write_text(out / "index.md", "\n".join(lines))
     return [index, *written]

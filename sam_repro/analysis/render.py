@@ -11,11 +11,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
-import platform
 import re
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -25,6 +22,7 @@ from typing import Any
 from sam_repro.analysis.aggregate import Report, Row, TableReport
 from sam_repro.analysis.grouping import ABSENT, BASELINE, cell_label, is_number, value_label
 from sam_repro.analysis.stats import Difference, Estimate
+from sam_repro.files import atomic_write_json, atomic_write_text
 from sam_repro.paper import TABLES_FILE, normalise_epochs
 
 MISSING = "missing"
@@ -333,48 +331,30 @@ def write_tables(report: Report, out_dir: str | os.PathLike, latex: bool = False
         outputs["tables.tex"] = render_latex(report)
     written = []
     for name, text in outputs.items():
-        path = out / name
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
+        written.append(atomic_write_text(out / name, text))
     return written
 
 
 def provenance(command: Sequence[str], inputs: Sequence[str], n_runs: int) -> dict[str, Any]:
-    """Where a set of tables came from: command, code version, inputs. Kept out of the tables themselves (it
-    carries a timestamp), so that the tables stay byte-identical for identical runs."""
+    """Where a set of tables came from: the one provenance record (`engine.provenance.provenance`: command, code
+    version, machine, packages, time) with the tables' inputs, run count and the paper's tables they were set
+    beside. Kept out of the tables themselves (it carries a timestamp), so that the tables stay byte-identical for
+    identical runs. `created` is the same instant in UTC, the name readers of provenance.json have always used."""
     from datetime import datetime, timezone
 
-    import sam_repro
+    from sam_repro.engine.provenance import provenance as record
 
-    repository = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str | None:
-        try:
-            result = subprocess.run(["git", *args], cwd=repository, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return result.stdout.strip() if result.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "command": list(command),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
-        "sam_repro": sam_repro.__version__,
-        "python": platform.python_version(),
-        "machine": platform.node(),
-        "inputs": list(inputs),
-        "runs": n_runs,
-        "paper_tables": {
+    return record(
+        command,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        inputs=list(inputs),
+        runs=n_runs,
+        paper_tables={
             "path": TABLES_FILE.name,
             "sha256": hashlib.sha256(TABLES_FILE.read_bytes()).hexdigest() if TABLES_FILE.exists() else None,
         },
-    }
+    )
 
 
 def write_provenance(out_dir: str | os.PathLike, command: Sequence[str], inputs: Sequence[str], n_runs: int) -> Path:
-    path = Path(out_dir) / "provenance.json"
-    text = json.dumps(provenance(command, inputs, n_runs), indent=2, sort_keys=True) + "\n"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return atomic_write_json(Path(out_dir) / "provenance.json", provenance(command, inputs, n_runs))

@@ -46,12 +46,12 @@ from sam_repro.analysis.loading import (
     file_stem,
     load_split,
     open_run,
-    resolve_device,
-    save_figure,
     write_json,
 )
+from sam_repro.analysis.plots import save_figure
 from sam_repro.analysis.sharpness import m_sharpness, plot_m_sharpness
 from sam_repro.engine.compat import set_tf32
+from sam_repro.engine.distributed import resolve_device
 from sam_repro.engine.provenance import provenance
 from sam_repro.errors import CheckpointError, ConfigError, SamReproError
 
@@ -63,7 +63,7 @@ class _Session:
     def __init__(self, args: argparse.Namespace, analysis: str) -> None:
         self.args = args
         self.analysis = analysis
-        self.device = resolve_device(args.device)
+        self.device = resolve_device(args.device, option="--device")
         set_tf32(False)  # Hessian-vector products and small-rho sharpness need IEEE, not TF32
         self.out = Path(args.out)
         self.progress = not args.no_progress
@@ -119,7 +119,7 @@ class _Session:
         return path
 
     def save(self, name: str, figure) -> Path:
-        path = save_figure(figure, self.out / name, self.provenance)
+        path = save_figure(figure, self.out / name, self.provenance, dpi=150, tight=True)
         print(f"wrote {path}", file=sys.stderr)
         return path
 

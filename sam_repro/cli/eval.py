@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sam_repro.analysis.loading import evaluate, load_split, open_run, resolve_device
+from sam_repro.analysis.loading import evaluate, load_split, open_run
 from sam_repro.engine.compat import set_tf32
+from sam_repro.engine.distributed import resolve_device
 from sam_repro.errors import ConfigError, SamReproError
 
 
@@ -36,7 +37,7 @@ def evaluate_run(
     """Loss and top-1/top-5 error (percent) of the run at `path` on the whole `split`, in IEEE float32."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
-    resolved = resolve_device(device)
+    resolved = resolve_device(device, option="--device")
     set_tf32(False)
     run = open_run(path, resolved)
     data = load_split(run.cfg, split, root=data_root).to(resolved)

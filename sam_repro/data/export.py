@@ -12,7 +12,6 @@ full dataset it came from. `read_export` verifies all of it. At most MAX_BYTES, 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 from sam_repro.data import select_train_indices
 from sam_repro.data.arrays import SPLIT_KEYS, DatasetArrays, Splits, splits_sha256, verify_sha256
 from sam_repro.errors import DataError
+from sam_repro.files import atomic_write_bytes
 
 EXPORT_FORMAT = 1
 MAX_BYTES = 40_000_000  # 40 MB
@@ -63,15 +63,12 @@ def export_subset(
         "sha256": splits_sha256(splits),
         "source": source or {},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f"{path.name}.part-{os.getpid()}")
-    try:
-        with open(part, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), train_indices=train_idx.astype(np.int64), **splits._asdict())
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+    atomic_write_bytes(
+        path,
+        lambda f: np.savez(
+            f, meta=np.array(json.dumps(meta)), train_indices=train_idx.astype(np.int64), **splits._asdict()
+        ),
+    )
     return meta
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from sam_repro.data import cifar, download, fashion_mnist, svhn
 from sam_repro.data.arrays import SPLIT_KEYS, DatasetArrays, Splits, check_splits, verify_sha256
 from sam_repro.errors import ConfigError, DataError
+from sam_repro.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -215,16 +216,8 @@ def _write_cache(path: Path, spec: DatasetSpec, splits: Splits, sha256: Mapping[
         "source": source,
         "sha256": dict(sha256),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f"{path.name}.part-{os.getpid()}")
-    try:
-        with open(part, "wb") as f:  # a file object, so numpy does not append its own ".npz"
-            np.savez(f, meta=np.array(json.dumps(meta)), **splits._asdict())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+    # a file object, so numpy does not append its own ".npz"
+    atomic_write_bytes(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **splits._asdict()))
     return meta
 
 

@@ -1,7 +1,7 @@
 """Checkpoints: written atomically, read safely.
 
-Writing: to a temporary file in the same directory, fsynced, then renamed over the old one, so a kill -9 at any
-moment leaves the previous complete checkpoint loadable.
+Writing: `sam_repro.files.atomic_write_bytes`, to a temporary file in the same directory, fsynced, then renamed
+over the old one, so a kill -9 at any moment leaves the previous complete checkpoint loadable.
 
 Reading (`load_checkpoint`, the one loader used by resume, `sam-eval` and `sam-analyze`): `torch.load` with
 `weights_only=True`, always onto the CPU. The weights-only unpickler builds tensors, numbers, strings and plain
@@ -14,48 +14,26 @@ the RNG states CPU tensors, as `torch.set_rng_state` and `torch.cuda.set_rng_sta
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sam_repro.errors import CheckpointError
+from sam_repro.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+
+__all__ = [  # the writers live in sam_repro.files; the trainer and the loggers import them from here
+    "FORMAT",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "load_checkpoint",
+    "remove_stale_temporaries",
+    "save_checkpoint",
+]
 
 FORMAT = 1
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
-
-
-def remove_stale_temporaries(path: Path) -> int:
-    """Delete temporary files a killed writer left beside `path` (each as large as a checkpoint)."""
-    stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.exists() else []
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
-    return len(stale)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -243,8 +243,12 @@ def is_device_spec(spec: object) -> bool:
     return _device_spec(spec) is not None
 
 
-def resolve_device(spec: str, local_rank: int = 0, launcher: Launcher = "single") -> torch.device:
-    """`device` config value -> torch.device. auto: this rank's GPU if CUDA is available, else the CPU.
+def resolve_device(
+    spec: str, local_rank: int = 0, launcher: Launcher = "single", *, option: str = "device"
+) -> torch.device:
+    """A device value (DEVICE_SPECS) -> torch.device: the one resolution, used by the trainer (`trainer.device`), the
+    analysis commands and the GPU check (`--device`, named by `option` in the errors). auto: this rank's GPU if CUDA
+    is available, else the CPU.
 
     A rank's GPU is cuda:<local rank>. When SLURM binds one GPU per task (`--gpus-per-task=1`: each srun task sees
     one device), every rank of an srun step uses its cuda:0. Any other launch with more local ranks than visible
@@ -252,7 +256,7 @@ def resolve_device(spec: str, local_rank: int = 0, launcher: Launcher = "single"
     """
     match = _device_spec(spec)
     if match is None:
-        raise ConfigError(f"device must be {DEVICE_SPECS} (got {spec!r})")
+        raise ConfigError(f"{option} must be {DEVICE_SPECS} (got {spec!r})")
     kind, index = match.group(1), match.group(2)
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,22 +264,22 @@ def resolve_device(spec: str, local_rank: int = 0, launcher: Launcher = "single"
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError(
-            f"device={spec!r} but no CUDA GPU is visible (torch.cuda.is_available() is False): "
-            "use device=cpu or device=auto"
+            f"{option}={spec!r} but no CUDA GPU is visible (torch.cuda.is_available() is False): "
+            f"use {option}=cpu or {option}=auto"
         )
     count = torch.cuda.device_count()
     if index is not None:
         if int(index) >= count:
-            raise ConfigError(f"device={spec!r}: this node has {count} visible GPUs (cuda:0..cuda:{count - 1})")
+            raise ConfigError(f"{option}={spec!r}: this node has {count} visible GPUs (cuda:0..cuda:{count - 1})")
         return torch.device("cuda", int(index))
     if local_rank < count:
         return torch.device("cuda", local_rank)
     if count == 1 and launcher == "slurm":
         return torch.device("cuda", 0)
     raise ConfigError(
-        f"device={spec}: local rank {local_rank} but only {count} GPU(s) visible on this node, and NCCL refuses two "
-        "ranks on one GPU; start at most one rank per GPU (torchrun --nproc_per_node, srun --ntasks-per-node), or "
-        "pass trainer.device=cpu for CPU ranks"
+        f"{option}={spec}: local rank {local_rank} but only {count} GPU(s) visible on this node, and NCCL refuses "
+        "two ranks on one GPU; start at most one rank per GPU (torchrun --nproc_per_node, srun --ntasks-per-node), "
+        "or pass trainer.device=cpu for CPU ranks"
     )
 
 

@@ -1,4 +1,5 @@
-"""Where a result came from: command, git commit, machine and package versions, stored with every result file.
+"""Where a result came from: command, git commit, machine and package versions, stored with every result file in
+one schema (`provenance`).
 
 Nothing the project writes (config.yaml, summary.json, Hydra's record, checkpoints, W&B's config) may carry a
 credential: `redact` replaces the value of every environment variable that looks like one (API keys, tokens,
@@ -11,12 +12,15 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 REDACTED = "<redacted>"
 # Names of environment variables (WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...) and of config keys that hold
@@ -60,21 +64,28 @@ PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "timm", "wandb", 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def git_commit(root: Path = PROJECT_ROOT) -> str | None:
-    """HEAD of the checkout the code runs from, with `-dirty` when tracked files differ; None outside git."""
+def git_state(root: Path = PROJECT_ROOT) -> tuple[str | None, bool | None]:
+    """(HEAD of the checkout the code runs from, whether tracked files differ from it); (None, None) outside git
+    (an installed wheel)."""
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
+        status = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             timeout=5,
-        ).stdout.strip()
-        return head + ("-dirty" if dirty else "")
+        )
     except (OSError, subprocess.SubprocessError):
-        return None
+        return None, None
+    return head, (bool(status.stdout.strip()) if status.returncode == 0 else None)
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str | None:
+    """HEAD of the checkout the code runs from, with `-dirty` when tracked files differ; None outside git."""
+    head, dirty = git_state(root)
+    return None if head is None else head + ("-dirty" if dirty else "")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -108,12 +119,37 @@ def machine() -> dict:
     return info
 
 
-def provenance() -> dict:
-    return {
-        "command": redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
+def provenance(command: Sequence[str] | None = None, **fields: Any) -> dict[str, Any]:
+    """The one provenance record, stored with every result (summary.json, the analyses' JSON and PNGs, the tables'
+    provenance.json, the GPU check, soak and the benchmarks):
+
+      command     the command line as a list of words, credentials redacted (default: this process's argv, the
+                  program by its file name, e.g. `["sam-train", "optimizer=sam"]`)
+      cwd         the working directory
+      git_commit  HEAD of the checkout, `-dirty` appended when tracked files differ (None outside git)
+      git_dirty   whether they differ (None outside git)
+      packages    versions of Python and of PACKAGES
+      machine     host name, platform, CPU and GPU count and names, the SLURM job
+      time        when, local time with its UTC offset (`2026-11-29T08:37:10+0000`)
+
+    `fields` are added after them (what a kind of result records besides: the tables' inputs and run count).
+    """
+    words = [Path(sys.argv[0]).name, *sys.argv[1:]] if command is None else list(command)
+    head, dirty = git_state()
+    record: dict[str, Any] = {
+        "command": redact([str(word) for word in words]),
         "cwd": os.getcwd(),
-        "git_commit": git_commit(),
+        "git_commit": None if head is None else head + ("-dirty" if dirty else ""),
+        "git_dirty": dirty,
         "packages": package_versions(),
         "machine": machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    record.update(fields)
+    return record
+
+
+def command_line(record: Mapping[str, Any]) -> str:
+    """A provenance record's command as one line (records written before it was a list hold the line itself)."""
+    command = record.get("command")
+    return " ".join(shlex.quote(word) for word in command) if isinstance(command, list) else str(command)

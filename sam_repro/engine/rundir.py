@@ -4,7 +4,9 @@ configuration they were started with.
 `runs/<experiment>/<overrides that change the experiment>/seed<seed>`: re-running the same command finds the same
 directory (and resumes or reports it), a multirun job lands where the equivalent single run would, and a SLURM
 requeue comes back to its own checkpoint. Overrides of keys that change nothing (`sam_repro.run_keys`) are left out
-of the name; an explicit `hydra.run.dir=...` always wins.
+of the name; an explicit `hydra.run.dir=...` always wins. The runs root is `$SAM_RUNS_DIR`, else `runs`. `run_dir`
+derives the same path outside Hydra, for the scripts, the demo and (`python -m sam_repro.engine.rundir`) the shell
+scripts.
 
 Run identity: the directory's `config.yaml` records the configuration that defines its training. Every start
 compares the composed configuration with it (`config_changes`) and, on any difference in a training key, stops
@@ -18,6 +20,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,9 @@ from typing import Any
 from sam_repro.run_keys import IDENTITY_NEUTRAL, RUN_NAME_NEUTRAL, flatten, matches
 
 MAX_NAME = 180
+RUNS_DIR_ENV = "SAM_RUNS_DIR"  # read by the root config's `run_root` too
+DEFAULT_RUNS_ROOT = "runs"
+DEFAULT_SEED = 0  # the root config's `seed`
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
 log = logging.getLogger("sam_repro")
@@ -51,6 +57,48 @@ def run_name(experiment: str | None, overrides: Sequence[str] | None) -> str:
         digest = hashlib.sha1(tail.encode()).hexdigest()[:10]
         tail = f"{tail[: MAX_NAME - 11]}_{digest}"
     return f"{experiment or 'default'}/{tail}"
+
+
+def _last_value(overrides: Sequence[str], key: str) -> str | None:
+    """The value the last override of `key` sets (`seed=1`, `+seed=1`), as Hydra applies them; None if none does."""
+    values = [o.split("=", 1)[1] for o in overrides if "=" in o and override_key(o) == key and not o.startswith("~")]
+    return values[-1] if values else None
+
+
+def runs_root(environ: Mapping[str, str] | None = None) -> Path:
+    """Where runs live: `$SAM_RUNS_DIR`, else `runs` (the root config's `run_root`). A relative root is relative to
+    the directory sam-train is started in."""
+    env = os.environ if environ is None else environ
+    return Path(env.get(RUNS_DIR_ENV) or DEFAULT_RUNS_ROOT)
+
+
+def run_path(overrides: Sequence[str], experiment: str | None = None) -> Path:
+    """`<run_name>/seed<seed>`: where `sam-train [experiment=<experiment>] <overrides>` trains, below the runs root.
+    The experiment is `experiment`, else the last `experiment=` override; the seed the last `seed=` override, else
+    the root config's 0 (no preset sets one)."""
+    overrides = list(overrides)
+    experiment = experiment or _last_value(overrides, "experiment")
+    return Path(run_name(experiment, overrides)) / f"seed{_last_value(overrides, 'seed') or DEFAULT_SEED}"
+
+
+def run_dir(
+    overrides: Sequence[str],
+    experiment: str | None = None,
+    *,
+    root: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path:
+    """The run directory of `sam-train [experiment=<experiment>] <overrides>`, derived as the root config derives
+    it (`hydra.run.dir`): `<runs root>/<run_name>/seed<seed>`. The runs root is `root`, else a `run_root=` override,
+    else `runs_root()` ($SAM_RUNS_DIR, else runs); an explicit `hydra.run.dir=` override wins, as it does for
+    sam-train. Relative paths are relative to the directory sam-train is started in. The one way the scripts, the
+    demo and the cluster scripts name a run's directory (`python -m sam_repro.engine.rundir` for shell scripts)."""
+    overrides = list(overrides)
+    explicit = _last_value(overrides, "hydra.run.dir")
+    if explicit is not None:
+        return Path(explicit)
+    base = root if root is not None else _last_value(overrides, "run_root")
+    return Path(base if base is not None else runs_root(environ)) / run_path(overrides, experiment)
 
 
 def register_resolvers() -> None:
@@ -191,3 +239,27 @@ class RunDirLock:
 
     def __exit__(self, *exc_info) -> None:
         self.handle.close()  # closing the descriptor releases the flock
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# For shell scripts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m sam_repro.engine.rundir [--root] OVERRIDES...`: print the run directory sam-train would use for
+    those overrides (`run_dir`); with `--root`, only the runs root."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sam_repro.engine.rundir",
+        description="Print the run directory sam-train derives from these Hydra overrides (SAM_RUNS_DIR respected).",
+    )
+    parser.add_argument("--root", action="store_true", help="print only the runs root ($SAM_RUNS_DIR, else runs)")
+    parser.add_argument("overrides", nargs="*", help="the overrides sam-train is given (experiment=... seed=...)")
+    args = parser.parse_args(argv)
+    print(runs_root() if args.root else run_dir(args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,12 +33,7 @@ from sam_repro.engine.distributed import (
     init_distributed,
 )
 from sam_repro.engine.preemption import StopSignal
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+from sam_repro.files import atomic_write_json
 
 
 def append_event(path: Path, **event) -> None:
@@ -63,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     rank_sum, rank_count = all_reduce_sum(contribution).tolist()
     rank_mean = all_reduce_mean_(torch.tensor([float(env.rank)], device=env.device)).item()
     token = broadcast_object({"from_rank": env.rank, "host": socket.gethostname()})
-    write_json_atomic(
+    atomic_write_json(
         out / f"rank{env.rank}.json",
         {
             "rank": env.rank,
@@ -101,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             all_reduce_sum(torch.ones(1))  # stands in for the gradient all-reduce that keeps ranks in lockstep
             time.sleep(args.step_seconds)
             if env.is_main:
-                write_json_atomic(out / "progress.json", {"step": step, "restart": restart})
+                atomic_write_json(out / "progress.json", {"step": step, "restart": restart})
             if stop.should_stop():
                 if env.is_main:
-                    write_json_atomic(state_path, {"step": step})
+                    atomic_write_json(state_path, {"step": step})
                 append_event(events, event="stop", step=step, signal=stop.signal_name, restart=restart)
                 stop.finish()
         append_event(events, event="done", step=args.steps, restart=restart)

@@ -84,7 +84,11 @@ command -v sbatch >/dev/null || die "sbatch not found: submit from a SLURM login
 TRAIN_SBATCH=$REPO/scripts/slurm/train.sbatch
 [[ -f $TRAIN_SBATCH ]] || die "$TRAIN_SBATCH not found"
 
-list_dir=${SAM_RUNS_DIR:-$REPO/runs}/slurm/table1-$(date +%Y%m%d-%H%M%S)
+# The runs root as sam-train reads it (engine/rundir.py: $SAM_RUNS_DIR, else runs), from the repository root the
+# tasks run in: a relative SAM_RUNS_DIR is below the repository, wherever this script is called from.
+runs_root=${SAM_RUNS_DIR:-runs}
+[[ $runs_root == /* ]] || runs_root=$REPO/$runs_root
+list_dir=$runs_root/slurm/table1-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$list_dir"
 list_dir=$(cd "$list_dir" && pwd)
 printf '%s\n' "${tasks[@]}" >"$list_dir/tasks.txt"
