@@ -4,7 +4,7 @@ The per-rank batch is cut into groups of `m` examples ("virtual devices"). For e
   * BatchNorm normalizes each group with that group's own statistics (ghost batch, as on the paper's 8 GPUs), and
     the running statistics become the average of the groups' updates (the paper averages per-device statistics).
     SGD (and LookSAM between its full steps) does this in one forward-backward per micro-batch (`GhostBatchNorm`:
-    the groups become channels of torch's own batch_norm), equal to a pass per group; `ctx.micro_batch`
+    torch's batch_norm kernel per contiguous group, the rest over the whole batch), equal to a pass per group; `ctx.micro_batch`
     (`trainer.accumulate`) only cuts the batch into passes to save memory. Models that draw noise per group
     (dropout, Shake-Shake, ShakeDrop) or synchronise BatchNorm across ranks keep a pass per group;
 For SAM, additionally, each group gets its own perturbation (m-sharpness, paper section 4):
@@ -109,9 +109,9 @@ class GhostBatchNorm(TorchFunctionMode):
     running statistics by the average of the groups' updates from the same start: one forward-backward over the
     batch that equals one per group under `RunningStatsAverage` (tests/test_ghost_batch_norm.py, 1e-12 in float64).
 
-    The groups become channels: (G*m, C, ...) is laid out as (m, G*C, ...), so that torch's own batch_norm kernel
-    computes per-group statistics and its own backward. Batches of one group, or not a multiple of `group_size`,
-    and evaluation-mode calls pass through unchanged."""
+    Each group is a contiguous slice of the batch that torch's own batch_norm kernel normalizes (forward and
+    backward); everything else in the model runs once over the whole batch. Batches of one group, or not a multiple
+    of `group_size`, and evaluation-mode calls pass through unchanged."""
 
     def __init__(self, group_size: int) -> None:
         super().__init__()
@@ -131,20 +131,19 @@ class GhostBatchNorm(TorchFunctionMode):
 
 
 def _batch_norm_per_group(groups, input, running_mean, running_var, weight, bias, training, momentum, eps):
-    n, c, rest = input.shape[0], input.shape[1], input.shape[2:]
-    m = n // groups
-    as_channels = input.reshape(groups, m, c, *rest).transpose(0, 1).reshape(m, groups * c, *rest)
-
-    def tiled(t):
-        return None if t is None else t.repeat(groups)
-
-    mean, var = tiled(running_mean), tiled(running_var)
-    out = F.batch_norm(as_channels, mean, var, tiled(weight), tiled(bias), True, momentum, eps)
+    # Contiguous slices along the batch: no copy in, one torch.cat out (and one in the backward).
+    outs, means, variances = [], [], []
+    for chunk in input.chunk(groups):
+        mean = None if running_mean is None else running_mean.clone()
+        var = None if running_var is None else running_var.clone()
+        outs.append(F.batch_norm(chunk, mean, var, weight, bias, True, momentum, eps))
+        means.append(mean)
+        variances.append(var)
     if running_mean is not None:
         with torch.no_grad():
-            running_mean.copy_(mean.view(groups, c).mean(0))
-            running_var.copy_(var.view(groups, c).mean(0))
-    return out.reshape(m, groups, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+            running_mean.copy_(torch.stack(means).mean(0))
+            running_var.copy_(torch.stack(variances).mean(0))
+    return torch.cat(outs)
 
 
 def one_pass_ghost_batch_norm(model: nn.Module) -> bool:
