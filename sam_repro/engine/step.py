@@ -3,10 +3,11 @@
 The per-rank batch is cut into groups of `m` examples ("virtual devices"). For every optimizer:
   * BatchNorm normalizes each group with that group's own statistics (ghost batch, as on the paper's 8 GPUs), and
     the running statistics become the average of the groups' updates (the paper averages per-device statistics).
-    SGD (and LookSAM between its full steps) does this in one forward-backward per micro-batch (`GhostBatchNorm`:
-    torch's batch_norm kernel per contiguous group, the rest over the whole batch), equal to a pass per group; `ctx.micro_batch`
-    (`trainer.accumulate`) only cuts the batch into passes to save memory. Models that draw noise per group
-    (dropout, Shake-Shake, ShakeDrop) or synchronise BatchNorm across ranks keep a pass per group;
+    SGD (and LookSAM between its full steps) does this in one forward-backward per micro-batch
+    (`GhostBatchNorm`: torch's batch_norm kernel per contiguous group, the rest over the whole batch), equal to a
+    pass per group; `ctx.micro_batch` (`trainer.accumulate`) only cuts the batch into passes to save memory.
+    Models that draw noise per group (dropout, Shake-Shake, ShakeDrop) or synchronise BatchNorm across ranks keep
+    a pass per group;
 For SAM, additionally, each group gets its own perturbation (m-sharpness, paper section 4):
 
     for each group B_i (weight n_i / n):
