@@ -2,7 +2,12 @@
 
 The per-rank batch is cut into groups of `m` examples ("virtual devices"). For every optimizer:
   * BatchNorm normalizes each group with that group's own statistics (ghost batch, as on the paper's 8 GPUs), and
-    the running statistics become the average of the groups' updates (the paper averages per-device statistics);
+    the running statistics become the average of the groups' updates (the paper averages per-device statistics).
+    SGD (and LookSAM between its full steps) does this in one forward-backward per micro-batch
+    (`GhostBatchNorm`: torch's batch_norm kernel per contiguous group, the rest over the whole batch), equal to a
+    pass per group; `ctx.micro_batch` (`trainer.accumulate`) only cuts the batch into passes to save memory.
+    Models that draw noise per group (dropout, Shake-Shake, ShakeDrop) or synchronise BatchNorm across ranks keep
+    a pass per group;
 For SAM, additionally, each group gets its own perturbation (m-sharpness, paper section 4):
 
     for each group B_i (weight n_i / n):
@@ -28,15 +33,18 @@ after the backward passes (the L2 term of SGD, LookSAM's direction) does so befo
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from sam_repro.data.loader import seed_from
 from sam_repro.models import set_true_gradient
+from sam_repro.models.shake import ShakeDrop, ShakeShake
 from sam_repro.optim.sam import SAM, add_l2_gradient_
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -75,20 +83,82 @@ class RunningStatsAverage:
         self.sums = [(torch.zeros_like(mean), torch.zeros_like(var)) for mean, var, _ in self.start]
         self.count = 0
 
-    def collect(self) -> None:
-        """Call after each group's clean forward: bank its update and reset to the starting point."""
-        for m, (mean0, var0, _), (s_mean, s_var) in zip(self.modules, self.start, self.sums):
-            s_mean.add_(m.running_mean)
-            s_var.add_(m.running_var)
+    def collect(self, groups: int = 1) -> None:
+        """Call after each clean forward: bank its update (the average over `groups` groups when the pass ran
+        ghost BatchNorm over that many) and reset to the starting point."""
+        for m, (mean0, var0, n0), (s_mean, s_var) in zip(self.modules, self.start, self.sums):
+            s_mean.add_(m.running_mean * groups if groups > 1 else m.running_mean)
+            s_var.add_(m.running_var * groups if groups > 1 else m.running_var)
             m.running_mean.copy_(mean0)
             m.running_var.copy_(var0)
-        self.count += 1
+            m.num_batches_tracked.copy_(n0)  # every group starts from the same count (momentum=None uses it)
+        self.count += groups
 
     def finish(self) -> None:
         for m, (_, _, n0), (s_mean, s_var) in zip(self.modules, self.start, self.sums):
             m.running_mean.copy_(s_mean / self.count)
             m.running_var.copy_(s_var / self.count)
             m.num_batches_tracked.copy_(n0 + 1)
+
+
+_BATCH_NORM_ARGS = inspect.signature(F.batch_norm)
+
+
+class GhostBatchNorm(TorchFunctionMode):
+    """Within: every training-mode `F.batch_norm` (what `nn.BatchNorm1d/2d/3d` call, and timm's BatchNormAct2d)
+    normalizes each contiguous group of `group_size` examples with that group's own statistics, and moves the
+    running statistics by the average of the groups' updates from the same start: one forward-backward over the
+    batch that equals one per group under `RunningStatsAverage` (tests/test_ghost_batch_norm.py, 1e-12 in float64).
+
+    Each group is a contiguous slice of the batch that torch's own batch_norm kernel normalizes (forward and
+    backward); everything else in the model runs once over the whole batch. Batches of one group, or not a multiple
+    of `group_size`, and evaluation-mode calls pass through unchanged."""
+
+    def __init__(self, group_size: int) -> None:
+        super().__init__()
+        self.group_size = group_size
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.batch_norm:
+            return func(*args, **kwargs)
+        a = _BATCH_NORM_ARGS.bind(*args, **kwargs)
+        a.apply_defaults()
+        x = a.arguments["input"]
+        n = x.shape[0]
+        if not a.arguments["training"] or n <= self.group_size or n % self.group_size:
+            return func(*args, **kwargs)
+        return _batch_norm_per_group(n // self.group_size, **a.arguments)
+
+
+def _batch_norm_per_group(groups, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    # Contiguous slices along the batch: no copy in, one torch.cat out (and one in the backward).
+    outs, means, variances = [], [], []
+    for chunk in input.chunk(groups):
+        mean = None if running_mean is None else running_mean.clone()
+        var = None if running_var is None else running_var.clone()
+        outs.append(F.batch_norm(chunk, mean, var, weight, bias, True, momentum, eps))
+        means.append(mean)
+        variances.append(var)
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(torch.stack(means).mean(0))
+            running_var.copy_(torch.stack(variances).mean(0))
+    return torch.cat(outs)
+
+
+def one_pass_ghost_batch_norm(model: nn.Module) -> bool:
+    """Whether groups of m can share one forward-backward in `model`: no layer whose noise is drawn per group
+    (dropout, Shake-Shake, ShakeDrop in training mode; a pass draws for the whole batch, the loop per group, keyed
+    by its global index) and no SyncBatchNorm (it synchronises the whole pass, not each group, across ranks)."""
+    for m in model.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            return False
+        if m.training and (
+            isinstance(m, (ShakeShake, ShakeDrop)) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+        ):
+            return False
+    return True
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -145,6 +215,7 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     seed: int | None = None  # keys the noise of each group by (seed, step, global group); None: no reseeding
     first_group: int = 0  # global index of this rank's first group (rank x groups per rank)
+    micro_batch: int | None = None  # examples per forward-backward (trainer.accumulate); None: the whole batch
     step: int = 0  # the optimizer step about to be taken (the trainer sets it before each step)
 
 
@@ -163,7 +234,10 @@ class StepStats:
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
     with ctx.autocast():
         logits = model(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=ctx.label_smoothing)
+    # fp16/bf16 logits in float32; float64 (the equality tests) stays float64
+    loss = F.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), y, label_smoothing=ctx.label_smoothing
+    )
     return loss, logits
 
 
@@ -217,18 +291,28 @@ def sgd_step(
     ctx: StepContext,
     before_unscale: Callable[[], None] | None = None,
 ) -> StepStats:
-    """Plain step with ghost-batch BatchNorm: the per-rank batch's gradient as the mean over its groups."""
+    """Plain step with ghost-batch BatchNorm: the per-rank batch's gradient as the mean over its groups.
+
+    One forward-backward per micro-batch (`ctx.micro_batch`, the whole batch by default) with BatchNorm statistics
+    per group of m inside it (`GhostBatchNorm`); a pass per group where the model draws noise per group or
+    synchronises BatchNorm across ranks (`one_pass_ghost_batch_norm`), or where m does not divide the micro-batch."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
-    groups = list(zip(x.split(ctx.group_size), y.split(ctx.group_size)))
-    bn = RunningStatsAverage(model, len(groups))
+    m = ctx.group_size
+    micro = ctx.micro_batch or len(x)
+    one_pass = micro % m == 0 and len(x) % micro == 0 and one_pass_ghost_batch_norm(model)
+    chunk = micro if one_pass else m
+    passes = list(zip(x.split(chunk), y.split(chunk)))
+    bn = RunningStatsAverage(model, len(passes))  # a ghost pass averages its own groups
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for i, (xg, yg) in enumerate(groups):
-        group_noise(ctx, i, x.device)
-        loss, logits = _loss(model, xg, yg, ctx)
+    for i, (xg, yg) in enumerate(passes):
+        groups = len(xg) // m if one_pass else 1
+        group_noise(ctx, i * groups, x.device)
+        with GhostBatchNorm(m) if groups > 1 else contextlib.nullcontext():
+            loss, logits = _loss(model, xg, yg, ctx)
         _scale(ctx, loss * (len(xg) / len(x))).backward()
-        bn.collect()
+        bn.collect(groups)
         loss_sum += loss.detach() * len(xg)
         correct += (logits.argmax(1) == yg).sum()
     bn.finish()

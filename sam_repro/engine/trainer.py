@@ -154,6 +154,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
         scaler=scaler,
         seed=int(cfg.seed),  # dropout/shake noise keyed by (seed, step, global group): each virtual device its own
         first_group=env.rank * (per_rank // group_size),
+        micro_batch=per_rank // cfg.trainer.accumulate,  # examples per forward-backward (memory); m stays the group
     )
     take_step = {"sgd": sgd_step, "looksam": looksam_step}.get(cfg.optimizer.name, sam_step)
 

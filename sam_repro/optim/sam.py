@@ -58,15 +58,41 @@ def add_l2_gradient_(param_groups: list[dict], scale: float | torch.Tensor = 1.0
         wd = group.get("l2_weight_decay", 0.0)
         if wd == 0:
             continue
-        for p in group["params"]:
-            if not p.requires_grad:
-                continue
+        params = [p for p in group["params"] if p.requires_grad]
+        present = [p for p in params if p.grad is not None]
+        for p in params:
             if p.grad is None:
                 p.grad = p.detach() * (wd * scale)
-            elif torch.is_tensor(scale):
-                p.grad.add_(p.detach() * (wd * scale))
-            else:
-                p.grad.add_(p, alpha=wd * scale)
+        if not present:
+            continue
+        grads, weights = [p.grad for p in present], [p.detach() for p in present]
+        if torch.is_tensor(scale):
+            torch._foreach_add_(grads, torch._foreach_mul(weights, wd * scale))
+        else:
+            torch._foreach_add_(grads, weights, alpha=wd * scale)
+
+
+def _foreach_scale(tensors: list[torch.Tensor], scale: float | torch.Tensor) -> list[torch.Tensor]:
+    """[t * scale]: a 0-dim tensor `scale` is moved to each tensor's device and dtype first (as `t * scale.to(t)`)."""
+    if not torch.is_tensor(scale):
+        return torch._foreach_mul(tensors, scale)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for (device, dtype), index in _by_device_and_dtype(tensors).items():
+        for i, t in zip(index, torch._foreach_mul([tensors[i] for i in index], scale.to(device, dtype))):
+            out[i] = t
+    return out
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    index: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        index.setdefault((t.device, t.dtype), []).append(i)
+    return index
+
+
+def _abs_plus(weights: list[torch.Tensor], eta: float) -> list[torch.Tensor]:
+    """|w| + eta, ASAM's T."""
+    return torch._foreach_add(torch._foreach_abs(weights), eta)
 
 
 class SAM(torch.optim.Optimizer):
@@ -104,6 +130,7 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.last_grad_norm: torch.Tensor | None = None  # ||g|| of the last first_step (a 0-dim tensor)
         self.last_perturbation_norm: torch.Tensor | None = None  # ||eps||
+        self._weight_buffers: dict[torch.Tensor, torch.Tensor] = {}  # the saved copy of w, reused every step
 
     # ------------------------------------------------------------------------------------------------------------
     # Algorithm 1
@@ -117,26 +144,30 @@ class SAM(torch.optim.Optimizer):
         ascent = self._ascent_gradients(grad_scale)
         norm = self._ascent_norm(ascent)
         inv_norm = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
-        eps_sq = torch.zeros_like(norm)
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = ascent.get(p)
-                if g is None:
-                    continue
-                if self.p == 2:
-                    e = g * (group["rho"] * inv_norm).to(g)
-                    if group["adaptive"]:
-                        e = e * (p.abs() + group["eta"]).pow(2)
-                else:
-                    # p = inf: the dual norm is l1, so eps = rho * sign(g) (times |w|+eta per coordinate for ASAM).
-                    e = torch.sign(g) * group["rho"]
-                    if group["adaptive"]:
-                        e = e * (p.abs() + group["eta"])
-                self.state[p]["old_p"] = p.detach().clone()
-                p.add_(e)
-                eps_sq = eps_sq + e.detach().pow(2).sum().to(eps_sq)
+        eps_norms = []
+        # One fused (foreach) kernel per operation and parameter group instead of one small kernel per tensor.
+        for group, params in self._groups_with_ascent(ascent):
+            grads = [ascent[p] for p in params]
+            weights = [p.detach() for p in params]
+            if self.p == 2:
+                eps = _foreach_scale(grads, group["rho"] * inv_norm)
+                if group["adaptive"]:
+                    eps = torch._foreach_mul(eps, torch._foreach_pow(_abs_plus(weights, group["eta"]), 2))
+            else:
+                # p = inf: the dual norm is l1, so eps = rho * sign(g) (times |w|+eta per coordinate for ASAM).
+                eps = torch._foreach_mul(torch._foreach_sign(grads), group["rho"])
+                if group["adaptive"]:
+                    eps = torch._foreach_mul(eps, _abs_plus(weights, group["eta"]))
+            saved = [self._saved_weight(p) for p in params]
+            torch._foreach_copy_(saved, weights)
+            for p, w in zip(params, saved):
+                self.state[p]["old_p"] = w
+            torch._foreach_add_(weights, eps)
+            eps_norms.extend(n.to(norm) for n in torch._foreach_norm(eps, 2))
         self.last_grad_norm = norm.detach()
-        self.last_perturbation_norm = eps_sq.sqrt()
+        self.last_perturbation_norm = (
+            torch.linalg.vector_norm(torch.stack(eps_norms), 2) if eps_norms else torch.zeros_like(norm)
+        )
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -152,11 +183,9 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """w + eps -> w, bit for bit (the saved copy, not a subtraction). Idempotent."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                old = self.state[p].pop("old_p", None) if p in self.state else None
-                if old is not None:
-                    p.copy_(old)
+        params = [p for g in self.param_groups for p in g["params"] if p in self.state and "old_p" in self.state[p]]
+        if params:
+            torch._foreach_copy_([p.detach() for p in params], [self.state[p].pop("old_p") for p in params])
 
     @property
     def is_perturbed(self) -> bool:
@@ -196,30 +225,43 @@ class SAM(torch.optim.Optimizer):
         inv = 1.0 / grad_scale
         for group in self.param_groups:
             wd = group["l2_weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad * inv if scaled else p.grad
-                if wd != 0:
-                    g = g.add(p, alpha=wd)
-                ascent[p] = g
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if scaled:
+                grads = _foreach_scale(grads, inv)
+            if wd != 0:
+                grads = torch._foreach_add(grads, [p.detach() for p in params], alpha=wd)
+            ascent.update(zip(params, grads))
         return ascent
+
+    def _groups_with_ascent(self, ascent: dict[torch.Tensor, torch.Tensor]) -> list[tuple[dict, list[torch.Tensor]]]:
+        """(parameter group, its parameters that have an ascent gradient), for the groups that have any."""
+        pairs = [(group, [p for p in group["params"] if p in ascent]) for group in self.param_groups]
+        return [(group, params) for group, params in pairs if params]
 
     def _ascent_norm(self, ascent: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """||g||_2 over all parameters (||T g||_2 for ASAM groups). Computed on the first parameter's device."""
         norms = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = ascent.get(p)
-                if g is None:
-                    continue
-                if group["adaptive"]:
-                    g = g * (p.abs() + group["eta"])
-                norms.append(torch.linalg.vector_norm(g, 2, dtype=torch.promote_types(g.dtype, torch.float32)))
+        for group, params in self._groups_with_ascent(ascent):
+            grads = [ascent[p] for p in params]
+            if group["adaptive"]:
+                grads = torch._foreach_mul(grads, _abs_plus([p.detach() for p in params], group["eta"]))
+            for dtype in dict.fromkeys(g.dtype for g in grads):  # foreach_norm's dtype: one per call
+                same = [g for g in grads if g.dtype == dtype]
+                norms.extend(torch._foreach_norm(same, 2, dtype=torch.promote_types(dtype, torch.float32)))
         if not norms:
             return torch.zeros(())
         device = norms[0].device
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
+
+    def _saved_weight(self, p: torch.Tensor) -> torch.Tensor:
+        """A buffer for the copy of w, kept between steps so that saving w allocates nothing after the first."""
+        buf = self._weight_buffers.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = self._weight_buffers[p] = torch.empty_like(p.detach())
+        return buf
 
     # ------------------------------------------------------------------------------------------------------------
     # State: the base optimizer's state dict (it holds the shared groups, so rho, eta and the L2 coefficient too),
