@@ -25,6 +25,20 @@ demo = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(demo)
 
 
+def run_demo_script(profile: str, overrides: list[str], runs: Path) -> subprocess.CompletedProcess:
+    """`scripts/demo.py --profile <profile> <overrides>` with its runs in `runs`; it must succeed."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--profile", profile, *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "SAM_RUNS_DIR": str(runs)},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def test_profile_follows_cuda_unless_forced(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert demo.choose_profile("auto") == "cpu"
@@ -71,15 +85,7 @@ def test_gpu_profile_code_path_at_toy_size():
         "trainer.threads=1",
     ]
     try:
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "demo.py"), "--profile", "gpu", *toy],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-            env={**os.environ, "SAM_RUNS_DIR": str(runs)},
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        result = run_demo_script("gpu", toy, runs)
         assert "demo: the gpu profile (experiment=demo_gpu)" in result.stdout
         assert "SGD vs SAM on real CIFAR-10 (experiment=demo_gpu" in result.stdout
         for optimizer in ("sgd", "sam"):
@@ -140,15 +146,7 @@ def test_cpu_demo_closing_table_equals_the_two_summaries(tmp_path):
         "logger.mode=disabled",
         "trainer.threads=1",
     ]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--profile", "cpu", *toy],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env={**os.environ, "SAM_RUNS_DIR": str(runs)},
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_demo_script("cpu", toy, runs)
     rows = _table_rows(result.stdout)
     assert set(rows) == {"sgd", "sam"}
     summaries = {}
