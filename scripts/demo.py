@@ -79,8 +79,9 @@ def closing_table(experiment: str, summaries: dict[str, dict]) -> str:
     first = next(iter(summaries.values()))
     flips = (first.get("label_noise") or {}).get("n_corrupted")
     noise = f", {flips:,} of their labels flipped" if flips else ""
+    size = f"; {first['num_train']:,} training images" if first.get("num_train") else ""
     lines = [
-        f"SGD vs SAM on real CIFAR-10 (experiment={experiment}; {first['num_train']:,} training images{noise})",
+        f"SGD vs SAM on real CIFAR-10 (experiment={experiment}{size}{noise})",
         "",
         "| optimizer | test error % | best test error % |"
         + (" memorized % |" if noisy else "")
