@@ -314,9 +314,11 @@ def test_a_requeued_offline_run_replays_step_and_epoch_rows_in_order(tmp_path):
         if step == 4:
             first.log_epoch({"epoch": 1, "step": 4, "train_loss": 0.3, "train_error": 9.0, "images_per_second": 1.0})
     first.finish({"status": "interrupted"})
+    (first_file,) = offline_run_files(tmp_path)
     MetricsLogger(cfg, tmp_path, env, resume_epoch=1, resume_step=4).finish({"status": "interrupted"})
     assert [json.loads(line)["step"] for line in (tmp_path / "steps.jsonl").read_text().splitlines()] == [2, 4]
-    first_file, second_file = sorted(offline_run_files(tmp_path), key=lambda p: p.stat().st_mtime)
+    # the requeued run's file is the new one (not the newer mtime: both can fall in the same clock tick)
+    (second_file,) = set(offline_run_files(tmp_path)) - {first_file}
     replayed = read_offline_run(second_file).history
     assert [(h.get("step"), "epoch" in h) for h in replayed] == [(2, False), (4, False), (4, True)]
     assert replayed[0]["steps/train_loss"] == 0.5
