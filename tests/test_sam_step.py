@@ -288,3 +288,86 @@ def test_bf16_autocast_step_is_close_to_fp32():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.02)
+
+
+class RecordingSAM(SAM):
+    """SAM that records the calls the engine makes and the state of `.grad` at each."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def _grads(self):
+        return [None if p.grad is None else p.grad.detach().clone() for p in self.param_groups[0]["params"]]
+
+    def first_step(self, zero_grad=False, grad_scale=1.0, grads=None):
+        self.calls.append(("first_step", grads is not None, self._grads()))
+        super().first_step(zero_grad, grad_scale, grads)
+
+    def restore(self):
+        self.calls.append(("restore", None, self._grads()))
+        super().restore()
+
+    def second_step(self, zero_grad=False, base_step=None):
+        self.calls.append(("second_step", base_step is not None, self._grads()))
+        super().second_step(zero_grad, base_step)
+
+
+@pytest.mark.parametrize("m", [8, 4])
+def test_the_engine_runs_one_algorithm_1_through_the_optimizer(m):
+    """Item by item: each group's clean gradient goes to first_step explicitly, `.grad` keeps the perturbed
+    gradients accumulated so far (nothing set aside and put back), and every step ends in SAM.second_step."""
+    model = tiny_bn_net().double()
+    x, y = batch()
+    x = x.double()
+    expected = hand_sam_update(model, x, y, m, rho=0.1, lr=0.1, wd=1e-2)
+    opt = RecordingSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, weight_decay=1e-2)
+    sam_step(model, opt, x, y, StepContext(group_size=m))
+    groups = len(x) // m
+    # (second_step's own restore is a no-op: the engine restored w after each group)
+    assert [c[0] for c in opt.calls] == ["first_step", "restore"] * groups + ["second_step", "restore"]
+    assert all(c[1] for c in opt.calls if c[0] != "restore")  # explicit clean gradients; the engine's base step
+    firsts = [c[2] for c in opt.calls if c[0] == "first_step"]
+    restores = [c[2] for c in opt.calls if c[0] == "restore"]
+    assert all(g is None for g in firsts[0])  # no gradient yet when the first group perturbs
+    for before, after_previous in zip(firsts[1:], restores[:-1]):
+        for a, b in zip(before, after_previous):  # the clean pass left `.grad` as the previous group left it
+            assert torch.equal(a, b)
+    # and what accumulated is the weighted sum of the groups' perturbed gradients (incl. the L2 term at w + eps)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
+
+
+def test_second_step_takes_the_engines_base_step_and_restores_first():
+    model = tiny_bn_net().double()
+    x, y = batch()
+    opt = make_sam(model)
+    nn.functional.cross_entropy(model(x.double()), y).backward()
+    w = [p.detach().clone() for p in model.parameters()]
+    opt.first_step(zero_grad=True)
+    nn.functional.cross_entropy(model(x.double()), y).backward()
+    seen = []
+    opt.second_step(base_step=lambda: seen.append([p.detach().clone() for p in model.parameters()]))
+    assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(seen[0], w))  # called at w
+    assert all(  # and it replaced the base optimizer's step
+        torch.equal(p.detach(), b) for p, b in zip(model.parameters(), w)
+    )
+
+
+def test_first_step_with_explicit_gradients_equals_first_step_from_grad():
+    model = tiny_bn_net().double()
+    x, y = batch()
+    loss = nn.functional.cross_entropy(model(x.double()), y)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params)
+    a = make_sam(model, wd=1e-2)
+    a.first_step(grads=dict(zip(params, grads)), grad_scale=4.0)
+    explicit = [p.detach().clone() for p in params]
+    assert all(p.grad is None for p in params)  # `.grad` untouched
+    a.restore()
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    b = make_sam(model, wd=1e-2)
+    b.first_step(grad_scale=4.0)
+    assert all(torch.equal(p.detach(), e) for p, e in zip(params, explicit))
+    assert torch.equal(a.last_grad_norm, b.last_grad_norm)

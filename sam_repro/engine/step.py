@@ -12,10 +12,13 @@ For SAM, additionally, each group gets its own perturbation (m-sharpness, paper 
 
     for each group B_i (weight n_i / n):
         g_i    = grad L_Bi(w)                    clean pass: updates BN running stats, no all-reduce
-        eps_i  = rho * g_i / ||g_i||             optimizer.first_step(): w <- w + eps_i
-        g_s   += n_i/n * grad L_Bi(w + eps_i)    perturbed pass: same RNG draws, BN running stats frozen
+        eps_i  = rho * g_i / ||g_i||             optimizer.first_step(grads=g_i): w <- w + eps_i
+        g_s   += n_i/n * grad L_Bi(w + eps_i)    perturbed pass into .grad: same RNG draws, BN running stats frozen
         w      = w                               optimizer.restore()
-    average g_s over ranks (one all-reduce), clip, base optimizer step at w.
+    average g_s over ranks (one all-reduce); optimizer.second_step(): unscale, clip, base optimizer step at w.
+
+The clean gradient g_i is taken with torch.autograd.grad, so it never touches `.grad`, where the perturbed
+gradients of the groups accumulate: no gradient is set aside and put back.
 
 Noise: dropout, Shake-Shake and ShakeDrop draw from the global generators. Before each group's clean pass they are
 seeded from (seed, step, global group index) (`StepContext.seed`, set by the trainer), and the perturbed pass
@@ -33,6 +36,7 @@ after the backward passes (the L2 term of SGD, LookSAM's direction) does so befo
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -188,7 +192,8 @@ def average_over_ranks(params: list[torch.Tensor]) -> None:
     """`.grad` <- its mean over ranks: one all-reduce of all gradients flattened into a single buffer.
 
     This is the paper's `pmean` of the per-device SAM gradients. Done by hand rather than by DDP's hooks because
-    the groups' gradients are built from pieces (stashed sums, L2 terms at w + eps_i) that must all be averaged.
+    the groups' gradients are built from pieces (per-group perturbed gradients, L2 terms at w + eps_i) that must
+    all be averaged.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
@@ -329,8 +334,12 @@ def sam_step(
     ctx: StepContext,
     after_unscale: Callable[[], None] | None = None,
 ) -> StepStats:
-    """SAM (Algorithm 1) with one perturbation per group of m examples; see the module docstring."""
+    """SAM (Algorithm 1) with one perturbation per group of m examples; see the module docstring.
+
+    Each group's clean gradient is taken with `torch.autograd.grad`, so it never touches `.grad`, where the
+    groups' perturbed gradients accumulate; the step ends in `SAM.second_step` with the engine's base step."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    trainable = [p for p in params if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     groups = list(zip(x.split(ctx.group_size), y.split(ctx.group_size)))
     bn = RunningStatsAverage(model, len(groups))
@@ -340,24 +349,19 @@ def sam_step(
     loss_scale = _loss_scale(ctx, x.device)
     for i, (xg, yg) in enumerate(groups):
         weight = len(xg) / len(x)
-        sam_grads = [p.grad for p in params]  # the perturbed gradients of the earlier groups, set aside
-        for p in params:
-            p.grad = None
         rng = group_noise(ctx, i, x.device)  # this virtual device's dropout/shake draws
 
         # g_i = grad L(w) on this group alone (no all-reduce), so every group (device) gets its own eps.
         # Shake-Shake/ShakeDrop use their forward coefficient in this backward (official "true gradient").
         set_true_gradient(model, True)
         loss, logits = _loss(model, xg, yg, ctx)
-        _scale(ctx, loss).backward()
+        clean = torch.autograd.grad(_scale(ctx, loss), trainable, allow_unused=True)
         bn.collect()
-        optimizer.first_step(zero_grad=True, grad_scale=loss_scale)  # w <- w + eps_i
-
-        for p, g in zip(params, sam_grads):
-            p.grad = g
+        optimizer.first_step(grads=dict(zip(trainable, clean)), grad_scale=loss_scale)  # w <- w + eps_i
+        del clean
         optimizer.add_perturbed_weight_decay(weight * loss_scale)  # L2 gradient at w + eps_i (l2 mode)
 
-        # grad L(w + eps_i): the same dropout/shake draws, batch statistics, running statistics untouched.
+        # g_s += n_i/n grad L(w + eps_i): the same dropout/shake draws, batch statistics, running stats untouched.
         set_rng_state(rng, x.device)
         set_true_gradient(model, False)
         with frozen_bn_stats(model):
@@ -372,7 +376,12 @@ def sam_step(
         eps_norm += optimizer.last_perturbation_norm.to(zero) * weight
     bn.finish()
     average_over_ranks(params)  # the paper's pmean of the per-device SAM gradients
-    _base_step(optimizer.base_optimizer, params, ctx, loss_scale, add_l2=False, after_unscale=after_unscale)
+
+    # w <- w - lr * g_s: SAM.second_step, its base step the engine's unscale (fp16), clip and step
+    base_step = functools.partial(
+        _base_step, optimizer.base_optimizer, params, ctx, loss_scale, add_l2=False, after_unscale=after_unscale
+    )
+    optimizer.second_step(base_step=base_step)
     return StepStats(loss_sum, correct, len(x), perturbed_sum, grad_norm, eps_norm)
 
 

@@ -45,15 +45,15 @@ class LookSAM(SAM):
         return self.steps_taken % self.k == 0
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scale: float = 1.0) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scale: float = 1.0, grads=None) -> None:
         # Bank the clean (ascent) gradient of this group; g is their mean over the groups of the step.
-        for p, g in self._ascent_gradients(grad_scale).items():
+        for p, g in self._ascent_gradients(grad_scale, grads).items():
             if p in self._clean_sum:
                 self._clean_sum[p].add_(g)
             else:
                 self._clean_sum[p] = g.detach().clone()
         self._clean_count += 1
-        super().first_step(zero_grad=zero_grad, grad_scale=grad_scale)
+        super().first_step(zero_grad=zero_grad, grad_scale=grad_scale, grads=grads)
 
     @torch.no_grad()
     def store_direction(self) -> None:

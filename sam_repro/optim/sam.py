@@ -29,16 +29,23 @@ Paper semantics by default, every deviation a named option:
 `rho`, `adaptive`, `eta` and `weight_decay` can be set per parameter group. `param_groups` is shared with the base
 optimizer, so learning-rate schedulers work on the SAM object directly.
 
-Hooks for an engine that splits a batch into groups of m examples (m-sharpness) or micro-batches:
-`first_step(grad_scale=S)` takes gradients that carry a loss scale (fp16), `add_perturbed_weight_decay(scale)`
-adds the L2 gradient at w + eps before the perturbed backward accumulates into `.grad`, and `restore()` returns to w.
+Hooks for an engine that splits a batch into groups of m examples (m-sharpness), each with its own eps, and
+accumulates the groups' perturbed gradients in `.grad` (`sam_repro/engine/step.py`):
+
+    for each group i:
+        g_i = torch.autograd.grad(loss_i, params)        # clean gradient, `.grad` untouched
+        first_step(grads=dict(zip(params, g_i)), grad_scale=S)   # w <- w + eps_i (S: an fp16 loss scale)
+        add_perturbed_weight_decay(n_i / n * S)          # L2 gradient at w + eps_i into `.grad` (l2 mode)
+        (n_i / n * S * perturbed_loss_i).backward()      # accumulates into `.grad`
+        restore()                                        # w + eps_i -> w
+    second_step(base_step=...)                           # w - lr * g_s: the engine's unscale, clip and step
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -135,13 +142,20 @@ class SAM(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------------------
     # Algorithm 1
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scale: float | torch.Tensor = 1.0) -> None:
-        """w <- w + eps(g), with g the current `.grad` (divided by `grad_scale`, plus wd*w in l2 mode).
+    def first_step(
+        self,
+        zero_grad: bool = False,
+        grad_scale: float | torch.Tensor = 1.0,
+        grads: Mapping[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> None:
+        """w <- w + eps(g), with g the current `.grad`, or `grads` (parameter -> gradient, as `torch.autograd.grad`
+        returns them; None or absent: no gradient) when given, divided by `grad_scale`, plus wd*w in l2 mode.
 
-        No host-device synchronisation: a zero gradient gives eps = 0 through a masked division, and `grad_scale`
-        may be a 0-dim device tensor (an fp16 loss scale).
+        `grads` lets an engine take one group's clean gradient without touching the perturbed gradients of earlier
+        groups that accumulate in `.grad`. No host-device synchronisation: a zero gradient gives eps = 0 through a
+        masked division, and `grad_scale` may be a 0-dim device tensor (an fp16 loss scale).
         """
-        ascent = self._ascent_gradients(grad_scale)
+        ascent = self._ascent_gradients(grad_scale, grads)
         norm = self._ascent_norm(ascent)
         inv_norm = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
         eps_norms = []
@@ -192,12 +206,17 @@ class SAM(torch.optim.Optimizer):
         return any("old_p" in self.state[p] for g in self.param_groups for p in g["params"] if p in self.state)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Add the perturbed point's L2 gradient, restore w and let the base optimizer step with grad L(w + eps)."""
+    def second_step(self, zero_grad: bool = False, base_step: Callable[[], object] | None = None) -> None:
+        """Add the perturbed point's L2 gradient (if still perturbed), restore w and let the base optimizer step
+        with grad L(w + eps): Algorithm 1's last line.
+
+        `base_step` replaces the plain `base_optimizer.step()`: the engine passes its unscale (fp16), clip and step
+        of the base optimizer, after it restored w per group and averaged the gradients over groups and ranks (then
+        nothing is perturbed here and the restore is a no-op)."""
         if self.is_perturbed:
             self.add_perturbed_weight_decay()
         self.restore()
-        self.base_step()
+        (base_step or self.base_step)()
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -218,17 +237,25 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------------------------
     # Helpers
-    def _ascent_gradients(self, grad_scale: float | torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
-        """The gradient that defines eps: .grad / grad_scale, plus wd*w in l2 mode."""
+    def _ascent_gradients(
+        self,
+        grad_scale: float | torch.Tensor,
+        given: Mapping[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> dict[torch.Tensor, torch.Tensor]:
+        """The gradient that defines eps: .grad (or `given`) / grad_scale, plus wd*w in l2 mode."""
         ascent = {}
         scaled = torch.is_tensor(grad_scale) or grad_scale != 1.0
         inv = 1.0 / grad_scale
         for group in self.param_groups:
             wd = group["l2_weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
+            if given is None:
+                params = [p for p in group["params"] if p.grad is not None]
+                grads = [p.grad for p in params]
+            else:
+                params = [p for p in group["params"] if given.get(p) is not None]
+                grads = [given[p] for p in params]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             if scaled:
                 grads = _foreach_scale(grads, inv)
             if wd != 0:
