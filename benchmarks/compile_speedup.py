@@ -25,29 +25,18 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from sam_repro.engine.distributed import resolve_device
-from sam_repro.engine.provenance import provenance
-from sam_repro.engine.step import StepContext, sam_step, sgd_step
-from sam_repro.files import atomic_write_json
+from sam_repro.engine.provenance import write_result
+from sam_repro.engine.step import StepContext
 from sam_repro.models import create_model
-from sam_repro.optim.sam import SAM
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _sgd(params):
-    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True)
-    for g in opt.param_groups:
-        g["l2_weight_decay"] = 5e-4
-    return opt
-
-
-def _sam(params):
-    return SAM(params, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sam_overhead  # noqa: E402  (the sibling benchmark: its variants and set-up)
+from sam_overhead import RESULTS, device_and_thread_options, synthetic_batch  # noqa: E402
 
 
 def variants(batch: int) -> dict:
-    return {"sgd": (_sgd, sgd_step, batch), "sam": (_sam, sam_step, batch), "sam_m32": (_sam, sam_step, 32)}
+    """sam_overhead's SGD, SAM and SAM m = 32 (same optimizers and hyperparameters)."""
+    return {name: v for name, v in sam_overhead.variants(batch).items() if name in ("sgd", "sam", "sam_m32")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,16 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="steps per variant and round")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (default: inductor, as the trainer)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    device_and_thread_options(ap)
     ap.add_argument("--out", default=str(RESULTS / "compile_speedup.json"))
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device, option="--device")
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    device, x, y = synthetic_batch(args)
     if args.precision == "bf16":
 
         def autocast():
@@ -145,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         "graphs": graphs,
         "compile_seconds": compile_seconds,
         "seconds_per_step": times,
-        "provenance": provenance(),
     }
-    atomic_write_json(Path(args.out), result)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

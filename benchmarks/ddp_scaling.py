@@ -78,8 +78,7 @@ def train(ranks: int, workdir: Path, args) -> dict:
 
 
 def main() -> int:
-    from sam_repro.engine.provenance import provenance
-    from sam_repro.files import atomic_write_json
+    from sam_repro.engine.provenance import write_result
     from sam_repro.models import create_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,9 +107,8 @@ def main() -> int:
         "gradient_numel": numel,
         "allreduce_share_of_2_rank_step": allreduce["median_s"] / step_time_two,
         "note": "each rank has one thread; the machine's cores bound the speedup at their count",
-        "provenance": provenance(),
     }
-    atomic_write_json(RESULTS / "ddp_scaling.json", result)
+    write_result(RESULTS / "ddp_scaling.json", result, announce=False)
     print(
         f"1 rank {one['images_per_second']:.0f} img/s, 2 ranks {two['images_per_second']:.0f} img/s "
         f"(speedup {result['speedup_2_ranks']:.2f}); all-reduce of {numel / 1e6:.2f} M gradients "

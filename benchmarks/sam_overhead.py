@@ -29,9 +29,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sam_repro.engine.distributed import resolve_device
-from sam_repro.engine.provenance import provenance
+from sam_repro.engine.provenance import write_result
 from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
-from sam_repro.files import atomic_write_json
 from sam_repro.models import create_model
 from sam_repro.optim.looksam import LookSAM
 from sam_repro.optim.sam import SAM
@@ -109,6 +108,22 @@ def resolved(rounds: list[float]) -> bool:
     return abs(statistics.median(rounds) - TARGET) > half
 
 
+def device_and_thread_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def synthetic_batch(args: argparse.Namespace) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
+    """Sets the threads, resolves the device, and draws the one batch every variant steps on (seed 0)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, option="--device")
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    return device, x, y
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
@@ -116,16 +131,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="rounds at least")
     ap.add_argument("--max-repeats", type=int, default=15, help="rounds at most, while sam ratio is unresolved")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    device_and_thread_options(ap)
     ap.add_argument("--out", default=str(RESULTS / "sam_overhead.json"))
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device, option="--device")
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    device, x, y = synthetic_batch(args)
 
     runners = {}
     for name, (make_opt, step, group) in variants(args.batch).items():
@@ -200,10 +209,8 @@ def main() -> int:
         "steps_per_round": args.steps,
         "ratios": ratios,
         "seconds_per_step": {k: v for k, v in times.items()},
-        "provenance": provenance(),
     }
-    atomic_write_json(Path(args.out), result)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sam_repro.files import atomic_write_json
+
 REDACTED = "<redacted>"
 # Names of environment variables (WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...) and of config keys that hold
 # credentials.
@@ -153,3 +155,13 @@ def command_line(record: Mapping[str, Any]) -> str:
     """A provenance record's command as one line (records written before it was a list hold the line itself)."""
     command = record.get("command")
     return " ".join(shlex.quote(word) for word in command) if isinstance(command, list) else str(command)
+
+
+def write_result(path: Path | str, result: dict[str, Any], announce: bool = True) -> Path:
+    """Write a benchmark's or check's result as JSON with this process's provenance added (atomically); prints
+    `wrote <path>` unless `announce` is false."""
+    path = Path(path)
+    atomic_write_json(path, {**result, "provenance": provenance()})
+    if announce:
+        print(f"wrote {path}")
+    return path
