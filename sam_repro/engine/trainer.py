@@ -1,10 +1,14 @@
-"""The training loop, top to bottom: set-up, data, model, optimizer, resume, epochs (train, evaluate, log,
-checkpoint), summary. One SAM step is `step.sam_step`; everything here is plumbing around it.
+"""The training loop, top to bottom. `_train` is the driver and reads like the run: `_setup` (data, model,
+optimizer, schedule, step context), `_resume` (the checkpoint's weights, counters and RNG, or a fresh start),
+`_open_outputs` (loggers, config.yaml, summary.json, the stop signal), then per epoch `_train_epoch` (the steps),
+`_evaluate_and_log` and `_checkpoint`, and `_finish` (the final summary). Each piece takes the run's state, one
+`_Run`, explicitly. One SAM step is `step.sam_step` (`_train_epoch` calls it, or `sgd_step` or `looksam_step`, as
+`run.take_step`); everything here is plumbing around it.
 
 Outputs in the run directory (the current working directory's `run_dir` argument):
-  config.yaml, metrics.jsonl (one line per epoch), steps.jsonl (one line every logger.log_every_steps steps),
-  summary.json (status, errors, provenance, the paper's value for a preset's cell), checkpoints/last.pt (atomic,
-  every epoch and on a stop signal), train.log, wandb/ (offline runs).
+  config.yaml (atomic), metrics.jsonl (one line per epoch), steps.jsonl (one line every logger.log_every_steps
+  steps), summary.json (status, errors, provenance, the paper's value for a preset's cell), checkpoints/last.pt
+  (atomic, every epoch and on a stop signal), train.log, wandb/ (offline runs).
 Only rank 0 writes; every rank computes.
 """
 
@@ -15,12 +19,14 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sam_repro.data import build_data
+from sam_repro.data import Data, build_data
 from sam_repro.engine import backends
 from sam_repro.engine.checkpoint import atomic_write_json, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from sam_repro.engine.config import validate
@@ -36,12 +42,17 @@ from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorizatio
 from sam_repro.engine.loggers import MetricsLogger, Progress, StepCurves, paper_summary
 from sam_repro.engine.preemption import StopSignal
 from sam_repro.engine.provenance import provenance
+from sam_repro.engine.rundir import CONFIG_FILE
 from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
 from sam_repro.errors import CheckpointError, SamReproError
+from sam_repro.files import atomic_write_text
 from sam_repro.models import convert_sync_batchnorm
 from sam_repro.optim.factory import build_optimizer, build_schedule
 
 log = logging.getLogger("sam_repro")
+
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 
 
 class NonFiniteLoss(SamReproError):
@@ -85,15 +96,59 @@ def train(cfg: DictConfig, run_dir: Path, forced: list[dict] | None = None) -> d
         cleanup_distributed()
 
 
+@dataclass
+class _Run:
+    """One run's state, passed explicitly to each piece of the loop. Built by `_setup`; the counters are set by
+    `_resume` and advanced by the loop; the outputs are opened by `_open_outputs`; `status` and `reason` are the
+    outcome `_finish` records (summary.json says "running" until then)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    env: DistEnv
+    start_time: float  # this start's, for the wall time (with the time before it, `wall_before`)
+    data: Data  # the loaders: train (resumable), test, and val and noise_probe (or None)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    ctx: StepContext
+    take_step: Callable  # step.sam_step, or sgd_step or looksam_step: the one optimizer step
+    epochs: int
+    steps_per_epoch: int
+    per_rank: int
+    train_model: torch.nn.Module | None = None  # the model the steps call: `model`, compiled with trainer.compile
+    # Counters: where the run stands (the checkpoint's, on resume).
+    epoch: int = 0
+    step: int = 0
+    best: float = math.inf
+    wall_before: float = 0.0
+    resumed_totals: list[dict] | dict | None = None  # a mid-epoch checkpoint's running sums: the first epoch's only
+    wandb_id: str | None = None  # the resumed run's W&B id
+    # Outputs, from `_open_outputs`.
+    metrics: MetricsLogger = field(init=False)
+    curves: StepCurves = field(init=False)
+    stop: StopSignal = field(init=False)
+    summary: dict = field(init=False)
+    # Outcome.
+    status: str = "finished"
+    reason: str | None = None
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run_dir / SUMMARY_FILE
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_FILE
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.start_time
+
+
 def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> dict:
     start_time = time.time()
-    summary_path, ckpt_path = run_dir / "summary.json", run_dir / "checkpoints" / "last.pt"
-    previous = _read_summary(summary_path)
-    if forced:  # trainer.resume=force accepted these changes: keep every such start on record
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": forced}
-        previous["resume_forced"] = [*previous.get("resume_forced", []), entry]
-        if env.is_main and summary_path.exists():
-            atomic_write_json(summary_path, previous)
+    previous = _previous_summary(run_dir / SUMMARY_FILE, env, forced)
     if previous.get("status") == "finished":
         log.info(
             "run already finished: %s (test error %.2f%%); delete the directory to train again",
@@ -102,7 +157,55 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
         )
         return previous
 
-    # ---- set-up ---------------------------------------------------------------------------------------------
+    run = _setup(cfg, run_dir, env, start_time)
+    _resume(run)
+    _open_outputs(run, previous)
+    try:
+        while run.epoch < run.epochs:
+            totals, stopped, capped = _train_epoch(run)
+            if stopped:  # a stop signal: checkpoint mid-epoch, with the epoch's running sums, and leave
+                run.status, run.reason = "interrupted", f"stopped by {run.stop.signal_name} at step {run.step}"
+                _checkpoint(run, totals)
+                break
+            run.epoch += 1
+            run.data.train.set_epoch(run.epoch)
+            _evaluate_and_log(run, totals, capped)
+            _checkpoint(run)
+            if capped:
+                break
+    except NonFiniteLoss as exc:
+        run.status, run.reason = "failed", str(exc)
+        log.error("%s; the last good checkpoint is kept at %s", exc, run.ckpt_path)
+    except BaseException as exc:
+        run.status, run.reason = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        _finish(run)
+    if run.status == "interrupted":
+        run.stop.finish()  # exits so the scheduler can requeue; never returns under SLURM
+    if run.status == "failed":
+        raise NonFiniteLoss(run.reason)
+    return run.summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pieces of the loop, in the order `_train` calls them
+
+
+def _previous_summary(summary_path: Path, env: DistEnv, forced: list[dict]) -> dict:
+    """The run's summary.json so far, with this start's accepted configuration changes (`trainer.resume=force`)
+    added to its record."""
+    previous = _read_summary(summary_path)
+    if forced:  # trainer.resume=force accepted these changes: keep every such start on record
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": forced}
+        previous["resume_forced"] = [*previous.get("resume_forced", []), entry]
+        if env.is_main and summary_path.exists():
+            atomic_write_json(summary_path, previous)
+    return previous
+
+
+def _setup(cfg: DictConfig, run_dir: Path, env: DistEnv, start_time: float) -> _Run:
+    """Validate the config, seed, and build the data, model, optimizer, schedule and step context."""
     validate(cfg, env)
     _set_threads(cfg)
     device = env.device
@@ -117,33 +220,6 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
     scaler = torch.amp.GradScaler(device.type) if cfg.trainer.precision == "fp16" else None
     autocast = _autocast(cfg.trainer.precision, device)
 
-    # ---- resume -----------------------------------------------------------------------------------------------
-    epoch, step, best, wall_before = 0, 0, math.inf, 0.0
-    state = _load_resume_state(cfg, ckpt_path)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        data.train.load_state_dict(state["loader"])
-        epoch, step, best = state["epoch"], state["step"], state.get("best_test_error", math.inf)
-        wall_before = state.get("wall_time_s", 0.0)
-        rng = state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0]  # world size changed
-        torch.set_rng_state(rng["cpu"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        log.info("resumed from %s at epoch %d, step %d", ckpt_path, epoch, step)
-    else:
-        data.train.set_epoch(0)
-
-    if env.distributed:
-        # Every rank starts from rank 0's weights. Gradients are averaged by the step (one all-reduce, after the
-        # per-device perturbations); BatchNorm statistics stay per device and are averaged before eval/checkpoints.
-        for tensor in model.state_dict().values():
-            torch.distributed.broadcast(tensor, src=0)
-    train_model = torch.compile(model) if cfg.trainer.compile else model
-
     per_rank = cfg.trainer.batch_size // env.world_size
     group_size = int(cfg.trainer.m or per_rank // cfg.trainer.accumulate)
     ctx = StepContext(
@@ -157,158 +233,199 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
         micro_batch=per_rank // cfg.trainer.accumulate,  # examples per forward-backward (memory); m stays the group
     )
     take_step = {"sgd": sgd_step, "looksam": looksam_step}.get(cfg.optimizer.name, sam_step)
-
-    # ---- outputs ---------------------------------------------------------------------------------------------
-    metrics = MetricsLogger(
-        cfg,
-        run_dir,
-        env,
-        resume_epoch=epoch if state else 0,
-        wandb_id=state.get("wandb_id") if state else None,
-        resume_step=step,
+    return _Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        env=env,
+        start_time=start_time,
+        data=data,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        autocast=autocast,
+        ctx=ctx,
+        take_step=take_step,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        per_rank=per_rank,
     )
-    curves = StepCurves(cfg, env, metrics, steps_per_epoch)
-    prov = provenance()
-    summary = {
+
+
+def _resume(run: _Run) -> None:
+    """Continue from the run's checkpoint (weights, optimizer, schedule, loader position, counters, RNG), or start
+    afresh; then every rank takes rank 0's weights, and `run.train_model` is set (compiled with trainer.compile)."""
+    state = _load_resume_state(run.cfg, run.ckpt_path)
+    if state is not None:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        run.data.train.load_state_dict(state["loader"])
+        run.epoch, run.step, run.best = state["epoch"], state["step"], state.get("best_test_error", math.inf)
+        run.wall_before = state.get("wall_time_s", 0.0)
+        run.resumed_totals = state.get("epoch_totals")
+        run.wandb_id = state.get("wandb_id")
+        env = run.env
+        rng = state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0]  # world size changed
+        torch.set_rng_state(rng["cpu"])
+        if env.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], env.device)
+        log.info("resumed from %s at epoch %d, step %d", run.ckpt_path, run.epoch, run.step)
+    else:
+        run.data.train.set_epoch(0)
+
+    if run.env.distributed:
+        # Every rank starts from rank 0's weights. Gradients are averaged by the step (one all-reduce, after the
+        # per-device perturbations); BatchNorm statistics stay per device and are averaged before eval/checkpoints.
+        for tensor in run.model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    run.train_model = torch.compile(run.model) if run.cfg.trainer.compile else run.model
+
+
+def _open_outputs(run: _Run, previous: dict) -> None:
+    """The loggers, the summary so far, config.yaml and summary.json (rank 0), the stop signal, the set-up line."""
+    cfg, env = run.cfg, run.env
+    run.metrics = MetricsLogger(
+        cfg, run.run_dir, env, resume_epoch=run.epoch, wandb_id=run.wandb_id, resume_step=run.step
+    )
+    run.curves = StepCurves(cfg, env, run.metrics, run.steps_per_epoch)
+    run.summary = {
         "status": "running",
         "reason": None,
-        "epochs": epoch,
-        "label_noise": data.info.get("label_noise"),
-        "num_train": data.num_train,
+        "epochs": run.epoch,
+        "label_noise": run.data.info.get("label_noise"),
+        "num_train": run.data.num_train,
         **paper_summary(cfg),
-        "provenance": prov,
+        "provenance": provenance(),
     }
     if previous.get("resume_forced"):
-        summary["resume_forced"] = previous["resume_forced"]
+        run.summary["resume_forced"] = previous["resume_forced"]
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_json(summary_path, summary)
-    stop = StopSignal(env)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(run.summary_path, run.summary)
+    run.stop = StopSignal(env)
     log.info(
         "%s | %s on %s (%d train examples), %d epochs x %d steps, batch %d (per rank %d, groups of %d), "
         "%d rank(s) on %s",
         cfg.optimizer.name,
         cfg.model.name,
         cfg.dataset.name,
-        data.num_train,
-        epochs,
-        steps_per_epoch,
+        run.data.num_train,
+        run.epochs,
+        run.steps_per_epoch,
         cfg.trainer.batch_size,
-        per_rank,
-        ctx.group_size,
+        run.per_rank,
+        run.ctx.group_size,
         env.world_size,
-        device,
+        env.device,
     )
 
-    def checkpoint(partial_epoch: _EpochTotals | None = None) -> None:
-        average_bn_stats(model, env)
-        rngs = _gather_rng(env, device)
-        # Every rank's own running sums: an epoch's training metrics are summed over ranks only at its end.
-        totals = _gather(env, partial_epoch.state_dict()) if partial_epoch else None
-        if env.is_main:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None,
-                    "loader": data.train.state_dict(),
-                    "rng": rngs,
-                    "epoch": epoch,
-                    "step": step,
-                    "best_test_error": best,
-                    "wall_time_s": wall_before + time.time() - start_time,
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                    "wandb_id": metrics.wandb_id,
-                    "epoch_totals": totals,
-                },
-            )
 
-    # ---- the loop ---------------------------------------------------------------------------------------------
-    status, reason, last = "finished", None, None
-    try:
-        while epoch < epochs:
-            train_model.train()
-            totals = _EpochTotals(device, _rank_totals(state.get("epoch_totals"), env) if state else None)
-            state = None  # partial-epoch totals apply to the first (resumed) epoch only
-            progress = Progress(cfg, env, epoch + 1, epochs, steps_per_epoch, start=data.train.position)
-            curves.start_epoch(totals)
-            stopped = capped = False
-            for x, y in data.train:
-                ctx.step = step
-                stats = take_step(train_model, optimizer, x, y, ctx)
-                scheduler.step()
-                step += 1
-                if step == cfg.trainer.inject_nonfinite_at_step and cfg.trainer.get("inject_nonfinite_rank") in (
-                    None,
-                    env.rank,
-                ):  # fault tests only (keys left out of run identity)
-                    stats.loss_sum = stats.loss_sum + float("nan")
-                totals.add(stats)
-                progress.update(totals, optimizer)
-                curves.update(step, totals, optimizer)  # a W&B / steps.jsonl row every logger.log_every_steps
-                if step % cfg.trainer.log_every == 0:
-                    totals.check_finite(step)  # every rank: summed over ranks, so all stop at this step
-                stopped = stop.should_stop()  # every rank calls it every step: they agree on where to stop
-                capped = bool(cfg.trainer.max_steps) and step >= cfg.trainer.max_steps
-                if stopped or capped:
-                    break
-            progress.close()
-            curves.end_epoch(totals)
-            totals.check_finite(step)
-            if stopped:
-                status, reason = "interrupted", f"stopped by {stop.signal_name} at step {step}"
-                checkpoint(totals)
-                break
-            epoch += 1
-            data.train.set_epoch(epoch)
-            average_bn_stats(model, env)
-            last = {
-                "epoch": epoch,
-                "step": step,
-                **totals.summary(env),
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_second": totals.images_per_second(env),
-                "epoch_time_s": totals.seconds(),
-            }
-            if epoch % cfg.trainer.eval_every == 0 or epoch == epochs or capped:
-                test = evaluate(model, data.test, env, autocast)
-                last.update(
-                    {"test_loss": test["loss"], "test_error": test["error"], "test_error_top5": test["error_top5"]}
-                )
-                best = min(best, last["test_error"])
-                if data.val is not None:
-                    val = evaluate(model, data.val, env, autocast)
-                    last.update({"val_loss": val["loss"], "val_error": val["error"]})
-                if data.noise_probe is not None:
-                    last.update(memorization(model, data.noise_probe, env, autocast))
-            metrics.log_epoch(last)
-            checkpoint()
-            if capped:
-                break
-    except NonFiniteLoss as exc:
-        status, reason = "failed", str(exc)
-        log.error("%s; the last good checkpoint is kept at %s", exc, ckpt_path)
-    except BaseException as exc:
-        status, reason = "failed", f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        summary = _finish_summary(summary, status, reason, epoch, best, metrics, wall_before + time.time() - start_time)
-        if env.is_main:
-            try:
-                atomic_write_json(summary_path, summary)
-            except OSError as exc:  # e.g. the full disk that failed the checkpoint: keep its error the one reported
-                log.warning("could not write %s (%s)", summary_path, exc.strerror or exc)
-        metrics.finish(summary)
-        if status != "interrupted":
-            stop.restore()  # (finish() needs the previous handlers: it may chain to submitit's)
-    if status == "interrupted":
-        stop.finish()  # exits so the scheduler can requeue; never returns under SLURM
-    if status == "failed":
-        raise NonFiniteLoss(reason)
-    return summary
+def _train_epoch(run: _Run) -> tuple[_EpochTotals, bool, bool]:
+    """The steps of one epoch (the rest of it, when resumed mid-epoch): its running sums, and whether a stop
+    signal (`stopped`) or trainer.max_steps (`capped`) ended it early."""
+    cfg, env = run.cfg, run.env
+    run.train_model.train()
+    totals = _EpochTotals(env.device, _rank_totals(run.resumed_totals, env))
+    run.resumed_totals = None  # partial-epoch totals apply to the first (resumed) epoch only
+    progress = Progress(cfg, env, run.epoch + 1, run.epochs, run.steps_per_epoch, start=run.data.train.position)
+    run.curves.start_epoch(totals)
+    stopped = capped = False
+    for x, y in run.data.train:
+        run.ctx.step = run.step
+        stats = run.take_step(run.train_model, run.optimizer, x, y, run.ctx)  # step.sam_step (or sgd/looksam)
+        run.scheduler.step()
+        run.step += 1
+        if run.step == cfg.trainer.inject_nonfinite_at_step and cfg.trainer.get("inject_nonfinite_rank") in (
+            None,
+            env.rank,
+        ):  # fault tests only (keys left out of run identity)
+            stats.loss_sum = stats.loss_sum + float("nan")
+        totals.add(stats)
+        progress.update(totals, run.optimizer)
+        run.curves.update(run.step, totals, run.optimizer)  # a W&B / steps.jsonl row every logger.log_every_steps
+        if run.step % cfg.trainer.log_every == 0:
+            totals.check_finite(run.step)  # every rank: summed over ranks, so all stop at this step
+        stopped = run.stop.should_stop()  # every rank calls it every step: they agree on where to stop
+        capped = bool(cfg.trainer.max_steps) and run.step >= cfg.trainer.max_steps
+        if stopped or capped:
+            break
+    progress.close()
+    run.curves.end_epoch(totals)
+    totals.check_finite(run.step)
+    return totals, stopped, capped
+
+
+def _evaluate_and_log(run: _Run, totals: _EpochTotals, capped: bool) -> None:
+    """The finished epoch's row of metrics.jsonl: its training metrics and, every trainer.eval_every epochs (and
+    after the last, or a capped one), the test (and validation, and memorization) metrics."""
+    env, data = run.env, run.data
+    average_bn_stats(run.model, env)
+    row = {
+        "epoch": run.epoch,
+        "step": run.step,
+        **totals.summary(env),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images_per_second": totals.images_per_second(env),
+        "epoch_time_s": totals.seconds(),
+    }
+    if run.epoch % run.cfg.trainer.eval_every == 0 or run.epoch == run.epochs or capped:
+        test = evaluate(run.model, data.test, env, run.autocast)
+        row.update({"test_loss": test["loss"], "test_error": test["error"], "test_error_top5": test["error_top5"]})
+        run.best = min(run.best, row["test_error"])
+        if data.val is not None:
+            val = evaluate(run.model, data.val, env, run.autocast)
+            row.update({"val_loss": val["loss"], "val_error": val["error"]})
+        if data.noise_probe is not None:
+            row.update(memorization(run.model, data.noise_probe, env, run.autocast))
+    run.metrics.log_epoch(row)
+
+
+def _checkpoint(run: _Run, partial_epoch: _EpochTotals | None = None) -> None:
+    """checkpoints/last.pt (rank 0, atomically): everything a resume needs. `partial_epoch`: a mid-epoch stop's
+    running sums, every rank's own (an epoch's training metrics are summed over ranks only at its end)."""
+    env = run.env
+    average_bn_stats(run.model, env)
+    rngs = _gather_rng(env, env.device)
+    totals = _gather(env, partial_epoch.state_dict()) if partial_epoch else None
+    if env.is_main:
+        save_checkpoint(
+            run.ckpt_path,
+            {
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict() if run.scaler else None,
+                "loader": run.data.train.state_dict(),
+                "rng": rngs,
+                "epoch": run.epoch,
+                "step": run.step,
+                "best_test_error": run.best,
+                "wall_time_s": run.wall_time(),
+                "config": OmegaConf.to_container(run.cfg, resolve=True),
+                "wandb_id": run.metrics.wandb_id,
+                "epoch_totals": totals,
+            },
+        )
+
+
+def _finish(run: _Run) -> None:
+    """The final summary.json (rank 0) and the loggers' end, whatever ended the run; the signal handlers are put
+    back unless a stop signal still has to exit (`StopSignal.finish`, which needs them)."""
+    run.summary = _finish_summary(
+        run.summary, run.status, run.reason, run.epoch, run.best, run.metrics, run.wall_time()
+    )
+    if run.env.is_main:
+        try:
+            atomic_write_json(run.summary_path, run.summary)
+        except OSError as exc:  # e.g. the full disk that failed the checkpoint: keep its error the one reported
+            log.warning("could not write %s (%s)", run.summary_path, exc.strerror or exc)
+    run.metrics.finish(run.summary)
+    if run.status != "interrupted":
+        run.stop.restore()  # (finish() needs the previous handlers: it may chain to submitit's)
 
 
 # --------------------------------------------------------------------------------------------------------------
