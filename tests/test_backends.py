@@ -36,8 +36,18 @@ def restore_backends(monkeypatch):
     torch.backends.cudnn.benchmark = benchmark
 
 
-def test_fp32_is_ieee_unless_tf32_is_asked_for():
-    assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # PyTorch's default for cuDNN convolutions
+@pytest.fixture
+def default_precisions():
+    """PyTorch's defaults in a fresh process (cuDNN convolutions in TF32, matmuls unset), whatever an earlier
+    in-process run set; put back afterwards."""
+    saved = precisions()
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = "none", "tf32"
+    yield
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def test_fp32_is_ieee_unless_tf32_is_asked_for(default_precisions):
+    assert precisions() == ("none", "tf32")  # a fresh process: cuDNN convolutions default to TF32
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the legacy allow_tf32 flags warn (and raise when mixed with the new API)
         configure(deterministic=False, tf32=False)
