@@ -55,12 +55,14 @@ from sam_repro.data import select_train_indices
 from sam_repro.data.augment import BatchAugment
 from sam_repro.data.loader import TrainLoader, to_device_uint8
 from sam_repro.engine.distributed import resolve_device
-from sam_repro.engine.provenance import provenance
+from sam_repro.engine.provenance import write_result
 from sam_repro.engine.step import StepContext, sam_step, sgd_step
 from sam_repro.errors import ConfigError, SamReproError
-from sam_repro.files import atomic_write_json
 from sam_repro.models import create_model
 from sam_repro.optim.sam import SAM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sam_overhead  # noqa: E402  (the sibling benchmark: its SGD with the L2 gradient)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 128
@@ -198,13 +200,8 @@ def common_loader(images: np.ndarray, labels: np.ndarray) -> DataLoader:
 
 
 def engine_sgd(params) -> torch.optim.Optimizer:
-    """torch's SGD, weight decay as the L2 gradient the engine's sgd_step adds (benchmarks/sam_overhead.py's _sgd)."""
-    kw = dict(HYPER)
-    wd = kw.pop("weight_decay")
-    opt = torch.optim.SGD(params, **kw)
-    for g in opt.param_groups:
-        g["l2_weight_decay"] = wd
-    return opt
+    """torch's SGD, weight decay as the L2 gradient the engine's sgd_step adds (benchmarks/sam_overhead.py's)."""
+    return sam_overhead._sgd(params, HYPER)
 
 
 def engine_loader(images: np.ndarray, labels: np.ndarray, device: torch.device) -> TrainLoader:
@@ -330,7 +327,6 @@ def run(args) -> dict:
         **medians,
         "targets": {key: f"{op} {bound}" for key, (op, bound) in TARGETS.items()},
         "met": {key: met(key, medians[key]) for key in TARGETS},
-        "provenance": provenance(),
     }
 
 
@@ -371,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in report(result):
         print(line)
-    atomic_write_json(Path(args.out), result)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 
