@@ -13,7 +13,8 @@ progress, evaluates, is placed and executed, and checkpoints:
     experiment: a run may resume compiled after starting eager, or on another device. (`trainer.tf32` is not
     among them: like `trainer.precision` it sets how precisely every matmul and convolution is computed);
   * the checkpoint policy and resume: `trainer.on_corrupt_checkpoint`, `trainer.resume`;
-  * test hooks: `trainer.inject_nonfinite_at_step`, `trainer.inject_nonfinite_rank` (fault tests).
+  * test hooks: `trainer.inject_nonfinite_at_step`, `trainer.inject_nonfinite_rank` (fault tests);
+  * warnings: `trainer.stall_epochs` (when SAM's stall at the chance plateau is reported; it never changes training).
 
 Every other key is a training key. Each use adds named keys to the base list:
   * `RUN_NAME_NEUTRAL`: the derived run-directory name also leaves out `seed` and `experiment` (they are in the path);
@@ -47,6 +48,7 @@ NEUTRAL_KEYS = (
     "trainer.resume",
     "trainer.inject_nonfinite_at_step",
     "trainer.inject_nonfinite_rank",
+    "trainer.stall_epochs",
 )
 RUN_NAME_NEUTRAL = NEUTRAL_KEYS + ("seed", "experiment")
 IDENTITY_NEUTRAL = NEUTRAL_KEYS

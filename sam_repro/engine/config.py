@@ -181,6 +181,7 @@ RULES: dict[str, Rule] = {
     "trainer.resume": one_of("auto", "force"),
     "trainer.inject_nonfinite_at_step": integer(positive=True, null=True),
     "trainer.inject_nonfinite_rank": integer(min=0, null=True),
+    "trainer.stall_epochs": integer(min=0),
     # ---- optimizer: sgd, then what the SAM family adds -----------------------------------------------------------
     "optimizer.name": one_of("sgd", *SAM_FAMILY),
     "optimizer.base": one_of(*BASE_OPTIMIZERS),
@@ -196,6 +197,9 @@ RULES: dict[str, Rule] = {
     "optimizer.eta": number(min=0, optional=True),
     "optimizer.k": integer(min=1, optional=True),  # looksam
     "optimizer.alpha": number(min=0, optional=True),  # looksam
+    "optimizer.sam_start": number(min=0, optional=True),  # the SAM family's schedule (optim/sam_schedule.py)
+    "optimizer.sam_every": integer(min=1, optional=True),
+    "optimizer.sam_probability": number(above=0, max=1, optional=True),
     # ---- schedule ------------------------------------------------------------------------------------------------
     "schedule.name": one_of("cosine", "constant"),
     "schedule.warmup_epochs": number(min=0),
@@ -363,6 +367,13 @@ def validate(cfg: DictConfig, env) -> None:
         f"trainer.accumulate ({tr.accumulate}) must divide the per-rank batch ({per_rank})",
     )
     micro = per_rank // tr.accumulate
+    start = opt.get("sam_start", 0)
+    epochs = tr.epochs * tr.epoch_scale
+    _require(
+        start < epochs,
+        f"optimizer.sam_start ({start:g}) must be below the run's epochs ({epochs:g}): no step would be a SAM "
+        "step; use optimizer=sgd for plain training",
+    )
     if tr.m is not None:
         _require(
             micro % tr.m == 0,

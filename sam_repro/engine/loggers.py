@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -61,6 +62,9 @@ SUMMARY_KEYS = (
     "memorized",
     "flipped_true",
     "clean_train_error",
+    "stall_warning",
+    "passes",
+    "passes_per_step",
 )
 
 
@@ -191,7 +195,13 @@ class MetricsLogger:
         return tags + [str(t) for t in (c.logger.get("tags") or [])]
 
     def _name(self) -> str:
-        return f"{self.cfg.optimizer.name}-{self.cfg.model.name}-{self.cfg.dataset.name}-seed{self.cfg.seed}"
+        opt = self.cfg.optimizer
+        schedule = "".join(  # the SAM schedule where it is not the paper's every step (optim/sam_schedule.py)
+            f"-{tag}{value:g}"
+            for tag, key, default in (("start", "sam_start", 0), ("every", "sam_every", 1), ("p", "sam_probability", 1))
+            if (value := opt.get(key, default)) != default
+        )
+        return f"{opt.name}{schedule}-{self.cfg.model.name}-{self.cfg.dataset.name}-seed{self.cfg.seed}"
 
     # ---- per epoch / end ---------------------------------------------------------------------------------------
     def log_epoch(self, row: dict) -> None:
@@ -234,6 +244,15 @@ class MetricsLogger:
             log.warning("W&B log failed (%s); continuing with local metrics only", exc)
             self.wandb_run = None
 
+    def warn(self, message: str) -> None:
+        """One warning line in the log, and in the W&B run's summary (`warning`) where W&B is on."""
+        if not self.enabled:
+            return
+        log.warning(message)
+        if self.wandb_run is not None:
+            with contextlib.suppress(Exception):
+                self.wandb_run.summary["warning"] = message
+
     def last_evaluated(self) -> dict | None:
         """The last epoch's metrics that include a test evaluation."""
         return next((r for r in reversed(self.rows) if "test_error" in r), None)
@@ -255,6 +274,39 @@ class MetricsLogger:
         except Exception as exc:  # noqa: BLE001
             log.warning("W&B finish failed (%s)", exc)
         self.wandb_run = None
+
+
+class StallWatch:
+    """Says once when SAM trains at the chance plateau: the training loss within `tolerance` (relative) of ln(C),
+    a uniform prediction's loss over C classes, for `epochs` epochs in a row in which SAM steps were taken.
+
+    Near such a plateau (or a saddle) SAM's perturbed gradient can vanish while the plain one does not, and the run
+    may never leave it (Kim et al., arXiv 2301.06308; Park et al., arXiv 2509.21818). The default of 10 epochs is
+    longer than any run that recovered in results/cpu_scale_table4 (at most 9 epochs within 2% of ln 10, at 60%
+    label noise, where the reachable loss is itself close to chance) and as long as the shortest stall there
+    (10 epochs, the demo setting's seed 2). It only warns: training goes on unchanged."""
+
+    def __init__(self, num_classes: int, epochs: int, tolerance: float = 0.02) -> None:
+        self.chance = math.log(num_classes) if num_classes > 1 else 0.0
+        self.epochs, self.tolerance = int(epochs), tolerance
+        self.streak = 0
+        self.said = False
+
+    def update(self, epoch: int, train_loss: float, sam_active: bool) -> str | None:
+        """The warning, the first time the streak reaches `epochs`; None otherwise."""
+        if self.said or not self.epochs or not self.chance:
+            return None
+        at_chance = sam_active and abs(train_loss - self.chance) <= self.tolerance * self.chance
+        self.streak = self.streak + 1 if at_chance else 0
+        if self.streak < self.epochs:
+            return None
+        self.said = True
+        return (
+            f"SAM stall: the training loss has stayed within {100 * self.tolerance:g}% of chance (ln C = "
+            f"{self.chance:.3f}) for {self.streak} epochs (to epoch {epoch}); the run may not leave this plateau. "
+            "Start SAM after a few plain epochs (optimizer.sam_start) or warm up the learning rate "
+            "(schedule.warmup_epochs); docs/sam.md, 'SAM's start'."
+        )
 
 
 class StepCurves:

@@ -50,6 +50,7 @@ from sam_repro.data.loader import seed_from
 from sam_repro.models import set_true_gradient
 from sam_repro.models.shake import ShakeDrop, ShakeShake
 from sam_repro.optim.sam import SAM, add_l2_gradient_
+from sam_repro.optim.sam_schedule import SamSchedule
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 NOISE_STREAM = 1  # keeps the noise seeds apart from the loader's (seed, epoch[, batch]) seeds
@@ -234,6 +235,7 @@ class StepStats:
     perturbed_loss_sum: torch.Tensor | None = None
     grad_norm: torch.Tensor | None = None  # mean over groups of ||g_i||
     perturbation_norm: torch.Tensor | None = None  # mean over groups of ||eps_i||
+    passes: int = 1  # forward-backward passes over the step's batch: 1 for a plain step, 2 for a SAM step
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,7 +384,7 @@ def sam_step(
         _base_step, optimizer.base_optimizer, params, ctx, loss_scale, add_l2=False, after_unscale=after_unscale
     )
     optimizer.second_step(base_step=base_step)
-    return StepStats(loss_sum, correct, len(x), perturbed_sum, grad_norm, eps_norm)
+    return StepStats(loss_sum, correct, len(x), perturbed_sum, grad_norm, eps_norm, passes=2)
 
 
 def looksam_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepStats:
@@ -392,3 +394,30 @@ def looksam_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, 
     if optimizer.full_step_due():
         return sam_step(model, optimizer, x, y, ctx, after_unscale=optimizer.store_direction)
     return sgd_step(model, optimizer.base_optimizer, x, y, ctx, before_unscale=optimizer.apply_direction)
+
+
+@dataclass
+class ScheduledStep:
+    """A SAM-family step on the schedule's SAM steps (`SamSchedule.is_sam_step(ctx.step)`), and the base
+    optimizer's plain step, `sgd_step` (one forward-backward), on the others: an SGD warm start
+    (`optimizer.sam_start`), SAM every k steps, randomized SAM. The plain step is SGD's exactly: the base
+    optimizer shares SAM's parameter groups (learning rate, L2 coefficient) and keeps its momentum across both."""
+
+    sam: Callable[..., StepStats]  # sam_step or looksam_step
+    schedule: SamSchedule
+
+    def __call__(self, model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor, ctx: StepContext):
+        if self.schedule.is_sam_step(ctx.step):
+            return self.sam(model, optimizer, x, y, ctx)
+        return sgd_step(model, optimizer.base_optimizer, x, y, ctx)
+
+
+def step_function(optimizer_name: str, schedule: SamSchedule | None = None) -> Callable[..., StepStats]:
+    """The step the trainer takes for `optimizer.name`: `sgd_step`, `looksam_step`, or `sam_step` (SAM, ASAM),
+    wrapped in `ScheduledStep` when the schedule makes some steps plain."""
+    if optimizer_name == "sgd":
+        return sgd_step
+    sam = {"looksam": looksam_step}.get(optimizer_name, sam_step)
+    if schedule is None or schedule.always:
+        return sam
+    return ScheduledStep(sam, schedule)

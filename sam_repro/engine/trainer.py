@@ -39,15 +39,15 @@ from sam_repro.engine.distributed import (
     init_distributed,
 )
 from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorization
-from sam_repro.engine.loggers import MetricsLogger, Progress, StepCurves, paper_summary
+from sam_repro.engine.loggers import MetricsLogger, Progress, StallWatch, StepCurves, paper_summary
 from sam_repro.engine.preemption import StopSignal
 from sam_repro.engine.provenance import provenance
 from sam_repro.engine.rundir import CONFIG_FILE
-from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
+from sam_repro.engine.step import StepContext, step_function
 from sam_repro.errors import CheckpointError, SamReproError
 from sam_repro.files import atomic_write_text
 from sam_repro.models import convert_sync_batchnorm
-from sam_repro.optim.factory import build_optimizer, build_schedule
+from sam_repro.optim.factory import build_optimizer, build_sam_schedule, build_schedule
 
 log = logging.getLogger("sam_repro")
 
@@ -113,7 +113,8 @@ class _Run:
     scaler: torch.amp.GradScaler | None  # fp16 only
     autocast: Callable[[], contextlib.AbstractContextManager]
     ctx: StepContext
-    take_step: Callable  # step.sam_step, or sgd_step or looksam_step: the one optimizer step
+    take_step: Callable  # step.sam_step, or sgd_step or looksam_step (or ScheduledStep): the one optimizer step
+    stall: StallWatch  # warns once when SAM sits at the chance plateau
     epochs: int
     steps_per_epoch: int
     per_rank: int
@@ -123,6 +124,7 @@ class _Run:
     step: int = 0
     best: float = math.inf
     wall_before: float = 0.0
+    passes: int | None = 0  # forward-backward passes over a batch so far (None: resumed from a run that did not count)
     resumed_totals: list[dict] | dict | None = None  # a mid-epoch checkpoint's running sums: the first epoch's only
     wandb_id: str | None = None  # the resumed run's W&B id
     # Outputs, from `_open_outputs`.
@@ -232,7 +234,9 @@ def _setup(cfg: DictConfig, run_dir: Path, env: DistEnv, start_time: float) -> _
         first_group=env.rank * (per_rank // group_size),
         micro_batch=per_rank // cfg.trainer.accumulate,  # examples per forward-backward (memory); m stays the group
     )
-    take_step = {"sgd": sgd_step, "looksam": looksam_step}.get(cfg.optimizer.name, sam_step)
+    # SAM, ASAM, LookSAM on the SAM steps of optimizer.sam_start / sam_every / sam_probability, plain steps between
+    take_step = step_function(cfg.optimizer.name, build_sam_schedule(cfg.optimizer, steps_per_epoch, cfg.seed))
+    stall = StallWatch(int(cfg.dataset.num_classes), int(cfg.trainer.get("stall_epochs", 10)))
     return _Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -246,6 +250,7 @@ def _setup(cfg: DictConfig, run_dir: Path, env: DistEnv, start_time: float) -> _
         autocast=autocast,
         ctx=ctx,
         take_step=take_step,
+        stall=stall,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         per_rank=per_rank,
@@ -265,6 +270,7 @@ def _resume(run: _Run) -> None:
         run.data.train.load_state_dict(state["loader"])
         run.epoch, run.step, run.best = state["epoch"], state["step"], state.get("best_test_error", math.inf)
         run.wall_before = state.get("wall_time_s", 0.0)
+        run.passes = state.get("passes")
         run.resumed_totals = state.get("epoch_totals")
         run.wandb_id = state.get("wandb_id")
         env = run.env
@@ -339,6 +345,8 @@ def _train_epoch(run: _Run) -> tuple[_EpochTotals, bool, bool]:
         stats = run.take_step(run.train_model, run.optimizer, x, y, run.ctx)  # step.sam_step (or sgd/looksam)
         run.scheduler.step()
         run.step += 1
+        if run.passes is not None:
+            run.passes += stats.passes
         if run.step == cfg.trainer.inject_nonfinite_at_step and cfg.trainer.get("inject_nonfinite_rank") in (
             None,
             env.rank,
@@ -372,6 +380,8 @@ def _evaluate_and_log(run: _Run, totals: _EpochTotals, capped: bool) -> None:
         "images_per_second": totals.images_per_second(env),
         "epoch_time_s": totals.seconds(),
     }
+    if run.passes is not None:
+        row["passes"] = run.passes  # forward-backward passes over a batch since the start: 1 per plain step, 2 per SAM
     if run.epoch % run.cfg.trainer.eval_every == 0 or run.epoch == run.epochs or capped:
         test = evaluate(run.model, data.test, env, run.autocast)
         row.update({"test_loss": test["loss"], "test_error": test["error"], "test_error_top5": test["error_top5"]})
@@ -382,6 +392,10 @@ def _evaluate_and_log(run: _Run, totals: _EpochTotals, capped: bool) -> None:
         if data.noise_probe is not None:
             row.update(memorization(run.model, data.noise_probe, env, run.autocast))
     run.metrics.log_epoch(row)
+    stall = run.stall.update(run.epoch, row["train_loss"], sam_active=totals.sam)
+    if stall:
+        run.metrics.warn(stall)
+        run.summary["stall_warning"] = stall
 
 
 def _checkpoint(run: _Run, partial_epoch: _EpochTotals | None = None) -> None:
@@ -405,6 +419,7 @@ def _checkpoint(run: _Run, partial_epoch: _EpochTotals | None = None) -> None:
                 "step": run.step,
                 "best_test_error": run.best,
                 "wall_time_s": run.wall_time(),
+                "passes": run.passes,
                 "config": OmegaConf.to_container(run.cfg, resolve=True),
                 "wandb_id": run.metrics.wandb_id,
                 "epoch_totals": totals,
@@ -418,6 +433,8 @@ def _finish(run: _Run) -> None:
     run.summary = _finish_summary(
         run.summary, run.status, run.reason, run.epoch, run.best, run.metrics, run.wall_time()
     )
+    if run.passes is not None and run.step:
+        run.summary.update({"passes": run.passes, "passes_per_step": run.passes / run.step})
     if run.env.is_main:
         try:
             atomic_write_json(run.summary_path, run.summary)

@@ -8,6 +8,7 @@ import torch
 
 from sam_repro.errors import ConfigError
 from sam_repro.optim.sam import SAM
+from sam_repro.optim.sam_schedule import SamSchedule, sam_schedule
 
 BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 SAM_FAMILY = ("sam", "asam", "looksam")
@@ -68,6 +69,20 @@ def build_optimizer(cfg_opt, model: torch.nn.Module) -> torch.optim.Optimizer:
 
         return LookSAM(groups, base, k=int(cfg_opt.k), alpha=float(cfg_opt.alpha), **common, **kwargs)
     return SAM(groups, base, **common, **kwargs)
+
+
+def build_sam_schedule(cfg_opt, steps_per_epoch: int, seed: int) -> SamSchedule | None:
+    """Which steps of a SAM-family run are SAM steps (`optimizer.sam_start`, `sam_every`, `sam_probability`;
+    sam_repro/optim/sam_schedule.py); None for plain optimizers."""
+    if not is_sam(cfg_opt):
+        return None
+    return sam_schedule(
+        cfg_opt.get("sam_start", 0),
+        cfg_opt.get("sam_every", 1),
+        cfg_opt.get("sam_probability", 1.0),
+        steps_per_epoch,
+        seed,
+    )
 
 
 def build_schedule(
