@@ -260,7 +260,7 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
 
     written: list[Path] = []
     columns = (*VALUE_COLUMNS, *extra_columns(report))
-    lines = ["# SAM vs SGD: report", "", MARKDOWN_LEGEND, ""]
+    lines = ["# SAM vs SGD: report", "", MARKDOWN_LEGEND, ""] + render_notices_markdown(report)
     slugs: set[str] = set()
     for table in report.tables:
         name = f"table{table.id}" if table.id is not None else "other"
@@ -295,6 +295,5 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
             written.append(save_figure(figure, out / "curves" / f"{slug}.png"))
             what = "test error and memorized share" if memorized else "test error"
             lines += [f"**{cell_label(dict(cell))}**", "", f"![{what} per epoch](curves/{slug}.png)", ""]
-    lines += render_notices_markdown(report)
     index = atomic_write_text(out / "index.md", "\n".join(lines))
     return [index, *written]

@@ -53,6 +53,7 @@ def paper_summary(cfg: DictConfig) -> dict:
 STEP_PREFIX = "steps/"  # W&B keys of the per-step rows (steps.jsonl has them bare), plotted against `step`
 SUMMARY_KEYS = (
     "status",
+    "stopped_early",
     "test_error",
     "best_test_error",
     "test_error_top5",
