@@ -63,6 +63,8 @@ class Row:
     epochs_used: int | float | None = None  # SGD only: set when its runs are the doubled-epoch ones (see below)
     extras: Mapping[str, Estimate | None] = field(default_factory=dict)  # `extra_metrics`, over the same runs
     sgd_epochs: int | float | None = None  # other arms: the doubled epochs of the SGD runs `diff` is taken against
+    values: tuple[float, ...] = ()  # the averaged values, by seed: what `ours` is the mean of
+    sources: tuple[str, ...] = ()  # the averaged runs (the report's figures draw these and no others)
 
 
 @dataclass
@@ -380,7 +382,15 @@ def _row(
     paper_diff = paper.decimal - paper_sgd.decimal if paper and paper_sgd and arm != BASELINE else None
     not_finished = sum(1 for run in runs if run.source in excluded)
     seeds = tuple(sorted(mine, key=sort_key))
-    return Row(dict(cell), arm, metric, ours, paper, diff, paper_diff, diff_note, not_finished, seeds)
+    sources = tuple(
+        r.source
+        for r in sorted(runs, key=lambda r: r.source)
+        if r.source not in excluded and is_number(r.summary.get(metric))
+    )
+    return Row(
+        dict(cell), arm, metric, ours, paper, diff, paper_diff, diff_note, not_finished, seeds,
+        values=tuple(values), sources=sources,
+    )  # fmt: skip
 
 
 def _shown_columns(rows: list[Row], grouping: Grouping, spec: PaperTable | None) -> tuple[str, ...]:
