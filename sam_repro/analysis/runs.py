@@ -74,7 +74,8 @@ def settled_status(config: Mapping[str, Any], summary: Mapping[str, Any], status
     max_steps = config_value(config, "trainer.max_steps")
     if summary.get("stopped_early"):
         trained = f" after {epochs} of {planned} epochs" if epochs is not None and planned is not None else ""
-        return STOPPED_EARLY, f"stopped by trainer.max_steps={max_steps}{trained}, short of its schedule"
+        cause = f"stopped by trainer.max_steps={max_steps}" if max_steps else "stopped early"
+        return STOPPED_EARLY, f"{cause}{trained}, short of its schedule"
     if isinstance(epochs, int) and planned is not None and epochs < planned:
         cause = f"trainer.max_steps={max_steps}" if max_steps else "a stop"
         return STOPPED_EARLY, f"stopped by {cause} after {epochs} of {planned} epochs, short of its schedule"
