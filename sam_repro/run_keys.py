@@ -21,7 +21,9 @@ Every other key is a training key. Each use adds named keys to the base list:
   * `IDENTITY_NEUTRAL`: the check that a run directory is continued with its own configuration compares everything
     else, `seed`, `experiment` and `dataset.noise_seed` included;
   * `TABLE_NEUTRAL`: `sam-tables` averages runs over seeds, so it also ignores `seed`, `experiment`, labels such as
-    `trainer.name`, and `dataset.noise_seed`.
+    `trainer.name`, and `dataset.noise_seed`;
+  * `DUPLICATE_NEUTRAL`: two runs are the same run, however they were spelled (`debug=tiny` and
+    `debug=tiny optimizer=sgd`), when everything else agrees: the labels `experiment` and `trainer.name` are left out.
 A key matches an entry when it equals it or lies below it (`logger` covers `logger.mode`).
 """
 
@@ -53,6 +55,7 @@ NEUTRAL_KEYS = (
 RUN_NAME_NEUTRAL = NEUTRAL_KEYS + ("seed", "experiment")
 IDENTITY_NEUTRAL = NEUTRAL_KEYS
 TABLE_NEUTRAL = NEUTRAL_KEYS + ("seed", "experiment", "trainer.name", "dataset.noise_seed")
+DUPLICATE_NEUTRAL = NEUTRAL_KEYS + ("experiment", "trainer.name")
 
 
 def matches(key: str, keys: Iterable[str]) -> bool:

@@ -222,3 +222,20 @@ def test_sam_eval_on_a_trained_run_reproduces_its_test_error(tmp_path):
     assert record["top1_error"] == pytest.approx(summary["test_error"], abs=1e-9)
     assert record["top5_error"] == pytest.approx(last["test_error_top5"], abs=1e-9)
     assert record["loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+
+
+def test_sam_eval_measures_the_runs_test_subset_and_says_so_without_bars_in_a_log(tmp_path, fake_dataset, capsys):
+    model = write_run(tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    payload = torch.load(checkpoint, weights_only=False)
+    payload["config"]["dataset"]["test_subset"] = 16  # the run measured its test error on the first 16 images
+    torch.save(payload, checkpoint)
+    first16, _ = direct_errors(model, fake_dataset.arrays.test_images[:16], fake_dataset.arrays.test_labels[:16])
+    assert main([str(tmp_path / "run"), "--device", "cpu", "--batch-size", "4"]) == 0  # progress auto, not a tty
+    captured = capsys.readouterr()
+    assert captured.err == ""  # no tqdm bar in a log
+    assert f"top-1 error {first16:.2f}%" in captured.out
+    assert "test split, first 16 images (the run's dataset.test_subset; --full-test for all)" in captured.out
+    assert main([str(tmp_path / "run"), "--device", "cpu", "--full-test", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["num_examples"], record["run_test_subset"]) == (40, 16)

@@ -226,3 +226,14 @@ def test_sam_analyze_landscape_end_to_end(tmp_path, fake_dataset, capsys):
     twice = tmp_path / "twice"
     assert analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sgd"), "--out", str(twice), *common]) == 0
     assert len(list(twice.glob("*.landscape_1d.json"))) == 2
+
+
+def test_sam_analyze_writes_beside_the_run_without_out(tmp_path, fake_dataset, capsys, monkeypatch):
+    write_run(tmp_path / "sgd", optimizer="sgd", seed=0)
+    monkeypatch.chdir(tmp_path)
+    common = ["--subset", "16", "--device", "cpu", "--points", "5"]  # progress auto: not a terminal here
+    assert analyze(["landscape", str(tmp_path / "sgd"), *common]) == 0
+    assert (tmp_path / "sgd" / "analysis" / "landscape_1d.png").exists()
+    assert not (tmp_path / "results").exists()
+    err = capsys.readouterr().err
+    assert "\r" not in err and "landscape 1d" not in err  # no tqdm bar in a log

@@ -126,3 +126,62 @@ def test_memorized_share_is_drawn_beside_the_test_error(tmp_path: Path):
     drawn = {line.get_label().split(" ")[0]: line.get_ydata().tolist() for line in figure.axes[1].lines}
     assert drawn == {"sgd": [25.0, 55.0, 85.0], "sam": [15.0, 17.0, 20.0]}
     assert len(error_curves_figure("clean", errors, {}).axes) == 1  # no memorized share: one panel
+
+
+def _figures(monkeypatch, root: Path, out: Path) -> dict[str, object]:
+    """sam-report on `root`, with every figure it saves kept by file name (bars/table1.png, curves/...)."""
+    from sam_repro.analysis import plots
+
+    figures, save = {}, plots.save_figure
+
+    def keep(figure, path, *args, **kwargs):
+        figures[Path(path).relative_to(out).as_posix()] = figure
+        return save(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    assert report_cli.main([str(root), "--out", str(out)]) == 0
+    return figures
+
+
+def _outside(figure, legend, axes) -> bool:
+    renderer = figure.canvas.get_renderer()
+    return legend.get_window_extent(renderer).x0 >= axes.get_window_extent(renderer).x1
+
+
+def test_bars_show_each_seed_and_no_interval_over_two(tmp_path: Path, monkeypatch):
+    root = tmp_path / "runs"
+    for seed, (sgd, sam) in enumerate([(60.0, 50.0), (10.0, 8.0)]):  # 2 seeds: a t-interval of ±318
+        write_run(root, optimizer="sgd", seed=seed, test_error=sgd)
+        write_run(root, optimizer="sam", seed=seed, test_error=sam)
+    figure = _figures(monkeypatch, root, tmp_path / "report")["bars/table1.png"]
+    axes = figure.axes[0]
+    low, high = axes.get_ylim()
+    assert 0.0 <= low and high <= 100.0
+    from matplotlib.collections import PathCollection
+
+    points = sorted(float(y) for c in axes.collections if isinstance(c, PathCollection) for y in c.get_offsets()[:, 1])
+    assert points == [8.0, 10.0, 50.0, 60.0]  # every run, beside its mean
+    ours = [c for c in axes.containers if c.get_label().endswith("ours")]
+    assert ours and all(c.errorbar is None for c in ours)  # no interval over fewer than 3 seeds
+    assert _outside(figure, axes.get_legend(), axes)
+
+
+def test_curve_legend_gives_the_table_value_and_one_epoch_cells_are_drawn(tmp_path: Path, monkeypatch):
+    root = tmp_path / "runs"
+    write_run(root, optimizer="sgd", seed=0, test_error=58.4, curve=[70.0, 58.4], epochs=2, model="resnet8")
+    capped = write_run(root, optimizer="sgd", seed=1, test_error=84.6, curve=[84.6], epochs=2, model="resnet8")
+    summary = json.loads((capped / "summary.json").read_text())
+    (capped / "summary.json").write_text(json.dumps({**summary, "stopped_early": True, "epochs": 1}))
+    for seed, error in enumerate([71.0, 73.0]):  # one-epoch runs: one point each
+        write_run(root, optimizer="sam", seed=seed, test_error=error, curve=[error], epochs=1, model="resnet8")
+    out = tmp_path / "report"
+    figures = _figures(monkeypatch, root, out)
+    two = figures["curves/cifar10-resnet8-basic-2ep.png"]
+    index = (out / "index.md").read_text()
+    assert "| cifar10 | resnet8 | basic | 2 | sgd | 58.40 (1) |" in index
+    labels = [t.get_text() for t in two.axes[0].get_legend().get_texts()]
+    assert "sgd (mean of 1, final 58.40%)" in labels and "sgd, 1 unfinished (not averaged)" in labels
+    assert _outside(two, two.axes[0].get_legend(), two.axes[0])
+    one = figures["curves/cifar10-resnet8-basic-1ep.png"].axes[0]
+    [line] = [line for line in one.lines if line.get_label().startswith("sam")]
+    assert line.get_ydata().tolist() == [72.0] and line.get_marker() not in ("None", None, "")

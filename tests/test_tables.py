@@ -631,3 +631,112 @@ def test_show_adds_summary_values_as_mean_and_interval(tmp_path: Path, capsys):
     assert tables_cli.main([str(tmp_path), "--show", "memorized", "best_test_error"]) == 0
     out = capsys.readouterr().out
     assert "| memorized | best test error |" in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Only what belongs together is averaged
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _edit_summary(run: Path, **changes) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, **changes}))
+
+
+def test_a_run_stopped_short_of_its_schedule_is_never_averaged(tmp_path: Path):
+    write_run(tmp_path, optimizer="sgd", seed=0, test_error=3.0)
+    capped = write_run(tmp_path, optimizer="sgd", seed=1, test_error=90.0)
+    _edit_summary(capped, stopped_early=True, epochs=1)  # what the trainer writes after trainer.max_steps=1
+    older = write_run(tmp_path, optimizer="sgd", seed=2, test_error=80.0)
+    _edit_summary(older, epochs=3)  # 3 of 200 epochs, from before the trainer recorded the stop
+    report = build_report(load_runs([tmp_path]))
+    row = _row(report, 1, "sgd", dataset="cifar10")
+    assert (row.ours.mean, row.ours.n, row.seeds) == (3.0, 1, (0,))
+    stopped = {e.source: e for e in report.excluded}
+    assert {e.status for e in stopped.values()} == {"stopped-early"}
+    assert "after 1 of 200 epochs" in stopped[capped.as_posix()].reason
+    assert "after 3 of 200 epochs" in stopped[older.as_posix()].reason
+
+
+@pytest.mark.data
+def test_the_trainer_records_a_stop_by_max_steps(tmp_path: Path):
+    from helpers.training import TINY, compose_config
+    from sam_repro.engine.trainer import train as train_in_process
+
+    overrides = (*TINY, "trainer.device=cpu", "trainer.progress=off", "trainer.epochs=2")
+    capped, whole = tmp_path / "capped", tmp_path / "whole"
+    train_in_process(compose_config(*overrides, "trainer.max_steps=1"), capped)
+    train_in_process(compose_config(*overrides, "trainer.max_steps=8"), whole)  # 4 steps per epoch: the schedule
+    assert json.loads((capped / "summary.json").read_text())["stopped_early"] is True
+    assert json.loads((whole / "summary.json").read_text())["stopped_early"] is False
+    assert [r.status for r in load_runs([capped, whole])] == ["stopped-early", "finished"]
+
+
+def test_one_configuration_spelled_twice_is_one_run(tmp_path: Path):
+    write_run(tmp_path, optimizer="sgd", seed=0, test_error=3.0, name="debug=tiny")
+    write_run(tmp_path, optimizer="sgd", seed=0, test_error=3.0, name="debug=tiny_optimizer=sgd")
+    write_run(tmp_path, optimizer="sgd", seed=1, test_error=4.0, name="debug=tiny")
+    write_run(tmp_path, optimizer="sam", seed=0, test_error=2.0, name="sam")
+    write_run(tmp_path, optimizer="sam", seed=1, test_error=2.5, name="sam")
+    report = build_report(load_runs([tmp_path]))
+    sgd, sam = (_row(report, 1, arm, dataset="cifar10") for arm in ("sgd", "sam"))
+    assert (sgd.ours.n, sgd.seeds) == (2, (0, 1)) and sam.diff.method == "paired"
+    copy = (tmp_path / "debug=tiny_optimizer=sgd" / "seed0").as_posix()  # the later by source
+    assert [(e.source, e.status, e.reason) for e in report.excluded] == [
+        (copy, "duplicate", f"the same configuration as {(tmp_path / 'debug=tiny' / 'seed0').as_posix()}")
+    ]
+    assert any(w.startswith(f"{copy}: the same configuration as") for w in report.warnings)
+
+
+def test_a_run_of_another_experiment_at_twice_the_epochs_never_enters_the_row(tmp_path: Path):
+    sweep, other, doubled = tmp_path / "sweep", tmp_path / "other", tmp_path / "doubled"
+    for seed in (0, 1):
+        write_run(sweep, optimizer="sgd", seed=seed, test_error=60.0, model="resnet8", epochs=5)
+        write_run(sweep, optimizer="sam", seed=seed, test_error=58.0, model="resnet8", epochs=5)
+    # An unrelated 10-epoch SGD run (another learning rate): not this sweep at twice the budget.
+    write_run(other, optimizer="sgd", seed=0, test_error=40.0, model="resnet8", epochs=10, lr=0.05)
+    report = build_report(load_runs([sweep, other]))
+    sgd = _row(report, None, "sgd", model="resnet8", epochs=5)
+    assert (sgd.ours.mean, sgd.ours.n, sgd.epochs_used) == (60.0, 2, None)
+    assert report.baseline_choices == []
+    assert _row(report, None, "sgd", model="resnet8", epochs=10).ours.mean == 40.0  # a row of its own
+
+    # The same experiment at twice the budget is the paper's rule, and every row it touches says so.
+    write_run(doubled, optimizer="sgd", seed=0, test_error=50.0, model="resnet8", epochs=10)
+    text = render_markdown(build_report(load_runs([sweep, doubled])))
+    sgd_line = next(line for line in text.splitlines() if "| resnet8 |" in line and "| sgd |" in line)
+    sam_line = next(line for line in text.splitlines() if "| resnet8 |" in line and "| sam |" in line)
+    assert "50.00 (1), 10 ep" in sgd_line and "+8.00 (vs SGD at 10 ep)" in sam_line
+
+
+def test_warnings_come_before_the_tables(tmp_path: Path, capsys):
+    write_run(tmp_path, optimizer="sgd", seed=0, test_error=3.0, name="a")
+    write_run(tmp_path, optimizer="sgd", seed=0, test_error=3.0, name="b")
+    assert tables_cli.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("## Warnings") < out.index("## Runs not averaged") < out.index("## Table 1")
+
+
+def test_sam_tables_and_the_wandb_report_put_every_run_in_the_same_cell(tmp_path: Path, capsys):
+    from sam_repro.analysis.wandb_report import report_spec
+
+    exp = "table1/wrn28_10_200ep"
+    write_run(tmp_path, optimizer="sgd", seed=0, test_error=3.0, experiment=exp)
+    write_run(tmp_path, optimizer="sam", seed=0, test_error=2.7, experiment=exp, epochs=20)  # shortened
+    smoke = write_run(tmp_path, optimizer="sam", seed=0, test_error=80.0, experiment=exp, model="resnet8")
+    runs = load_runs([tmp_path])
+    report = build_report(runs)
+    placed = {
+        run.source: (table.id, dict(row.cell))
+        for table in report.tables
+        for row in table.rows
+        for run in runs
+        if row.ours and report.grouping.cell(run) == dict(row.cell)
+    }
+    spec = report_spec(1, None, "sam-repro", runs)
+    sections = {r["source"]: dict(s["cell"]) for s in spec["sections"] for r in s["runs"]}
+    assert spec["other_runs"] == [smoke.as_posix()] and placed[smoke.as_posix()][0] is None  # "Other runs"
+    for source, cell in sections.items():
+        table, row_cell = placed[source]
+        assert table == 1 and all(row_cell[k] == v for k, v in cell.items()), source
+    assert sorted(c["epochs"] for c in sections.values()) == [20, 200]

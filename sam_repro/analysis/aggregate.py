@@ -15,6 +15,7 @@ the same report in any process (the renderers in `render.py` are pure functions 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,16 +30,20 @@ from sam_repro.analysis.grouping import (
     cell_order,
     freeze,
     is_number,
+    is_run_specific,
     mixed_config_warnings,
+    place_run,
     sort_key,
 )
-from sam_repro.analysis.runs import RunRecord
+from sam_repro.analysis.runs import RunRecord, flatten_config
 from sam_repro.analysis.stats import Difference, Estimate, difference, mean_ci
 from sam_repro.errors import ConfigError
-from sam_repro.paper import PaperCell, PaperTable, PaperValue, home_table, normalise_epochs, paper_tables
+from sam_repro.paper import PaperCell, PaperTable, PaperValue, normalise_epochs, paper_tables
+from sam_repro.run_keys import DUPLICATE_NEUTRAL, matches
 
 # Arms the paper reports in every table: shown (as missing) even when we ran only one of them.
 PAPER_ARMS = ("sgd", "sam")
+DUPLICATE = "duplicate"  # the status under "Runs not averaged" of a run that repeats another's configuration
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class Row:
     seeds: tuple[int | None, ...] = ()
     epochs_used: int | float | None = None  # SGD only: set when its runs are the doubled-epoch ones (see below)
     extras: Mapping[str, Estimate | None] = field(default_factory=dict)  # `extra_metrics`, over the same runs
+    sgd_epochs: int | float | None = None  # other arms: the doubled epochs of the SGD runs `diff` is taken against
+    values: tuple[float, ...] = ()  # the averaged values, by seed: what `ours` is the mean of
+    sources: tuple[str, ...] = ()  # the averaged runs (the report's figures draw these and no others)
 
 
 @dataclass
@@ -122,8 +130,15 @@ def build_report(
     # cell -> arm -> runs; the cell is kept as a sorted tuple so that it can be a dict key.
     groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     excluded: list[Exclusion] = []
+    duplicates = duplicate_runs(runs)
+    homes: dict[tuple, Any] = {}
     for run in runs:
-        groups[freeze(grouping.cell(run))][grouping.arm(run)].append(run)
+        if run.source in duplicates:  # one run, spelled twice: counted once, the copy named
+            excluded.append(Exclusion(run.source, DUPLICATE, f"the same configuration as {duplicates[run.source]}"))
+            continue
+        place = place_run(run, grouping, paper, selected)
+        homes[freeze(place.cell)] = place.table.id if place.table is not None else None
+        groups[freeze(place.cell)][grouping.arm(run)].append(run)
         if not run.finished:
             excluded.append(Exclusion(run.source, run.status, run.reason))
         elif not is_number(run.summary.get("test_error")):
@@ -132,10 +147,16 @@ def build_report(
     choices = _best_of_doubled_epochs(groups, excluded_sources) if sgd_best_of_doubled else []
     epochs_used = {freeze(dict(c.cell)): c.used for c in choices if c.used != c.cell["epochs"]}
 
-    warnings = mixed_config_warnings(groups, excluded_sources)
+    warnings = [
+        f"{copy}: the same configuration as {kept} (spelled differently); counted once"
+        for copy, kept in sorted(duplicates.items())
+    ]
+    warnings += mixed_config_warnings(groups, excluded_sources)
     by_table: dict[int | None, list[tuple]] = defaultdict(list)
     for cell in groups:
-        home = _home_table(dict(cell), paper, selected)
+        home = homes[cell] if cell in homes else _NOWHERE
+        if selected is not None and home is None:
+            home = _NOWHERE  # outside the selected table: not shown
         if home is not _NOWHERE:
             by_table[home].append(cell)
     if selected is not None:
@@ -188,6 +209,8 @@ def _best_of_doubled_epochs(
         if set(groups.get(doubled, {})) != {BASELINE}:
             continue
         arms = (groups[frozen][BASELINE], groups[doubled][BASELINE])
+        if not _same_but_epochs(arms[0] + arms[1]):  # another experiment, not this one at twice the budget
+            continue
         means = tuple(_mean_error(runs, excluded) for runs in arms)
         use_doubled = means[1] is not None and (means[0] is None or means[1] < means[0])
         if use_doubled:
@@ -195,6 +218,35 @@ def _best_of_doubled_epochs(
         del groups[doubled]
         choices.append(BaselineChoice(cell, means, doubled_epochs if use_doubled else epochs))
     return choices
+
+
+# What may differ between the SGD runs at E and at 2E epochs of one cell: the epochs, and what TABLE_NEUTRAL allows.
+_BUDGET_KEYS = ("trainer.epochs", "trainer.epoch_scale")
+
+
+def _same_but_epochs(runs: list[RunRecord]) -> bool:
+    """The runs are one experiment at different budgets: their configs agree in every key but the epochs."""
+    flats = [{k: v for k, v in flatten_config(r.config).items() if not is_run_specific(k) and k not in _BUDGET_KEYS}
+             for r in runs]  # fmt: skip
+    keys = {k for flat in flats for k in flat}
+    return all(len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) == 1 for k in keys)
+
+
+def duplicate_runs(runs: Sequence[RunRecord]) -> dict[str, str]:
+    """{source of a copy: source of the run it repeats} over runs whose resolved configs agree in every key that
+    can change a result (`run_keys.DUPLICATE_NEUTRAL` aside), seed included: the same run however it was spelled
+    (two directories, or a run read from disk and from W&B). The run kept is the first by source among those that
+    can be averaged (finished, with a finite test error), else the first by source."""
+    kept: dict[str, str] = {}
+    copies: dict[str, str] = {}
+    for run in sorted(runs, key=lambda r: (not (r.finished and is_number(r.summary.get("test_error"))), r.source)):
+        flat = {k: v for k, v in flatten_config(run.config).items() if not matches(k, DUPLICATE_NEUTRAL)}
+        key = json.dumps(flat, sort_keys=True, default=str)
+        if key in kept:
+            copies[run.source] = kept[key]
+        else:
+            kept[key] = run.source
+    return copies
 
 
 def _mean_error(runs: list[RunRecord], excluded: set[str]) -> float | None:
@@ -212,14 +264,6 @@ def _parse_table(table: str | int, paper: Mapping[int, PaperTable]) -> int | Non
     if str(table).isdigit() and int(table) in paper:
         return int(table)
     raise ConfigError(f"--table {table}: choose one of {', '.join(map(str, sorted(paper)))} or auto")
-
-
-def _home_table(cell: Mapping[str, Any], paper: Mapping[int, PaperTable], selected: int | None) -> Any:
-    """The id of the cell's table; None: "Other runs"; _NOWHERE: not shown (outside the selected table)."""
-    home = home_table(cell, paper, only=selected)
-    if home is None:
-        return _NOWHERE if selected is not None else None
-    return home.id
 
 
 def _table_report(
@@ -254,8 +298,11 @@ def _table_report(
                 row = _row(cell, arm, metric, samples, paper_cell, arms.get(arm, []), excluded)
                 if extra_metrics:
                     row = dataclasses.replace(row, extras=_extras(arms.get(arm, []), extra_metrics, excluded))
-                if arm == BASELINE and epochs_used and frozen in epochs_used:
-                    row = dataclasses.replace(row, epochs_used=epochs_used[frozen])
+                if epochs_used and frozen in epochs_used:  # every row the doubled SGD budget touches says so
+                    used = epochs_used[frozen]
+                    row = dataclasses.replace(
+                        row, **({"epochs_used": used} if arm == BASELINE else {"sgd_epochs": used})
+                    )
                 order = paper_cell.order if paper_cell is not None else math.inf
                 rows.append(((order, cell_order(cell), metrics.index(metric), arm_order(arm)), row))
     if include_missing_cells and spec is not None:
@@ -335,7 +382,15 @@ def _row(
     paper_diff = paper.decimal - paper_sgd.decimal if paper and paper_sgd and arm != BASELINE else None
     not_finished = sum(1 for run in runs if run.source in excluded)
     seeds = tuple(sorted(mine, key=sort_key))
-    return Row(dict(cell), arm, metric, ours, paper, diff, paper_diff, diff_note, not_finished, seeds)
+    sources = tuple(
+        r.source
+        for r in sorted(runs, key=lambda r: r.source)
+        if r.source not in excluded and is_number(r.summary.get(metric))
+    )
+    return Row(
+        dict(cell), arm, metric, ours, paper, diff, paper_diff, diff_note, not_finished, seeds,
+        values=tuple(values), sources=sources,
+    )  # fmt: skip
 
 
 def _shown_columns(rows: list[Row], grouping: Grouping, spec: PaperTable | None) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sam_repro.analysis.runs import RunRecord, flatten_config
-from sam_repro.paper import CELL_KEYS, CELL_SOURCES, run_cell
+from sam_repro.paper import CELL_KEYS, CELL_SOURCES, PaperCell, PaperTable, home_table, run_cell
 from sam_repro.run_keys import TABLE_NEUTRAL
 
 BASELINE = "sgd"
@@ -66,6 +66,31 @@ class Grouping:
             if run.value(k) is not None
         )
         return f"{name}[{refinements}]" if refinements else name
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run goes: its cell (a row of a table), the paper table holding it (None: "Other runs") and the paper's
+    cell it reproduces (None: a row of our own beside the paper's, e.g. fewer epochs or a training subset)."""
+
+    cell: dict[str, Any]
+    table: PaperTable | None
+    paper_cell: PaperCell | None
+
+
+def place_run(
+    run: RunRecord,
+    grouping: Grouping | None = None,
+    paper: Mapping[int, PaperTable] | None = None,
+    only: int | None = None,
+) -> Placement:
+    """The one decision of where a run goes, shared by sam-tables and sam-wandb report: its cell from its resolved
+    config (`Grouping.cell`), the first paper table with the cell's dataset and model (and label noise iff the
+    table has it; with `only`, that table or none), the paper's cell when every key the paper prints agrees. The
+    preset a run started from plays no part: a ResNet-8 smoke run of a Table 1 preset is no Table 1 run."""
+    cell = (grouping or Grouping()).cell(run)
+    table = home_table(cell, paper, only=only)
+    return Placement(cell, table, table.match(cell, "test_error") if table is not None else None)
 
 
 def normalise_value(value: Any) -> Any:

@@ -230,6 +230,7 @@ def load_split(
     subset: int | None = None,
     seed: int = 0,
     root: str | os.PathLike | None = None,
+    run_test_subset: bool = False,
 ) -> ImageSplit:
     """The `split` of the run's dataset, optionally a seeded subset of it, on the CPU.
 
@@ -237,6 +238,8 @@ def load_split(
     `sam_repro.data.build_data` trains on (validation hold-out removed, `dataset.train_subset` applied) with the
     labels it trained on (`dataset.label_noise` applied with its seed), so the analyses measure the training loss.
     `root` overrides `dataset.root` (runs trained elsewhere record that machine's data path).
+    `run_test_subset`: "test" is the first `dataset.test_subset` test images where the run set one, the images the
+    trainer measured its `test_error` on (sam-eval's default).
     """
     if split not in ("train", "test"):
         raise ConfigError(f"--split must be train or test (got {split!r})")
@@ -245,6 +248,11 @@ def load_split(
     label_noise = 0.0
     if split == "test":
         images, labels = arrays.test_images, arrays.test_labels
+        first = dataset.get("test_subset") if run_test_subset else None
+        if first is not None:
+            if not 0 < int(first) <= len(labels):
+                raise ConfigError(f"dataset.test_subset must be in [1, {len(labels)}] (got {first})")
+            images, labels = images[: int(first)], labels[: int(first)]
     else:
         positions, _ = select_train_indices(
             len(arrays.train_labels),

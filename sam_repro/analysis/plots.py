@@ -12,14 +12,14 @@ import math
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from sam_repro.analysis.aggregate import Report, Row, TableReport
 from sam_repro.analysis.grouping import arm_order, cell_label
@@ -70,6 +70,7 @@ def error_curves_figure(
     arms: Mapping[str, Sequence[Curve]],
     paper: Mapping[str, float],
     memorized: Mapping[str, Sequence[Curve]] | None = None,
+    finals: Mapping[str, float] | None = None,
 ) -> Figure:
     """Mean test error per epoch of each arm's finished runs, shaded between the best and worst seed.
 
@@ -77,12 +78,15 @@ def error_curves_figure(
     The y axis is logarithmic: the first epochs (tens of percent) and the end of training (a few percent, where
     SAM and SGD differ) both stay readable. With `memorized` (label-noise runs: the share of flipped training
     labels the network predicts, per epoch), a second panel beside it shows that, on a linear 0-100 axis.
+    `finals` (arm -> the table's value) is the number each legend entry gives, so the legend says what the table
+    row says; without it, the mean of the curves' last points. Curves of one or two epochs are drawn as points
+    (a line through one point is invisible); legends sit outside the axes, right of the data.
     """
     figure = Figure(figsize=(12.0 if memorized else 7.0, 4.2), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 2 if memorized else 1, 1)
     colours = arm_colours(list(arms))
-    _draw_curves(axes, arms, colours, "%")
+    _draw_curves(axes, arms, colours, "%", finals)
     for arm in sorted(arms, key=arm_order):
         if arm in paper:
             axes.axhline(
@@ -93,39 +97,69 @@ def error_curves_figure(
     axes.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     axes.yaxis.set_minor_formatter(NullFormatter())
     axes.set_ylabel("test error (%)")
-    axes.legend(fontsize=8, loc="upper right", title="shaded: min–max over seeds", title_fontsize=7)
+    low, high = axes.get_ylim()
+    axes.set_ylim(max(low, 0.01), min(high, 100.0))  # an error lies in (0, 100]
+    axes.legend(**_OUTSIDE, title="shaded: min–max over seeds", title_fontsize=7)
     if memorized:
         right = figure.add_subplot(1, 2, 2)
         _draw_curves(right, memorized, {**colours, **arm_colours(list(memorized))}, "%")
         right.set_ylim(0, 100)
         right.set_ylabel("memorized: flipped training labels predicted (%)")
-        right.legend(fontsize=8, loc="upper left", title="shaded: min–max over seeds", title_fontsize=7)
+        right.legend(**_OUTSIDE, title="shaded: min–max over seeds", title_fontsize=7)
     for ax in figure.axes:
+        low, high = ax.get_xlim()
+        if high - low < 2:  # one epoch: whole epochs either side, not ticks at 0.005
+            ax.set_xlim((low + high) / 2 - 1, (low + high) / 2 + 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(True, which="major", alpha=0.3)
     figure.suptitle("\n".join(textwrap.wrap(title, 90 if not memorized else 150)), fontsize=10)  # wraps, never clips
     return figure
 
 
-def _draw_curves(axes, arms: Mapping[str, Sequence[Curve]], colours: Mapping[str, str], unit: str) -> None:
-    """Each arm's finished runs as their mean with a min-max band, its unfinished ones as dotted lines."""
+_OUTSIDE = {"fontsize": 8, "loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0}
+
+
+def _draw_curves(
+    axes,
+    arms: Mapping[str, Sequence[Curve]],
+    colours: Mapping[str, str],
+    unit: str,
+    finals: Mapping[str, float] | None = None,
+) -> None:
+    """Each arm's finished runs as their mean with a min-max band, its unfinished ones as dotted lines; curves of
+    fewer than 3 epochs with markers, so that one-epoch cells are seen."""
     for arm in sorted(arms, key=arm_order):
         colour = colours[arm]
         finished = [c for c in arms[arm] if c.finished and len(c.epochs)]
         if finished:
             epochs, mean, low, high = curve_band(finished)
-            label = f"{arm} (mean of {len(finished)}, final {mean[-1]:.2f}{unit})"
-            axes.plot(epochs, mean, color=colour, linewidth=1.8, label=label)
+            final = finals[arm] if finals and arm in finals else mean[-1]
+            label = f"{arm} (mean of {len(finished)}, final {final:.2f}{unit})"
+            axes.plot(epochs, mean, color=colour, linewidth=1.8, label=label, marker="o" if len(epochs) < 3 else None)
             if len(finished) > 1:
                 axes.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
+            if len(finished) > 1 and len(epochs) < 3:  # a band over one or two epochs is not seen: each seed's points
+                for curve in finished:
+                    axes.scatter(curve.epochs, curve.values, s=10, color=colour, alpha=0.6, linewidths=0)
         unfinished = [c for c in arms[arm] if not c.finished and len(c.epochs)]
         for i, curve in enumerate(unfinished):
             label = f"{arm}, {len(unfinished)} unfinished (not averaged)" if i == 0 else None
-            axes.plot(curve.epochs, curve.values, color=colour, linewidth=0.8, linestyle=":", label=label)
+            marker = "." if len(curve.epochs) < 3 else None
+            axes.plot(
+                curve.epochs, curve.values, color=colour, linewidth=0.8, linestyle=":", label=label, marker=marker
+            )
+
+
+MIN_SEEDS_FOR_INTERVAL = 3  # a t-interval over 2 seeds spans ±6.4 standard deviations: drawn as points only
 
 
 def table_bars_figure(table: TableReport) -> Figure | None:
-    """Ours (solid, 95% interval) beside the paper (hatched, its interval) for every cell we ran; None if none."""
+    """Ours (solid) beside the paper (hatched, its interval) for every cell we ran; None if none.
+
+    Each of our bars is the table's mean with the runs it averages as points on it; its 95% interval is drawn
+    only over at least MIN_SEEDS_FOR_INTERVAL runs (fewer: the points alone, and the legend says so). The axis
+    covers what the unit can be, 0-100%."""
     cells: dict[tuple, dict[str, Row]] = {}
     for row in table.rows:
         cells.setdefault((tuple(row.cell.items()), row.metric), {})[row.arm] = row
@@ -135,7 +169,7 @@ def table_bars_figure(table: TableReport) -> Figure | None:
     arms = sorted({arm for by_arm in cells.values() for arm in by_arm}, key=arm_order)
     colours = arm_colours(arms)
     width = 0.8 / (2 * len(arms))
-    figure = Figure(figsize=(max(6.0, 1.3 * len(cells) + 2.0), 4.5), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(max(6.0, 1.3 * len(cells) + 3.5), 4.5), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     positions = np.arange(len(cells))
@@ -147,11 +181,16 @@ def table_bars_figure(table: TableReport) -> Figure | None:
             positions + offset,
             width,
             [r.ours.mean if r and r.ours else math.nan for r in ours],
-            [r.ours.half_width if r and r.ours else None for r in ours],
+            [r.ours.half_width if r and r.ours and r.ours.n >= MIN_SEEDS_FOR_INTERVAL else None for r in ours],
             colours[arm],
             f"{arm}, ours",
             None,
         )
+        for x, row in zip(positions + offset, ours):
+            if row is not None and row.values:
+                shown = list(row.values)  # in the table's unit, as the mean
+                jitter = np.linspace(-0.25, 0.25, len(shown)) * width if len(shown) > 1 else np.zeros(1)
+                axes.scatter(x + jitter, shown, s=12, color="black", zorder=3, linewidths=0)
         _bars(
             axes,
             positions + offset + width,
@@ -162,19 +201,27 @@ def table_bars_figure(table: TableReport) -> Figure | None:
             f"{arm}, paper",
             "///",
         )
+    axes.scatter([], [], s=12, color="black", linewidths=0, label="our runs, one point each")
     axes.set_xticks(positions, [_cell_tick(key, table) for key in cells], fontsize=8)
     axes.set_ylabel(UNIT_LABELS[table.unit].split(",")[0])
+    low, high = axes.get_ylim()
+    axes.set_ylim(max(low, 0.0), min(high, 100.0))  # what an error or accuracy in percent can be
     name = f"Table {table.id}: {table.title}" if table.id is not None else table.title
-    axes.set_title(f"{name}\nours: mean ± 95% interval over seeds; hatched: the paper", fontsize=10)
+    what = (
+        f"ours: mean, each run a point, 95% interval over ≥ {MIN_SEEDS_FOR_INTERVAL} runs (none drawn over fewer); "
+        "hatched: the paper"
+    )
+    figure.suptitle("\n".join([name, *textwrap.wrap(what, 70)]), fontsize=10)  # wraps, never clips
     axes.grid(True, axis="y", alpha=0.3)
-    axes.legend(fontsize=8, ncols=min(4, 2 * len(arms)), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    axes.legend(**_OUTSIDE)
     return figure
 
 
 def _bars(axes, x, width, heights, half_widths, colour, label, hatch) -> None:
     errors = np.array([h if h is not None else 0.0 for h in half_widths])
     kwargs = {"facecolor": "white", "edgecolor": colour, "hatch": hatch} if hatch else {"color": colour}
-    axes.bar(x, heights, width, label=label, yerr=errors, capsize=2, error_kw={"elinewidth": 0.8}, **kwargs)
+    yerr = errors if errors.any() else None
+    axes.bar(x, heights, width, label=label, yerr=yerr, capsize=2, error_kw={"elinewidth": 0.8}, **kwargs)
 
 
 def _cell_tick(key: tuple, table: TableReport) -> str:
@@ -251,16 +298,21 @@ def cell_slug(cell: Mapping[str, object]) -> str:
 
 
 def write_report(report: Report, out_dir: str | Path) -> list[Path]:
-    """bars/table<N>.png, curves/<cell>.png and index.md (which also holds the tables) under `out_dir`."""
+    """bars/table<N>.png, curves/<cell>.png and index.md (which also holds the tables) under `out_dir`.
+
+    A cell's curves are those of the runs its table rows average (`Row.sources`: the SGD row's doubled-epoch runs
+    where the paper's rule chose them), solid, with the row's value in the legend; the runs of the cell that did
+    not finish their schedule are dotted; a duplicate or a budget the row did not use is not drawn."""
     out = Path(out_dir)
     runs_by_cell: dict[tuple, dict[str, list[RunRecord]]] = {}
     for run in report.runs:
         cell = tuple(report.grouping.cell(run).items())
         runs_by_cell.setdefault(cell, {}).setdefault(report.grouping.arm(run), []).append(run)
+    by_source = {run.source: run for run in report.runs}
 
     written: list[Path] = []
     columns = (*VALUE_COLUMNS, *extra_columns(report))
-    lines = ["# SAM vs SGD: report", "", MARKDOWN_LEGEND, ""]
+    lines = ["# SAM vs SGD: report", "", MARKDOWN_LEGEND, ""] + render_notices_markdown(report)
     slugs: set[str] = set()
     for table in report.tables:
         name = f"table{table.id}" if table.id is not None else "other"
@@ -271,10 +323,18 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
             lines += [f"![{table_heading(table)}: ours vs paper](bars/{name}.png)", ""]
         cells = list(dict.fromkeys(tuple(row.cell.items()) for row in table.rows))
         for cell in cells:
+            rows = {
+                row.arm: row for row in table.rows if tuple(row.cell.items()) == cell and row.metric == "test_error"
+            }
+            drawn: dict[str, list[tuple[RunRecord, bool]]] = {}
+            for arm, row in rows.items():
+                averaged = [(by_source[source], True) for source in row.sources]
+                unfinished = [(r, False) for r in runs_by_cell.get(cell, {}).get(arm, []) if not r.finished]
+                drawn[arm] = averaged + sorted(unfinished, key=lambda item: item[0].source)
             arms, memorized = (
                 {
-                    arm: [c for r in sorted(runs, key=lambda r: r.source) if (c := run_curve(r, key))]
-                    for arm, runs in runs_by_cell.get(cell, {}).items()
+                    arm: [replace(c, finished=averaged) for r, averaged in runs if (c := run_curve(r, key))]
+                    for arm, runs in drawn.items()
                 }
                 for key in ("test_error", "memorized")
             )
@@ -286,15 +346,12 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
             while slug in slugs:  # two cells that only differ in characters a file name cannot hold
                 slug += "_"
             slugs.add(slug)
-            paper = {
-                row.arm: (100.0 - row.paper.value if table.unit == "accuracy" else row.paper.value)
-                for row in table.rows
-                if tuple(row.cell.items()) == cell and row.metric == "test_error" and row.paper
-            }
-            figure = error_curves_figure(cell_label(dict(cell)), arms, paper, memorized or None)
+            as_error = (lambda v: 100.0 - v) if table.unit == "accuracy" else (lambda v: v)
+            paper = {arm: as_error(row.paper.value) for arm, row in rows.items() if row.paper}
+            finals = {arm: as_error(row.ours.mean) for arm, row in rows.items() if row.ours}
+            figure = error_curves_figure(cell_label(dict(cell)), arms, paper, memorized or None, finals)
             written.append(save_figure(figure, out / "curves" / f"{slug}.png"))
             what = "test error and memorized share" if memorized else "test error"
             lines += [f"**{cell_label(dict(cell))}**", "", f"![{what} per epoch](curves/{slug}.png)", ""]
-    lines += render_notices_markdown(report)
     index = atomic_write_text(out / "index.md", "\n".join(lines))
     return [index, *written]

@@ -99,10 +99,15 @@ def _ours(row: Row) -> str:
     return text + (f", {value_label(row.epochs_used)} ep" if row.epochs_used is not None else "")
 
 
+def _difference(row: Row) -> str:
+    text = format_difference(row.diff, row.diff_note)
+    return text + (f" (vs SGD at {value_label(row.sgd_epochs)} ep)" if row.diff and row.sgd_epochs is not None else "")
+
+
 VALUE_COLUMNS = (
     Column("ours", _ours),
     Column("paper", lambda row: row.paper.display() if row.paper else ABSENT),
-    Column("ours − SGD", lambda row: format_difference(row.diff, row.diff_note) if row.arm != BASELINE else ""),
+    Column("ours − SGD", lambda row: _difference(row) if row.arm != BASELINE else ""),
     Column("paper − SGD", lambda row: format_paper_diff(row.paper_diff) if row.arm != BASELINE else ""),
     Column("difference", lambda row: format_method(row.diff)),
 )
@@ -154,8 +159,10 @@ def render_table_markdown(table: TableReport, columns: Sequence[Column] = VALUE_
 
 
 def render_notices_markdown(report: Report) -> list[str]:
-    """The runs left out of the means, and the warnings, as Markdown sections."""
+    """The warnings and the runs left out of the means, as Markdown sections (they come before the tables)."""
     lines = []
+    if report.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     if report.excluded:
         lines += ["## Runs not averaged", "", "| run | status | reason |", "|---|---|---|"]
         lines += [f"| {e.source} | {e.status} | {e.reason or ABSENT} |" for e in report.excluded]
@@ -178,17 +185,16 @@ def render_notices_markdown(report: Report) -> list[str]:
                 f"{means[1]} ({value_label(normalise_epochs(2 * epochs))} ep) | {value_label(choice.used)} ep |"
             )
         lines.append("")
-    if report.warnings:
-        lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     return lines
 
 
 def render_markdown(report: Report, columns: Sequence[Column] = VALUE_COLUMNS) -> str:
-    lines = ["# SAM vs SGD: our runs beside the paper", "", MARKDOWN_LEGEND, ""]
+    """The tables, with the warnings and the runs left out before them (read before the numbers they qualify)."""
+    lines = ["# SAM vs SGD: our runs beside the paper", "", MARKDOWN_LEGEND, ""] + render_notices_markdown(report)
     columns = (*columns, *extra_columns(report))
     for table in report.tables:
         lines += [f"## {table_heading(table)}", ""] + render_table_markdown(table, columns)
-    return "\n".join(lines + render_notices_markdown(report))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ silently skipping it would drop a seed from a mean.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from sam_repro.errors import DataError
-from sam_repro.paper import config_value
+from sam_repro.paper import config_value, run_epochs
 from sam_repro.run_keys import flatten as flatten_config  # noqa: F401 -- re-exported: the tables flatten with it
 
 CONFIG_FILE = "config.yaml"
@@ -29,6 +30,7 @@ METRICS_FILE = "metrics.jsonl"
 
 FINISHED = "finished"
 NO_SUMMARY = "no-summary"
+STOPPED_EARLY = "stopped-early"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,26 @@ class RunRecord:
     def value(self, dotted_key: str, default: Any = None) -> Any:
         """A config value by dotted key, e.g. `run.value("optimizer.rho")`."""
         return config_value(self.config, dotted_key, default)
+
+
+def settled_status(config: Mapping[str, Any], summary: Mapping[str, Any], status: str, reason: str | None):
+    """(status, reason) of a run as the tables count it: a "finished" run that stopped short of its schedule
+    (`trainer.max_steps`, which the trainer records as `stopped_early`, or fewer epochs than planned) is
+    STOPPED_EARLY, never averaged with runs that trained their whole schedule."""
+    if status != FINISHED:
+        return status, reason
+    planned = run_epochs(config)
+    planned = max(1, math.ceil(planned)) if planned is not None else None
+    epochs = summary.get("epochs")
+    max_steps = config_value(config, "trainer.max_steps")
+    if summary.get("stopped_early"):
+        trained = f" after {epochs} of {planned} epochs" if epochs is not None and planned is not None else ""
+        cause = f"stopped by trainer.max_steps={max_steps}" if max_steps else "stopped early"
+        return STOPPED_EARLY, f"{cause}{trained}, short of its schedule"
+    if isinstance(epochs, int) and planned is not None and epochs < planned:
+        cause = f"trainer.max_steps={max_steps}" if max_steps else "a stop"
+        return STOPPED_EARLY, f"stopped by {cause} after {epochs} of {planned} epochs, short of its schedule"
+    return status, reason
 
 
 def find_run_dirs(roots: Iterable[str | os.PathLike]) -> list[Path]:
@@ -108,7 +130,8 @@ def load_run(directory: Path) -> RunRecord:
     if not summary_path.exists():
         return RunRecord(directory.as_posix(), config, {}, NO_SUMMARY, "no summary.json", directory)
     summary = _read_summary(summary_path)
-    return RunRecord(directory.as_posix(), config, summary, str(summary["status"]), summary.get("reason"), directory)
+    status, reason = settled_status(config, summary, str(summary["status"]), summary.get("reason"))
+    return RunRecord(directory.as_posix(), config, summary, status, reason, directory)
 
 
 def load_runs(roots: Iterable[str | os.PathLike]) -> list[RunRecord]:

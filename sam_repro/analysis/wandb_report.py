@@ -9,17 +9,19 @@ W&B group, which the trainer sets to the run's cell (`sam_repro.paper.run_group`
 the optimizer: the test-error curves of SGD and SAM in two colours, seeds aggregated, and a runs table of the final
 and best test error beside the paper's value (`paper/test_error`, `paper/ci95`, in every run's summary).
 
-Sections come from the run directories given (`runs`), each run in the cell of the preset it started from (also
-when shortened: its group then differs, and is listed with the cell's) or else in its own cell; without runs, every
-cell of the table, with the groups that the cell's preset commands give.
+Sections come from the run directories given (`runs`), each run in the cell sam-tables puts it in (one decision,
+`grouping.place_run`): a cell of the paper, or a row of its own (a shortened run, a training subset) with no paper
+value; a run sam-tables lists in another table or under "Other runs" is listed under `other_runs`. Without runs,
+every cell of the table, with the groups that the cell's preset commands give.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sam_repro.analysis.grouping import cell_label
+from sam_repro.analysis.grouping import Placement, cell_label, cell_order, freeze, place_run
 from sam_repro.analysis.runs import RunRecord
 from sam_repro.errors import ConfigError
 from sam_repro.paper import (
@@ -27,9 +29,7 @@ from sam_repro.paper import (
     PaperTable,
     as_error,
     hyperparameters,
-    paper_cell,
     paper_table,
-    paper_value_of_preset,
     run_group,
 )
 
@@ -53,13 +53,11 @@ PANELS = (
 )
 
 
-def cell_of_run(run: RunRecord, table: PaperTable) -> PaperCell | None:
-    """The cell of `table` a run belongs to: its preset's (even when it deviates from it), else its own."""
-    preset = paper_value_of_preset(run.config)
-    if preset is not None:
-        return preset.cell if preset.cell.table == table.id else None
-    cell = paper_cell(run.config)
-    return cell if cell is not None and cell.table == table.id else None
+def cell_of_run(run: RunRecord, table: PaperTable) -> Placement | None:
+    """Where a run goes in `table`'s report: the cell sam-tables puts it in (`grouping.place_run`, the one
+    decision), or None when sam-tables shows it in another table or under "Other runs"."""
+    place = place_run(run, only=table.id)
+    return place if place.table is not None else None
 
 
 def _preset_groups(table: PaperTable) -> dict[int, set[str]]:
@@ -112,34 +110,32 @@ def report_spec(
     with their run filters, panels, runs table columns, the paper's values and, given `runs`, the runs found."""
     table = paper_table(table_id)
     cells = {c.order: c for c in table.cells if c.metric == "test_error"}
-    groups: dict[int, set[str]] = {}
-    members: dict[int, list[RunRecord]] = {}
+    sections = []
     others: list[str] = []
     if runs is None:
         groups = _preset_groups(table)
+        for order in sorted(groups):
+            sections.append(_section(cells[order].keys, sorted(groups[order]), _paper_values(cells[order]), None))
     else:
-        for run in runs:
-            cell = cell_of_run(run, table)
-            if cell is None or cell.order not in cells:
+        # cell -> its runs, in sam-tables' order: the paper's cells as the paper lists them, then our own rows
+        members: dict[tuple, list[RunRecord]] = {}
+        orders: dict[tuple, tuple] = {}
+        for run in sorted(runs, key=lambda r: r.source):
+            place = cell_of_run(run, table)
+            if place is None:
                 others.append(run.source)
                 continue
-            groups.setdefault(cell.order, set()).add(run_group(run.config))
-            members.setdefault(cell.order, []).append(run)
-    sections = []
-    for order in sorted(groups):
-        cell = cells[order]
-        sections.append(
-            {
-                "title": cell_label(cell.keys),
-                "cell": dict(cell.keys),
-                "filter": {"group": sorted(groups[order])},
-                "color_by": "job_type",
-                "paper": _paper_values(cell),
-                "panels": [dict(p) for p in PANELS],
-                "runs_table": list(RUN_COLUMNS),
-                **({"runs": [_run_entry(r) for r in members[order]]} if runs is not None else {}),
-            }
-        )
+            key = freeze(place.cell)
+            members.setdefault(key, []).append(run)
+            order = place.paper_cell.order if place.paper_cell is not None else math.inf
+            orders[key] = (order, cell_order(place.cell))
+        for key in sorted(members, key=orders.__getitem__):
+            cell = dict(key)
+            found = table.match(cell, "test_error")
+            keys = dict(found.keys) if found is not None else {k: v for k, v in cell.items() if v is not None}
+            groups = sorted({run_group(r.config) for r in members[key]})
+            paper = _paper_values(found) if found is not None else {}
+            sections.append(_section(keys, groups, paper, members[key]))
     return {
         "version": SPEC_VERSION,
         "table": table.id,
@@ -152,6 +148,21 @@ def report_spec(
         "project": project,
         "sections": sections,
         "other_runs": others,
+    }
+
+
+def _section(
+    cell: Mapping[str, Any], groups: list[str], paper: dict[str, Any], runs: list[RunRecord] | None
+) -> dict[str, Any]:
+    return {
+        "title": cell_label(cell),
+        "cell": dict(cell),
+        "filter": {"group": groups},
+        "color_by": "job_type",
+        "paper": paper,
+        "panels": [dict(p) for p in PANELS],
+        "runs_table": list(RUN_COLUMNS),
+        **({"runs": [_run_entry(r) for r in runs]} if runs is not None else {}),
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sam_repro.analysis.runs import RunRecord
+from sam_repro.analysis.runs import RunRecord, settled_status
 from sam_repro.errors import ConfigError, DataError
 
 # W&B run states -> the statuses of summary.json.
@@ -56,6 +56,7 @@ def record_from_api_run(run: Any, path: str) -> RunRecord:
     state = str(getattr(run, "state", "unknown")).lower()
     status = str(summary.get("status") or STATES.get(state, state))
     reason = summary.get("reason") or (None if status == "finished" else f"W&B state: {state}")
+    status, reason = settled_status(config, summary, status, reason)
     return RunRecord(f"wandb:{path}/{run.id}", config, summary, status, reason)
 
 

@@ -6,7 +6,8 @@
 
 RUN is a run directory (its `checkpoints/last.pt`) or a `.pt` checkpoint. Every run is analysed on the same seeded
 sample of `--subset` examples of `--split` (default: train, i.e. the examples and labels the run trained on, so the
-training loss), so an SGD and a SAM run given together are compared on identical data. Outputs in `--out`: one
+training loss), so an SGD and a SAM run given together are compared on identical data. Outputs in `--out` (default:
+`analysis/` in the first run's directory): one
 `<run>.<analysis>.json` per run (the result, the run, the data sample and the provenance: command, git commit,
 machine, versions, time) and PNG plots that overlay the runs (provenance in their PNG text chunks). Errors: one line
 `error: ...` on stderr, exit status 2.
@@ -50,8 +51,10 @@ from sam_repro.analysis.loading import (
 )
 from sam_repro.analysis.plots import save_figure
 from sam_repro.analysis.sharpness import m_sharpness, plot_m_sharpness
+from sam_repro.cli.eval import add_progress_argument
 from sam_repro.engine.compat import set_tf32
 from sam_repro.engine.distributed import resolve_device
+from sam_repro.engine.loggers import progress_mode
 from sam_repro.engine.provenance import provenance
 from sam_repro.errors import CheckpointError, ConfigError, SamReproError
 
@@ -65,8 +68,8 @@ class _Session:
         self.analysis = analysis
         self.device = resolve_device(args.device, option="--device")
         set_tf32(False)  # Hessian-vector products and small-rho sharpness need IEEE, not TF32
-        self.out = Path(args.out)
-        self.progress = not args.no_progress
+        self.out = Path(args.out) if args.out is not None else beside_run(args.runs[0])
+        self.progress = progress_mode(args.progress) == "bar"  # bars on a terminal only
         self.provenance = provenance()
         self._splits: dict[tuple[str, str], ImageSplit] = {}
         self._stems: set[str] = set()
@@ -122,6 +125,16 @@ class _Session:
         path = save_figure(figure, self.out / name, self.provenance, dpi=150, tight=True)
         print(f"wrote {path}", file=sys.stderr)
         return path
+
+
+def beside_run(path: str) -> Path:
+    """The default output folder: `analysis/` in the run directory (of a checkpoint: the run directory holding its
+    `checkpoints/`, else the folder holding the file), never a shared folder where runs overwrite each other."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return path / "analysis"
+    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return folder / "analysis"
 
 
 def _unique(name: str, taken: set[str], template: str = "{name} ({copy})") -> str:
@@ -288,13 +301,15 @@ def _interpolate(session: _Session, grid: list[float]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("runs", nargs="+", metavar="RUN", help="run directories or .pt checkpoints")
-    common.add_argument("--out", default="results/analysis", help="output directory (default: %(default)s)")
+    common.add_argument(
+        "--out", default=None, help="output directory (default: analysis/ in the (first) run's directory)"
+    )
     common.add_argument("--split", default="train", choices=("train", "test"), help="data split (default: train)")
     common.add_argument("--seed", type=int, default=0, help="seed of the data sample, start vectors and directions")
     common.add_argument("--chunk-size", type=int, default=250, help="examples per forward/backward (bounds memory)")
     common.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     common.add_argument("--data-root", default=None, help="override dataset.root stored in the run's config")
-    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(common)
 
     parser = argparse.ArgumentParser(
         prog="sam-analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -54,6 +54,7 @@ def paper_summary(cfg: DictConfig) -> dict:
 STEP_PREFIX = "steps/"  # W&B keys of the per-step rows (steps.jsonl has them bare), plotted against `step`
 SUMMARY_KEYS = (
     "status",
+    "stopped_early",
     "test_error",
     "best_test_error",
     "test_error_top5",
@@ -370,6 +371,17 @@ class StepCurves:
         self.metrics.log_step(row)
 
 
+PROGRESS_MODES = ("auto", "bar", "log", "off")
+
+
+def progress_mode(mode: str) -> str:
+    """The one rule of `auto`, in every CLI: bars on a terminal, plain lines otherwise (a log file, a pipe, a SLURM
+    job's output). `bar`, `log` and `off` are returned as they are."""
+    if mode == "auto":
+        return "bar" if sys.stderr.isatty() and not os.environ.get("SLURM_JOB_ID") else "log"
+    return mode
+
+
 class Progress:
     """A tqdm bar per epoch on a terminal (loss, error, img/s), plain log lines every `trainer.log_every` steps
     otherwise. Reads the device-side running sums only every few steps."""
@@ -377,9 +389,7 @@ class Progress:
     REFRESH = 10
 
     def __init__(self, cfg: DictConfig, env, epoch: int, epochs: int, steps: int, start: int = 0) -> None:
-        mode = cfg.trainer.progress
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() and not os.environ.get("SLURM_JOB_ID") else "log"
+        mode = progress_mode(cfg.trainer.progress)
         self.mode = mode if env.is_main else "off"
         self.epoch, self.epochs, self.steps, self.done = epoch, epochs, steps, start
         self.log_every = max(1, int(cfg.trainer.log_every))

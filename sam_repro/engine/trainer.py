@@ -174,6 +174,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
             _evaluate_and_log(run, totals, capped)
             _checkpoint(run)
             if capped:
+                run.summary["stopped_early"] = run.step < run.epochs * run.steps_per_epoch  # short of its schedule
                 break
     except NonFiniteLoss as exc:
         run.status, run.reason = "failed", str(exc)
