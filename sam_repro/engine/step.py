@@ -392,3 +392,11 @@ def looksam_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, 
     if optimizer.full_step_due():
         return sam_step(model, optimizer, x, y, ctx, after_unscale=optimizer.store_direction)
     return sgd_step(model, optimizer.base_optimizer, x, y, ctx, before_unscale=optimizer.apply_direction)
+
+
+def msam_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepStats:
+    """Momentum-SAM: one forward-backward, SGD's, at w + eps with eps = -rho v / ||v|| from the momentum buffer
+    (sam_repro/optim/msam.py). The L2 term is taken at w + eps; w is restored before the scaler's unscale, the
+    clip and the base step, which updates the momentum with the gradient at w + eps."""
+    optimizer.first_step()  # w <- w + eps
+    return sgd_step(model, optimizer.base_optimizer, x, y, ctx, before_unscale=optimizer.restore)

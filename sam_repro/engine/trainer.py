@@ -43,7 +43,7 @@ from sam_repro.engine.loggers import MetricsLogger, Progress, StepCurves, paper_
 from sam_repro.engine.preemption import StopSignal
 from sam_repro.engine.provenance import provenance
 from sam_repro.engine.rundir import CONFIG_FILE
-from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
+from sam_repro.engine.step import StepContext, looksam_step, msam_step, sam_step, sgd_step
 from sam_repro.errors import CheckpointError, SamReproError
 from sam_repro.files import atomic_write_text
 from sam_repro.models import convert_sync_batchnorm
@@ -232,7 +232,7 @@ def _setup(cfg: DictConfig, run_dir: Path, env: DistEnv, start_time: float) -> _
         first_group=env.rank * (per_rank // group_size),
         micro_batch=per_rank // cfg.trainer.accumulate,  # examples per forward-backward (memory); m stays the group
     )
-    take_step = {"sgd": sgd_step, "looksam": looksam_step}.get(cfg.optimizer.name, sam_step)
+    take_step = {"sgd": sgd_step, "looksam": looksam_step, "msam": msam_step}.get(cfg.optimizer.name, sam_step)
     return _Run(
         cfg=cfg,
         run_dir=run_dir,
