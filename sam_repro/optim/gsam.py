@@ -123,17 +123,18 @@ class GSAM(SAM):
             else:
                 p.grad.add_(g)
 
-        # - alpha * k * g_perp,i with g_perp,i = g_i - (g_i . g_s,i / ||g_s,i||^2) g_s,i (scale-free coefficient)
+        # - alpha * k * g_perp,i, with k * g_perp,i = k g_i - c * k g_s,i and c = (k g_i . k g_s,i) / ||k g_s,i||^2
+        # (= g_i . g_s,i / ||g_s,i||^2: the loss scale and the group's weight cancel)
         clean = self._clean
-        both = [p for p in full if p in clean]
+        scaled = dict(zip(clean, _foreach_scale(list(clean.values()), k)))  # k * g_i
+        both = [p for p in full if p in scaled]
         zero = torch.zeros((), device=params[0].device, dtype=torch.float64) if params else None
         if both:
-            dot = torch.stack([torch.vdot(clean[p].flatten(), full[p].flatten()).to(zero) for p in both]).sum()
+            dot = torch.stack([torch.vdot(scaled[p].flatten(), full[p].flatten()).to(zero) for p in both]).sum()
             square = torch.stack([torch.vdot(full[p].flatten(), full[p].flatten()).to(zero) for p in both]).sum()
             coef = torch.where(square > 0, dot / square, torch.zeros_like(square))
         else:
             coef = zero
-        scaled = dict(zip(clean, _foreach_scale(list(clean.values()), k)))  # k * g_i
         for p in dict.fromkeys([*clean, *full]):
             correction = scaled.get(p)
             if p in full:

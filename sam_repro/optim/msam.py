@@ -72,6 +72,16 @@ class MSAM(SAM):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, base_step: Callable[[], object] | None = None) -> None:
+        """The L2 term at the current point (w + eps; w before the first step, when eps is 0), restore w, and the
+        base optimizer's step: the drop-in path (the engine's `msam_step` runs SGD's step at w + eps instead)."""
+        self.add_perturbed_weight_decay()
+        self.restore()
+        (base_step or self.base_step)()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One MSAM step with a closure that does a full forward-backward (no earlier backward is needed)."""
         if closure is None:
