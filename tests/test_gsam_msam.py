@@ -4,6 +4,7 @@ float64 loops written from the papers' updates, over several steps, with and wit
 import contextlib
 import copy
 import io
+import json
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers.training import TINY, comparable, compose_config, read_metrics
 from sam_repro.engine.step import StepContext, msam_step, sam_step, sgd_step
 from sam_repro.optim import SAM
 from sam_repro.optim.gsam import GSAM
@@ -409,3 +411,70 @@ def test_a_step_never_reads_a_tensor_value_on_the_host(name, precision):
             (sam_step if name == "gsam" else msam_step)(model, opt, x.float(), y, ctx)
     assert reads.count == (2 if precision == "fp16" else 0)  # the GradScaler's own overflow check, once a step
     assert math.isfinite(float(opt.last_perturbation_norm))
+
+
+# ---- configs -------------------------------------------------------------------------------------------------------
+
+
+def validate_on_cpu(cfg):
+    from sam_repro.engine.config import validate
+    from sam_repro.engine.distributed import DistEnv
+
+    validate(
+        cfg, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
+    )
+
+
+def test_configs_build_the_optimizers_with_their_hyperparameters():
+    from sam_repro.optim.factory import build_optimizer
+
+    gsam_cfg = compose_config("optimizer=gsam", "schedule.min_lr=0.001")
+    validate_on_cpu(gsam_cfg)
+    opt = build_optimizer(gsam_cfg.optimizer, tiny_bn_net())
+    assert isinstance(opt, GSAM) and gsam_cfg.optimizer.rho == gsam_cfg.optimizer.rho_max
+    assert (opt.rho_max, opt.rho_min, opt.alpha) == (0.05, 0.0, 0.01)
+    assert (opt.lr_max, opt.lr_min) == (gsam_cfg.optimizer.lr, 0.001)  # rho_min is reached at the schedule's floor
+    msam_cfg = compose_config("optimizer=msam")
+    validate_on_cpu(msam_cfg)
+    opt = build_optimizer(msam_cfg.optimizer, tiny_bn_net())
+    assert isinstance(opt, MSAM) and opt.param_groups[0]["rho"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer=gsam", "optimizer.rho_min=0.1"], "optimizer.rho_min (0.1) must not exceed optimizer.rho_max"),
+        (["optimizer=gsam", "optimizer.rho=0.1"], "set optimizer.rho_max=0.1 instead"),
+        (["optimizer=gsam", "optimizer.alpha=-1"], "optimizer.alpha must be >= 0"),
+        (["optimizer=gsam", "optimizer.lr_min=1"], "optimizer.lr_min (1) must not exceed the peak optimizer.lr"),
+        (["optimizer=msam", "optimizer.momentum=0", "optimizer.nesterov=false"], "needs optimizer.momentum > 0"),
+        (["optimizer=msam", "optimizer.rho=-1"], "optimizer.rho must be >= 0"),
+    ],
+)
+def test_config_refusals(overrides, message):
+    from sam_repro.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        validate_on_cpu(compose_config(*overrides))
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("switches", [["optimizer=gsam", "trainer.m=32"], ["optimizer=msam", "trainer.m=32"]])
+def test_a_resumed_training_run_ends_as_the_uninterrupted_run(tmp_path, switches):
+    # A warm-up epoch from below lr_min, then cosine: GSAM's rho moves (clamped, then not) across the resume.
+    from sam_repro.engine.checkpoint import load_checkpoint
+    from sam_repro.engine.trainer import train as train_in_process
+
+    def config(*overrides):
+        schedule = ["schedule.warmup_epochs=1", "schedule.min_lr=0.01"]
+        return compose_config(*TINY, "trainer.progress=off", "trainer.epochs=2", *schedule, *switches, *overrides)
+
+    reference, run = tmp_path / "reference", tmp_path / "resumed"
+    train_in_process(config(), reference)
+    train_in_process(config("trainer.max_steps=4"), run)  # stops after epoch 1 (4 steps per epoch): mid-run
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    train_in_process(config(), run)
+    assert comparable(read_metrics(run)) == comparable(read_metrics(reference))
+    weights, expected = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (run, reference))
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
