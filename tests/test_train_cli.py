@@ -152,6 +152,8 @@ def test_corrupt_checkpoint_is_named_or_restarted(tmp_path):
     [
         (["optimizer=asam"], 64),
         (["optimizer=looksam", "optimizer.k=2"], 64),
+        (["optimizer=gsam", "trainer.m=32", "trainer.precision=fp16", "trainer.grad_clip=5"], 32),
+        (["optimizer=msam", "trainer.m=32", "trainer.precision=bf16"], 32),
         (["optimizer=sam", "trainer.precision=bf16"], 64),
         (["optimizer=sam", "trainer.precision=fp16"], 64),
         (["optimizer=sam", "trainer.accumulate=2"], 32),

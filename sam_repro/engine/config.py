@@ -196,7 +196,10 @@ RULES: dict[str, Rule] = {
     "optimizer.adaptive": flag(optional=True),
     "optimizer.eta": number(min=0, optional=True),
     "optimizer.k": integer(min=1, optional=True),  # looksam
-    "optimizer.alpha": number(min=0, optional=True),  # looksam
+    "optimizer.alpha": number(min=0, optional=True),  # looksam, gsam
+    "optimizer.rho_max": number(min=0, optional=True),  # gsam
+    "optimizer.rho_min": number(min=0, optional=True),  # gsam
+    "optimizer.lr_min": number(min=0, optional=True),  # gsam: the learning rate at which rho = rho_min
     "optimizer.sam_start": number(min=0, optional=True),  # the SAM family's schedule (optim/sam_schedule.py)
     "optimizer.sam_every": integer(min=1, optional=True),
     "optimizer.sam_probability": number(above=0, max=1, optional=True),
@@ -351,6 +354,25 @@ def validate(cfg: DictConfig, env) -> None:
         f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.momentum}); set "
         "optimizer.nesterov=false for plain SGD",
     )
+    if opt.name == "gsam":
+        _require(
+            opt.rho_min <= opt.rho_max,
+            f"optimizer.rho_min ({opt.rho_min}) must not exceed optimizer.rho_max ({opt.rho_max})",
+        )
+        _require(
+            opt.rho == opt.rho_max,
+            f"optimizer=gsam takes its radius from optimizer.rho_max (optimizer.rho follows it; got rho={opt.rho}, "
+            f"rho_max={opt.rho_max}): set optimizer.rho_max={opt.rho} instead",
+        )
+        _require(
+            opt.lr_min <= opt.lr,
+            f"optimizer.lr_min ({opt.lr_min}) must not exceed the peak optimizer.lr ({opt.lr})",
+        )
+    if opt.name == "msam":
+        _require(
+            opt.base != "sgd" or opt.momentum > 0,
+            "optimizer=msam perturbs along the momentum buffer: it needs optimizer.momentum > 0",
+        )
     for stat in ("mean", "std"):
         _require(
             len(ds[stat]) == ds.in_channels,

@@ -396,6 +396,14 @@ def looksam_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, 
     return sgd_step(model, optimizer.base_optimizer, x, y, ctx, before_unscale=optimizer.apply_direction)
 
 
+def msam_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepStats:
+    """Momentum-SAM: one forward-backward, SGD's, at w + eps with eps = -rho v / ||v|| from the momentum buffer
+    (sam_repro/optim/msam.py). The L2 term is taken at w + eps; w is restored before the scaler's unscale, the
+    clip and the base step, which updates the momentum with the gradient at w + eps."""
+    optimizer.first_step()  # w <- w + eps
+    return sgd_step(model, optimizer.base_optimizer, x, y, ctx, before_unscale=optimizer.restore)
+
+
 @dataclass
 class ScheduledStep:
     """A SAM-family step on the schedule's SAM steps (`SamSchedule.is_sam_step(ctx.step)`), and the base
@@ -403,7 +411,7 @@ class ScheduledStep:
     (`optimizer.sam_start`), SAM every k steps, randomized SAM. The plain step is SGD's exactly: the base
     optimizer shares SAM's parameter groups (learning rate, L2 coefficient) and keeps its momentum across both."""
 
-    sam: Callable[..., StepStats]  # sam_step or looksam_step
+    sam: Callable[..., StepStats]  # sam_step, looksam_step or msam_step
     schedule: SamSchedule
 
     def __call__(self, model: nn.Module, optimizer: SAM, x: torch.Tensor, y: torch.Tensor, ctx: StepContext):
@@ -413,11 +421,11 @@ class ScheduledStep:
 
 
 def step_function(optimizer_name: str, schedule: SamSchedule | None = None) -> Callable[..., StepStats]:
-    """The step the trainer takes for `optimizer.name`: `sgd_step`, `looksam_step`, or `sam_step` (SAM, ASAM),
-    wrapped in `ScheduledStep` when the schedule makes some steps plain."""
+    """The step the trainer takes for `optimizer.name`: `sgd_step`, `looksam_step`, `msam_step`, or `sam_step`
+    (SAM, ASAM, GSAM), wrapped in `ScheduledStep` when the schedule makes some steps plain."""
     if optimizer_name == "sgd":
         return sgd_step
-    sam = {"looksam": looksam_step}.get(optimizer_name, sam_step)
+    sam = {"looksam": looksam_step, "msam": msam_step}.get(optimizer_name, sam_step)
     if schedule is None or schedule.always:
         return sam
     return ScheduledStep(sam, schedule)

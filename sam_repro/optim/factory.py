@@ -11,7 +11,7 @@ from sam_repro.optim.sam import SAM
 from sam_repro.optim.sam_schedule import SamSchedule, sam_schedule
 
 BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
-SAM_FAMILY = ("sam", "asam", "looksam")
+SAM_FAMILY = ("sam", "asam", "looksam", "gsam", "msam")
 
 
 def is_sam(cfg_opt) -> bool:
@@ -55,6 +55,11 @@ def build_optimizer(cfg_opt, model: torch.nn.Module) -> torch.optim.Optimizer:
         return opt
     if not is_sam(cfg_opt):
         raise ConfigError(f"optimizer.name must be sgd or one of {SAM_FAMILY} (got {cfg_opt.name!r})")
+    if cfg_opt.name == "msam":
+        from sam_repro.optim.msam import MSAM
+
+        groups = param_groups(model, adaptive=False)
+        return MSAM(groups, base, rho=float(cfg_opt.rho), weight_decay=wd, weight_decay_mode=mode, **kwargs)
     common = dict(
         rho=float(cfg_opt.rho),
         adaptive=bool(cfg_opt.adaptive),
@@ -64,6 +69,13 @@ def build_optimizer(cfg_opt, model: torch.nn.Module) -> torch.optim.Optimizer:
         weight_decay_mode=mode,
     )
     groups = param_groups(model, adaptive=bool(cfg_opt.adaptive))
+    if cfg_opt.name == "gsam":
+        from sam_repro.optim.gsam import GSAM
+
+        del common["rho"]  # rho_t follows the learning rate between rho_min and rho_max
+        bounds = dict(rho_max=float(cfg_opt.rho_max), rho_min=float(cfg_opt.rho_min), alpha=float(cfg_opt.alpha))
+        lr_range = dict(lr_max=float(cfg_opt.lr), lr_min=float(cfg_opt.lr_min))
+        return GSAM(groups, base, **bounds, **lr_range, **common, **kwargs)
     if cfg_opt.name == "looksam":
         from sam_repro.optim.looksam import LookSAM
 
