@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sam_repro.acceptance.common import endless, make_optimizer, step_context, synthetic_images, synthetic_loader
+from sam_repro.engine.backends import deterministic_cudnn
 from sam_repro.engine.compat import set_tf32, tf32_enabled
 from sam_repro.engine.step import StepContext, sam_step, sgd_step
 from sam_repro.models import create_model
@@ -258,7 +259,7 @@ def stochastic_draws_replayed(env: CheckEnv) -> tuple[str, str]:
         batch, m = env.batch
         x, y = env.inputs(1)
         opt = make_optimizer("sam", model, rho=0.0)
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        with deterministic_cudnn():
             stats = sam_step(model, opt, x, y, StepContext(group_size=m))
             model.train()
             with torch.no_grad():
