@@ -188,7 +188,7 @@ def test_targets_and_comparisons_from_rows():
         }
 
     rows = [row("sgd", 32, 1000.0, 0.55), row("sgd", 256, 1100.0), row("sam", 32, 480.0), row("sam", 256, 560.0)]
-    checks = [{"name": "no synchronisation in a step", "status": "failed", "detail": "loader: synchronises"}]
+    checks = [{"name": "host reads per step: none, one in fp16", "status": "failed", "detail": "loader: 1"}]
     targets = {t["name"].split(" at ")[0]: t["status"] for t in run._targets(rows, checks, smoke=False)}
     assert list(targets.values()) == ["met", "not met", "not met"]  # 55% MFU; 0.48x; a synchronisation
     ratios = {c["name"].split(" (")[0]: c["ratio"] for c in run._comparisons(rows)}
