@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -81,6 +82,11 @@ class Check:
     run: Callable[[CheckEnv], tuple[str, str]]
     needs_cuda: bool = False
     runs_on_cpu: bool = False  # a CUDA check whose code path still runs (and can fail) on a CPU
+
+
+def slug(name: str) -> str:
+    """A check's name as a test id: `pytest -m cuda -k <slug>` runs that check alone."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def run_check(check: Check, env: CheckEnv) -> dict:
@@ -235,6 +241,110 @@ def fp16_overflow_skips(env: CheckEnv) -> tuple[str, str]:
         f"parameters unchanged: {unchanged}, no momentum taken: {no_momentum}, scale 256 -> "
         f"{scale:g}; next step moves the weights: {moved}",
     )
+
+
+def mixed_precision_equals_fp32(env: CheckEnv) -> tuple[str, str]:
+    """One SAM step (m-groups, clipping) from the same weights in bf16 and in fp16 (with its scaler) against fp32 with
+    TF32 off: the updates agree to within what the half types give two passes of a small network (0.23 for bf16 and
+    0.09 for fp16 measured at smoke size on a CPU). The tolerances catch the gross errors: a skipped step differs by
+    1, a loss scale left in the update by orders of magnitude."""
+    tolerances = {"bf16": 0.5, "fp16": 0.25}
+    if env.cuda:
+        set_tf32(False)
+    torch.manual_seed(7)
+    reference = env.wrn().to(env.device)
+    batch, m = env.batch
+    x, y = env.inputs(7)
+    start = _params(reference)
+    updates = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        model = copy.deepcopy(reference)
+        scaler = torch.amp.GradScaler(env.device.type) if precision == "fp16" else None
+        sam_step(model, make_optimizer("sam", model), x, y, step_context(m, precision, env.device, scaler=scaler))
+        updates[precision] = _params(model)
+    errors = {p: _relative_update_error(start, updates[p], start, updates["fp32"]) for p in tolerances}
+    ok = all(errors[p] < tolerances[p] for p in tolerances)
+    return _verdict(
+        ok,
+        ", ".join(
+            f"{p} vs fp32: relative update difference {errors[p]:.1e} (tolerance {tolerances[p]:g})" for p in errors
+        ),
+    )
+
+
+def tf32_only_when_asked(env: CheckEnv) -> tuple[str, str]:
+    """The trainer's numerics (`backends.configure`): with `trainer.tf32=false` a float32 matmul and convolution on
+    the device equal float64 to float32's precision; with `trainer.tf32=true` they may not (on Ampere and later they
+    differ by about 1e-3, TF32's 10-bit mantissa)."""
+    from sam_repro.engine.backends import configure
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(512, 512, generator=g), torch.randn(512, 512, generator=g)
+    image, kernel = torch.randn(8, 64, 16, 16, generator=g), torch.randn(64, 64, 3, 3, generator=g)
+    matmul64 = a.double() @ b.double()
+    conv64 = nn.functional.conv2d(image.double(), kernel.double(), padding=1)
+
+    def errors() -> tuple[float, float]:
+        mm = (a.to(env.device) @ b.to(env.device)).double().cpu()
+        cv = nn.functional.conv2d(image.to(env.device), kernel.to(env.device), padding=1).double().cpu()
+        rel = lambda got, want: float((got - want).norm() / want.norm())  # noqa: E731
+        return rel(mm, matmul64), rel(cv, conv64)
+
+    try:
+        configure(deterministic=False, tf32=False)
+        ieee = errors()
+        configure(deterministic=False, tf32=True)
+        tf32 = errors()
+    finally:
+        configure(deterministic=deterministic, tf32=False)
+    ok = max(ieee) < 1e-5
+    ampere = env.cuda and torch.cuda.get_device_capability(env.device)[0] >= 8
+    if ampere:
+        ok &= min(tf32) > 1e-5  # the switch does something where TF32 exists
+    return _verdict(
+        ok,
+        f"tf32=false: matmul {ieee[0]:.1e}, conv {ieee[1]:.1e} from float64 (tolerance 1e-5); tf32=true: "
+        f"matmul {tf32[0]:.1e}, conv {tf32[1]:.1e}" + ("" if ampere else " (no TF32 on this device)"),
+    )
+
+
+def device_loader_copies(env: CheckEnv) -> tuple[str, str]:
+    """The device-resident loader's copies (the epoch's plan from pinned memory, AutoAugment's batches copied without
+    blocking while the next is made): its batches on the device equal the same loader's on the CPU bit for bit, for
+    two epochs, with and without AutoAugment."""
+    from sam_repro.acceptance.common import basic_augment
+    from sam_repro.data.loader import TrainLoader
+
+    try:
+        from sam_repro.data.autoaugment import autoaugment_batch
+    except ImportError:
+        autoaugment_batch = None
+    images, labels = synthetic_images(96, 32, 3, torch.device("cpu"), seed=9)
+    facts, ok = [], True
+    kinds = {"basic": None}
+    if autoaugment_batch is not None:
+        kinds["AutoAugment"] = lambda batch, generator: autoaugment_batch(batch, "cifar10", generator)
+    for kind, cpu_augment in kinds.items():
+        batches = {}
+        for where in ("cpu", "device"):
+            device = torch.device("cpu") if where == "cpu" else env.device
+            loader = TrainLoader(
+                images.to(device), labels.to(device), 32, basic_augment(32), seed=3, cpu_augment=cpu_augment
+            )
+            got = []
+            for epoch in range(2):
+                loader.set_epoch(epoch)
+                got += [(x.cpu(), y.cpu()) for x, y in loader]
+            batches[where] = got
+        same = len(batches["cpu"]) == len(batches["device"]) == 6 and all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches["cpu"], batches["device"])
+        )
+        ok &= same
+        facts.append(f"{kind}: 6 batches equal to the CPU loader's bitwise: {same}")
+    if autoaugment_batch is None:
+        facts.append("AutoAugment: needs torchvision")
+    return _verdict(ok, "; ".join(facts))
 
 
 class _DropoutNet(nn.Module):
@@ -552,7 +662,10 @@ CHECKS = (
     ),
     Check("bf16 SAM: finite, decreasing loss over 50 steps on a fixed batch (6 at smoke size)", bf16_decreasing),
     Check("fp16 SAM: finite, decreasing loss over 50 steps on a fixed batch (6 at smoke size)", fp16_decreasing),
+    Check("bf16 and fp16 SAM steps equal fp32 within their precision", mixed_precision_equals_fp32),
     Check("fp16 with an injected overflow skips the step", fp16_overflow_skips),
+    Check("TF32 off unless trainer.tf32=true", tf32_only_when_asked),
+    Check("the device loader's copies equal the CPU loader's batches", device_loader_copies),
     Check("dropout and ShakeDrop draws identical in both passes", stochastic_draws_replayed),
     Check("compiled equals eager within tolerance", compiled_equals_eager),
     Check(
