@@ -32,6 +32,8 @@ def env(tmp_path):
 @pytest.mark.parametrize("check", checks.CHECKS, ids=[checks.slug(c.name) for c in checks.CHECKS])
 def test_check_passes_on_the_gpu(check, env):
     status, detail = check.run(env)
+    if status == "skipped":  # what the node lacks (hydra-core for the trainer's checks, torchvision), with the reason
+        pytest.skip(detail)
     assert status == "passed", detail
 
 

@@ -1,12 +1,14 @@
-"""The GPU acceptance run: `python benchmarks/gpu_check.py [--budget-s 480] [--data FILE]`.
+"""The GPU acceptance run: `python benchmarks/gpu_check.py [--budget-s 540] [--data FILE] [--out FILE]`.
 
 Within the time budget (compilation and warm-up included) and in this order: a bf16 matmul probe, the correctness
 checks, throughput rows (WRN-28-10 in fp32, TF32, bf16, bf16 + channels_last and bf16 + compile; Shake-Shake 26
 2x96d, PyramidNet-272, ResNet-32 and ResNet-50 at 224 px in the best of those modes), the cost table, and a short
 real-data SGD-vs-SAM run when CIFAR-10 is on the machine. A part whose estimate no longer fits is skipped and listed
-with the reason. Writes `benchmarks/results/gpu_check-<gpu>-<date>.json` and `.md` (or `--out FILE` and FILE with
-.md), prints one line per check and per row, and ends with `gpu check: N of M correctness checks passed`; exit
-status 1 if a check failed.
+with the reason. Writes `gpu_check-<gpu>-<date>.json` and `.md` under $OUT where it is set, else under
+benchmarks/results/ (or `--out FILE` and FILE with .md), after every check, row and part, so that a run killed
+later keeps what finished; a check, row or part that raises is recorded with its error and the run goes on. Prints
+one line per check and per row, and ends with `gpu check: N of M correctness checks passed`; exit status 1 if a
+check, row or part failed.
 
 `--smoke --out FILE` runs the same code on a CPU at toy sizes (compile with the aot_eager backend), CUDA-only parts
 reported as skipped; the test suite runs it.
