@@ -1,12 +1,13 @@
 """The GPU acceptance run: correctness of the step on CUDA, throughput and MFU of the paper's networks, GPU-hours for
-Tables 1, 2, 4 and 5 on this GPU, and a short real-data SGD-vs-SAM run, within --budget-s (default 480 s).
+Tables 1, 2, 4 and 5 on this GPU, and a short real-data SGD-vs-SAM run, within --budget-s (default 540 s).
 
-    python benchmarks/gpu_check.py [--budget-s 480] [--data cifar10-subset10000.npz]
+    python benchmarks/gpu_check.py [--budget-s 540] [--data cifar10-subset10000.npz] [--out $OUT/gpu_check.json]
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json     # the same code on a CPU at toy sizes
 
 Needs only PyTorch (and numpy): it runs from a checkout on a node where the project is not installed (timm adds
 ResNet-50; hydra-core and omegaconf add the two checks that run the real trainer). Results go to
-benchmarks/results/gpu_check-<gpu>-<date>.json and .md. The code lives in sam_repro/acceptance/.
+$OUT/gpu_check-<gpu>-<date>.json and .md where OUT is set, else to benchmarks/results/, rewritten after every part.
+The code lives in sam_repro/acceptance/; its correctness checks are also `pytest -m cuda` (tests/test_cuda.py).
 """
 
 import sys

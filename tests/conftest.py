@@ -12,17 +12,22 @@ from helpers.checkpoints import fake_arrays
 from sam_repro.data import sources
 
 CIFAR10_MISSING = "CIFAR-10 is not prepared: run `sam-data cifar10` (make test does)"
+NO_CUDA = "needs a CUDA GPU (torch.cuda.is_available() is False); run `pytest -m cuda` on a GPU node"
 FIGURES = pytest.StashKey[list]()
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `data` train or evaluate on the real CIFAR-10: skipped, with the reason, where it is missing."""
-    if sources.cache_path("cifar10").exists():
-        return
-    skip = pytest.mark.skip(reason=CIFAR10_MISSING)
+    """Tests marked `data` train or evaluate on the real CIFAR-10, tests marked `cuda` need a GPU: skipped, with the
+    reason, where it is missing."""
+    skips = {}
+    if not sources.cache_path("cifar10").exists():
+        skips["data"] = pytest.mark.skip(reason=CIFAR10_MISSING)
+    if not torch.cuda.is_available():
+        skips["cuda"] = pytest.mark.skip(reason=NO_CUDA)
     for item in items:
-        if item.get_closest_marker("data") is not None:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sam_repro.engine import trainer
-from sam_repro.engine.backends import CUBLAS_WORKSPACE_CONFIG, configure
+from sam_repro.engine.backends import CUBLAS_WORKSPACE_CONFIG, configure, deterministic_cudnn
 from sam_repro.engine.compat import has_fp32_precision_api, set_tf32
 
 pytestmark = pytest.mark.skipif(not has_fp32_precision_api(), reason="this PyTorch has only the legacy TF32 flags")
@@ -108,3 +108,28 @@ def test_the_analyses_run_in_ieee_fp32(cli, monkeypatch, tmp_path):
     with pytest.raises(Stop):
         module.main(argv if cli == "eval" else ["hessian", *argv, "--out", str(tmp_path)])
     assert seen == [("ieee", "ieee")]
+
+
+def test_deterministic_cudnn_after_set_tf32():
+    """`torch.backends.cudnn.flags(...)` reads the legacy allow_tf32 flag and raises once the fp32_precision API has
+    been used; `deterministic_cudnn` switches only determinism and autotuning, and puts them back."""
+    set_tf32(False)
+    with pytest.raises(RuntimeError, match="allow_tf32"):  # why it exists: the PyTorch context manager refuses
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            pass
+    torch.backends.cudnn.benchmark = True
+    with deterministic_cudnn():
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert precisions() == ("ieee", "ieee")
+    assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+
+
+def test_the_stochastic_draws_check_runs_after_set_tf32():
+    """The GPU check's replay check sets cuDNN determinism after the earlier checks switched TF32 off: its own code
+    must not raise on that (it did with `cudnn.flags`, on every machine)."""
+    from sam_repro.acceptance import checks
+
+    set_tf32(False)
+    env = checks.CheckEnv(torch.device("cpu"), smoke=True)
+    status, detail = checks.stochastic_draws_replayed(env)
+    assert status == "passed", detail

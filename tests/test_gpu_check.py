@@ -188,7 +188,7 @@ def test_targets_and_comparisons_from_rows():
         }
 
     rows = [row("sgd", 32, 1000.0, 0.55), row("sgd", 256, 1100.0), row("sam", 32, 480.0), row("sam", 256, 560.0)]
-    checks = [{"name": "no synchronisation in a step", "status": "failed", "detail": "loader: synchronises"}]
+    checks = [{"name": "host reads per step: none, one in fp16", "status": "failed", "detail": "loader: 1"}]
     targets = {t["name"].split(" at ")[0]: t["status"] for t in run._targets(rows, checks, smoke=False)}
     assert list(targets.values()) == ["met", "not met", "not met"]  # 55% MFU; 0.48x; a synchronisation
     ratios = {c["name"].split(" (")[0]: c["ratio"] for c in run._comparisons(rows)}
@@ -320,3 +320,22 @@ def test_smoke_writes_json_and_markdown_with_provenance(smoke):
     ):
         assert heading in md
     assert re.search(r"\| table1 \| 60 \| [\d.]+ \| 0 \|", md)
+
+
+def test_a_failing_row_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
+    """Every throughput row raises: each is recorded with its error, the parts after it still run and are written,
+    and the exit status says it failed."""
+    from sam_repro.acceptance import checks
+
+    def broken_row(self, spec):
+        raise ValueError(f"no kernel for {spec.model}")
+
+    monkeypatch.setattr(run.Bench, "row", broken_row)
+    monkeypatch.setattr(checks, "CHECKS", (checks.Check("replay", checks.stochastic_draws_replayed),))
+    monkeypatch.setattr(run.training, "find_cifar10", lambda data: None)
+    assert run.main(["--smoke", "--budget-s", "1e9", "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 1
+    report = json.loads((tmp_path / "x.json").read_text())
+    assert report["throughput"] == [] and len(report["failed_rows"]) >= 4
+    assert all(f["error"].startswith("ValueError: no kernel for ") for f in report["failed_rows"])
+    assert report["correctness"][0]["status"] == "passed" and report["cost"]["totals"]
+    assert "throughput row failed" in (tmp_path / "x.md").read_text()

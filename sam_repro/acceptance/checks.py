@@ -8,23 +8,35 @@ reported as `failed`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sam_repro.acceptance.common import endless, make_optimizer, step_context, synthetic_images, synthetic_loader
+from sam_repro.acceptance.common import (
+    endless,
+    make_optimizer,
+    step_context,
+    sync,
+    synthetic_images,
+    synthetic_loader,
+)
+from sam_repro.engine.backends import deterministic_cudnn
 from sam_repro.engine.compat import set_tf32, tf32_enabled
+from sam_repro.engine.host_reads import HostReads
 from sam_repro.engine.step import StepContext, sam_step, sgd_step
 from sam_repro.models import create_model
 
@@ -70,6 +82,11 @@ class Check:
     run: Callable[[CheckEnv], tuple[str, str]]
     needs_cuda: bool = False
     runs_on_cpu: bool = False  # a CUDA check whose code path still runs (and can fail) on a CPU
+
+
+def slug(name: str) -> str:
+    """A check's name as a test id: `pytest -m cuda -k <slug>` runs that check alone."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def run_check(check: Check, env: CheckEnv) -> dict:
@@ -226,6 +243,110 @@ def fp16_overflow_skips(env: CheckEnv) -> tuple[str, str]:
     )
 
 
+def mixed_precision_equals_fp32(env: CheckEnv) -> tuple[str, str]:
+    """One SAM step (m-groups, clipping) from the same weights in bf16 and in fp16 (with its scaler) against fp32 with
+    TF32 off: the updates agree to within what the half types give two passes of a small network (0.23 for bf16 and
+    0.09 for fp16 measured at smoke size on a CPU). The tolerances catch the gross errors: a skipped step differs by
+    1, a loss scale left in the update by orders of magnitude."""
+    tolerances = {"bf16": 0.5, "fp16": 0.25}
+    if env.cuda:
+        set_tf32(False)
+    torch.manual_seed(7)
+    reference = env.wrn().to(env.device)
+    batch, m = env.batch
+    x, y = env.inputs(7)
+    start = _params(reference)
+    updates = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        model = copy.deepcopy(reference)
+        scaler = torch.amp.GradScaler(env.device.type) if precision == "fp16" else None
+        sam_step(model, make_optimizer("sam", model), x, y, step_context(m, precision, env.device, scaler=scaler))
+        updates[precision] = _params(model)
+    errors = {p: _relative_update_error(start, updates[p], start, updates["fp32"]) for p in tolerances}
+    ok = all(errors[p] < tolerances[p] for p in tolerances)
+    return _verdict(
+        ok,
+        ", ".join(
+            f"{p} vs fp32: relative update difference {errors[p]:.1e} (tolerance {tolerances[p]:g})" for p in errors
+        ),
+    )
+
+
+def tf32_only_when_asked(env: CheckEnv) -> tuple[str, str]:
+    """The trainer's numerics (`backends.configure`): with `trainer.tf32=false` a float32 matmul and convolution on
+    the device equal float64 to float32's precision; with `trainer.tf32=true` they may not (on Ampere and later they
+    differ by about 1e-3, TF32's 10-bit mantissa)."""
+    from sam_repro.engine.backends import configure
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(512, 512, generator=g), torch.randn(512, 512, generator=g)
+    image, kernel = torch.randn(8, 64, 16, 16, generator=g), torch.randn(64, 64, 3, 3, generator=g)
+    matmul64 = a.double() @ b.double()
+    conv64 = nn.functional.conv2d(image.double(), kernel.double(), padding=1)
+
+    def errors() -> tuple[float, float]:
+        mm = (a.to(env.device) @ b.to(env.device)).double().cpu()
+        cv = nn.functional.conv2d(image.to(env.device), kernel.to(env.device), padding=1).double().cpu()
+        rel = lambda got, want: float((got - want).norm() / want.norm())  # noqa: E731
+        return rel(mm, matmul64), rel(cv, conv64)
+
+    try:
+        configure(deterministic=False, tf32=False)
+        ieee = errors()
+        configure(deterministic=False, tf32=True)
+        tf32 = errors()
+    finally:
+        configure(deterministic=deterministic, tf32=False)
+    ok = max(ieee) < 1e-5
+    ampere = env.cuda and torch.cuda.get_device_capability(env.device)[0] >= 8
+    if ampere:
+        ok &= min(tf32) > 1e-5  # the switch does something where TF32 exists
+    return _verdict(
+        ok,
+        f"tf32=false: matmul {ieee[0]:.1e}, conv {ieee[1]:.1e} from float64 (tolerance 1e-5); tf32=true: "
+        f"matmul {tf32[0]:.1e}, conv {tf32[1]:.1e}" + ("" if ampere else " (no TF32 on this device)"),
+    )
+
+
+def device_loader_copies(env: CheckEnv) -> tuple[str, str]:
+    """The device-resident loader's copies (the epoch's plan from pinned memory, AutoAugment's batches copied without
+    blocking while the next is made): its batches on the device equal the same loader's on the CPU bit for bit, for
+    two epochs, with and without AutoAugment."""
+    from sam_repro.acceptance.common import basic_augment
+    from sam_repro.data.loader import TrainLoader
+
+    try:
+        from sam_repro.data.autoaugment import autoaugment_batch
+    except ImportError:
+        autoaugment_batch = None
+    images, labels = synthetic_images(96, 32, 3, torch.device("cpu"), seed=9)
+    facts, ok = [], True
+    kinds = {"basic": None}
+    if autoaugment_batch is not None:
+        kinds["AutoAugment"] = lambda batch, generator: autoaugment_batch(batch, "cifar10", generator)
+    for kind, cpu_augment in kinds.items():
+        batches = {}
+        for where in ("cpu", "device"):
+            device = torch.device("cpu") if where == "cpu" else env.device
+            loader = TrainLoader(
+                images.to(device), labels.to(device), 32, basic_augment(32), seed=3, cpu_augment=cpu_augment
+            )
+            got = []
+            for epoch in range(2):
+                loader.set_epoch(epoch)
+                got += [(x.cpu(), y.cpu()) for x, y in loader]
+            batches[where] = got
+        same = len(batches["cpu"]) == len(batches["device"]) == 6 and all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches["cpu"], batches["device"])
+        )
+        ok &= same
+        facts.append(f"{kind}: 6 batches equal to the CPU loader's bitwise: {same}")
+    if autoaugment_batch is None:
+        facts.append("AutoAugment: needs torchvision")
+    return _verdict(ok, "; ".join(facts))
+
+
 class _DropoutNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -258,7 +379,7 @@ def stochastic_draws_replayed(env: CheckEnv) -> tuple[str, str]:
         batch, m = env.batch
         x, y = env.inputs(1)
         opt = make_optimizer("sam", model, rho=0.0)
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        with deterministic_cudnn():
             stats = sam_step(model, opt, x, y, StepContext(group_size=m))
             model.train()
             with torch.no_grad():
@@ -310,38 +431,64 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+# The host reads a step makes by design: fp16's GradScaler.step reads found_inf once (sam_repro/engine/host_reads.py).
+EXPECTED_HOST_READS = {"sgd_step fp16": 1, "sam_step fp16": 1}
+
+
+@contextlib.contextmanager
+def _count_synchronisations(env: CheckEnv) -> Iterator[Callable[[], tuple[int, list[str]]]]:
+    """Within: the host reads the dispatcher sees (`HostReads`) and, on a GPU, the synchronisations CUDA reports
+    (`torch.cuda.set_sync_debug_mode("warn")`, which also sees those inside PyTorch's C++). Yields a function giving
+    the larger of the two counts and what was seen."""
+    seen: list[str] = []
+    with contextlib.ExitStack() as stack:
+        caught = stack.enter_context(warnings.catch_warnings(record=True)) if env.cuda else []
+        if env.cuda:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            stack.callback(torch.cuda.set_sync_debug_mode, 0)
+        reads = stack.enter_context(HostReads(count_cpu=not env.cuda))
+
+        def counted() -> tuple[int, list[str]]:
+            cuda = [str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message)]
+            seen[:] = [f"{op} on {device}" for op, device in reads.reads] + cuda
+            return max(len(reads.reads), len(cuda)), seen
+
+        yield counted
+
+
 def no_synchronisation(env: CheckEnv) -> tuple[str, str]:
-    """`torch.cuda.set_sync_debug_mode("error")` around each part of a training step, as the trainer runs it with the
-    progress bar and step logging off: the loader's next batch, SGD and SAM steps (fp32, bf16, fp16 with its scaler)
-    and the schedule's step. Each part runs once before, so one-time set-up does not count."""
+    """The host reads of each part of a training step, as the trainer runs it with the progress bar and step logging
+    off: the loader's next batch, SGD and SAM steps (fp32, bf16, fp16 with its scaler) and the schedule's step. None,
+    except fp16's one read of the scaler's found_inf (`EXPECTED_HOST_READS`). Each part runs once before, so one-time
+    set-up does not count. On a CPU only the dispatcher's count exists (every tensor is on the host there)."""
     batch, m = env.batch
     loader = endless(synthetic_loader(4 * batch, 32, batch, env.device))
     model = env.wrn().to(env.device)
     x, y = next(loader)
     sgd, sam = make_optimizer("sgd", model), make_optimizer("sam", model)
     schedule = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0 / (1 + step))
-    scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler(env.device.type)
     parts = {
         "loader": lambda: next(loader),
         "sgd_step fp32": lambda: sgd_step(model, sgd, x, y, step_context(m, "fp32", env.device)),
+        "sam_step fp32": lambda: sam_step(model, sam, x, y, step_context(m, "fp32", env.device)),
         "sam_step bf16": lambda: sam_step(model, sam, x, y, step_context(m, "bf16", env.device)),
+        "sgd_step fp16": lambda: sgd_step(model, sgd, x, y, step_context(m, "fp16", env.device, scaler=scaler)),
         "sam_step fp16": lambda: sam_step(model, sam, x, y, step_context(m, "fp16", env.device, scaler=scaler)),
         "schedule": schedule.step,
     }
     results, ok = [], True
     for name, part in parts.items():
         part()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        sync(env.device)
+        with _count_synchronisations(env) as counted:
             part()
-            results.append(f"{name}: none")
-        except RuntimeError as exc:
-            ok = False
-            results.append(f"{name}: synchronises ({str(exc).strip().splitlines()[0][:120]})")
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        torch.cuda.synchronize()
+        sync(env.device)
+        n, seen = counted()
+        expected = EXPECTED_HOST_READS.get(name, 0)
+        ok &= n == expected
+        results.append(f"{name}: {n} (expected {expected}{': ' + ', '.join(seen) if seen else ''})")
     return _verdict(ok, "; ".join(results))
 
 
@@ -515,10 +662,18 @@ CHECKS = (
     ),
     Check("bf16 SAM: finite, decreasing loss over 50 steps on a fixed batch (6 at smoke size)", bf16_decreasing),
     Check("fp16 SAM: finite, decreasing loss over 50 steps on a fixed batch (6 at smoke size)", fp16_decreasing),
+    Check("bf16 and fp16 SAM steps equal fp32 within their precision", mixed_precision_equals_fp32),
     Check("fp16 with an injected overflow skips the step", fp16_overflow_skips),
+    Check("TF32 off unless trainer.tf32=true", tf32_only_when_asked),
+    Check("the device loader's copies equal the CPU loader's batches", device_loader_copies),
     Check("dropout and ShakeDrop draws identical in both passes", stochastic_draws_replayed),
     Check("compiled equals eager within tolerance", compiled_equals_eager),
-    Check("no synchronisation in a step", no_synchronisation, needs_cuda=True),
+    Check(
+        "host reads per step: none, one in fp16 (the scaler's found_inf)",
+        no_synchronisation,
+        needs_cuda=True,
+        runs_on_cpu=True,
+    ),
     Check("AutoAugment leaves the CUDA generator alone", autoaugment_leaves_cuda_generator, needs_cuda=True),
     Check("deterministic mode on CUDA", deterministic_mode, needs_cuda=True, runs_on_cpu=True),
     Check(

@@ -10,12 +10,16 @@
     mode on CUDA. It is set before any CUDA work, since cuBLAS reads it when it starts.
 
 TF32 is set through `compat.set_tf32`: the `fp32_precision` API where the installed PyTorch has it (mixing it with the
-legacy `allow_tf32` flags makes PyTorch raise when either is read), the legacy flags elsewhere.
+legacy `allow_tf32` flags makes PyTorch raise when either is read), the legacy flags elsewhere. For the same reason
+cuDNN's determinism is switched for a block with `deterministic_cudnn()`, not `torch.backends.cudnn.flags(...)`:
+that context manager sets (and first reads) the legacy `allow_tf32` flag too, which raises once `set_tf32` has run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -31,3 +35,16 @@ def configure(*, deterministic: bool, tf32: bool) -> None:
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
     set_tf32(tf32)
+
+
+@contextlib.contextmanager
+def deterministic_cudnn() -> Iterator[None]:
+    """Within: cuDNN picks deterministic kernels and no autotuning; the previous settings afterwards. Touches no TF32
+    flag (see the module docstring)."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved

@@ -29,7 +29,9 @@ Mixed precision: bf16 autocast needs nothing else. fp16 scales the loss with a G
 gradients are unscaled inside first_step (eps is scale-free, the L2 term is not), the perturbed gradients are
 unscaled once by the scaler, and the scaler updates once per step. The scale is passed as a device tensor (reading
 its value would wait for the GPU). A first pass that overflows makes eps, hence the perturbed gradient,
-non-finite, so the scaler skips the step and lowers the scale: no parameter changes. Whatever changes the gradient
+non-finite, so the scaler skips the step and lowers the scale: no parameter changes. The one host read of an fp16
+step is the scaler's: `GradScaler.step` reads found_inf to decide whether to step (sam_repro/engine/host_reads.py
+says why it stays); fp32 and bf16 steps read nothing back (tests/test_host_reads.py). Whatever changes the gradient
 after the backward passes (the L2 term of SGD, LookSAM's direction) does so before the scaler's overflow check.
 """
 

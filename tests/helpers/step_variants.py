@@ -1,0 +1,47 @@
+"""The training step in each of its variants, built as the trainer builds it (the optimizer factory, `StepContext`),
+for the tests that run every variant: optimizer (SGD, SAM, LookSAM, ASAM) x precision (fp32, bf16, fp16)."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import torch
+
+from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
+from sam_repro.optim.factory import build_optimizer
+
+OPTIMIZERS = ("sgd", "sam", "looksam", "asam")
+PRECISIONS = ("fp32", "bf16", "fp16")
+STEPS = {"sgd": sgd_step, "sam": sam_step, "asam": sam_step, "looksam": looksam_step}
+
+
+def optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The paper's recipe (Nesterov SGD, L2 weight decay) for `name`, through the project's factory; LookSAM with
+    k = 2, so that a few steps take both of its kinds of step."""
+    cfg = SimpleNamespace(
+        name=name,
+        base="sgd",
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        weight_decay_mode="l2",
+        rho=0.5 if name == "asam" else 0.05,
+        adaptive=name == "asam",
+        eta=0.01 if name == "asam" else 0.0,
+        p=2,
+        k=2,
+        alpha=0.7,
+    )
+    return build_optimizer(cfg, model)
+
+
+def context(precision: str, device: torch.device, group_size: int, grad_clip: float | None = 5.0) -> StepContext:
+    """The trainer's `StepContext` for `trainer.precision=precision` (an fp16 GradScaler of its own)."""
+    autocast = contextlib.nullcontext
+    if precision != "fp32":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        autocast = lambda: torch.autocast(device_type=device.type, dtype=dtype)  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return StepContext(group_size=group_size, grad_clip=grad_clip, autocast=autocast, scaler=scaler, seed=0)
