@@ -4,14 +4,18 @@
                                       [--steps 3] [--device cpu]
 
 Variants: SGD, SGD with BatchNorm groups of 32 (ghost BatchNorm in one pass), plain SAM (one perturbation for the
-batch), SAM with m = 32 (one per group of 32: the paper's m-sharpness), LookSAM (k = 5). The floor for SAM is 2.0
+batch), SAM with m = 32 (one per group of 32: the paper's m-sharpness), LookSAM (k = 5), ASAM, GSAM, Momentum-SAM,
+and SAM's schedules (optim/sam_schedule.py): SAM every 2nd step, random SAM with p = 0.5. Late-phase SAM (SGD, then
+SAM for the last quarter) costs 0.75 x SGD + 0.25 x SAM: its ratio is derived from theirs and marked so. Each
+variant's forward-backward passes per step are counted from its steps (`StepStats.passes`). The floor for SAM is 2.0
 (two forward-backward passes), its target 2.05; SGD with groups of 32 should cost at most 1.10 of SGD. Variants are
 timed round-robin, `--steps` steps each per round, after a warm-up, and each ratio is the median over rounds of
 (variant time / SGD time in the same round), so a machine that gets slower or faster during the run affects
 numerator and denominator alike. After `--repeats` rounds it keeps going, up to `--max-repeats`, while the
 interval around the median `sam` ratio (its rounds' quartiles over sqrt(rounds)) still straddles the target.
 
-Prints `sam ratio X` first, then `sgd_m32 ratio X` and the other variants, the number of aten operations one step
+Prints `sam ratio X` first, then `sgd_m32 ratio X` and one `NAME ratio X` line per other variant, the number of
+aten operations one step
 dispatches (counted with a TorchDispatchMode, once), and SAM's own time per step (first_step, the L2 term at
 w + eps and restore, timed around those calls in separate steps). Writes benchmarks/results/sam_overhead.json with
 the raw times and provenance. Timings on a shared CPU are noisy: read the ratios, not the absolute times.
@@ -30,10 +34,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sam_repro.engine.distributed import resolve_device
 from sam_repro.engine.provenance import write_result
-from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
+from sam_repro.engine.step import StepContext, looksam_step, msam_step, sam_step, sgd_step, step_function
 from sam_repro.models import create_model
+from sam_repro.optim.gsam import GSAM
 from sam_repro.optim.looksam import LookSAM
+from sam_repro.optim.msam import MSAM
 from sam_repro.optim.sam import SAM
+from sam_repro.optim.sam_schedule import SamSchedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 2.05  # sam ratio
@@ -47,7 +54,27 @@ def variants(batch: int):
         "sam": (lambda params: SAM(params, torch.optim.SGD, rho=0.05, **kw), sam_step, batch),
         "sam_m32": (lambda params: SAM(params, torch.optim.SGD, rho=0.05, **kw), sam_step, 32),
         "looksam_k5": (lambda params: LookSAM(params, torch.optim.SGD, rho=0.05, k=5, **kw), looksam_step, batch),
+        "asam": (lambda params: SAM(params, torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, **kw), sam_step, batch),
+        "gsam": (
+            lambda params: GSAM(params, torch.optim.SGD, rho_max=0.05, rho_min=0.0, alpha=0.01, **kw),
+            sam_step,
+            batch,
+        ),
+        "msam": (lambda params: MSAM(params, torch.optim.SGD, rho=3.0, **kw), msam_step, batch),
+        "sam_every2": (lambda params: SAM(params, torch.optim.SGD, rho=0.05, **kw), _scheduled(every=2), batch),
+        "sam_p0.5": (lambda params: SAM(params, torch.optim.SGD, rho=0.05, **kw), _scheduled(probability=0.5), batch),
     }
+
+
+# Variants whose cost varies from step to step: timed over whole periods (LookSAM's k, every 2nd step) or, for the
+# random schedule, over a fixed run of steps: every timed call starts again at step 0, so each round takes the same
+# steps (the draws are keyed by step).
+PERIOD = {"looksam_k5": 5, "sam_every2": 2, "sam_p0.5": 10}
+LATE_FRACTION = 0.25  # late-phase SAM: SAM for the last quarter of training (Zhou et al., ICLR 2025)
+
+
+def _scheduled(**schedule):
+    return step_function("sam", SamSchedule(**schedule))
 
 
 def _sgd(params, kw):
@@ -143,13 +170,17 @@ def main() -> int:
         ctx = StepContext(group_size=group)
         runners[name] = (model, opt, step, ctx)
 
+    passes: dict[str, list[int]] = {name: [] for name in runners}
+
     def timed(name: str, steps: int) -> float:
         model, opt, step, ctx = runners[name]
         if device.type == "cuda":
             torch.cuda.synchronize()
+        ctx.step = 0
         t0 = time.perf_counter()
         for _ in range(steps):
-            step(model, opt, x, y, ctx)
+            passes[name].append(step(model, opt, x, y, ctx).passes)
+            ctx.step += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / steps
@@ -157,20 +188,26 @@ def main() -> int:
     for name in runners:  # warm-up: allocator, kernels, LookSAM's first (full) step
         timed(name, 2)
     times: dict[str, list[float]] = {name: [] for name in runners}
+    for counted in passes.values():
+        counted.clear()  # counted from here on: whole periods only
     while True:
         for name in runners:
-            # LookSAM's cost is periodic (k = 5): time whole periods so every round sees the same mix.
-            times[name].append(timed(name, 5 * args.steps if name.startswith("looksam") else args.steps))
+            # periodic costs (LookSAM, every 2nd step, random SAM): whole periods, so every round sees the same mix
+            times[name].append(timed(name, PERIOD.get(name, 1) * args.steps))
         sam_rounds = [t / s for t, s in zip(times["sam"], times["sgd"])]
         done = len(sam_rounds) >= args.repeats and resolved(sam_rounds)
         if done or len(sam_rounds) >= max(args.repeats, args.max_repeats):
             break
     ratios = {name: statistics.median(t / s for t, s in zip(times[name], times["sgd"])) for name in runners}
+    late = f"late_sam_{LATE_FRACTION:g}"
+    ratios[late] = (1 - LATE_FRACTION) * ratios["sgd"] + LATE_FRACTION * ratios["sam"]  # derived, not timed
+    passes_per_step = {name: sum(p) / len(p) for name, p in passes.items()}
+    passes_per_step[late] = (1 - LATE_FRACTION) * 1 + LATE_FRACTION * 2
 
     ops = {}
     for name, (model, opt, step, ctx) in runners.items():
-        if name.startswith("looksam"):
-            continue  # a full or a cheap step, depending on where its period stands
+        if name in PERIOD:
+            continue  # a SAM or a plain step, depending on where its period stands
         with DispatchCount() as counter:
             step(model, opt, x, y, ctx)
         ops[name] = counter.count
@@ -183,8 +220,10 @@ def main() -> int:
 
     print(f"sam ratio {ratios['sam']:.2f}")
     print(f"sgd_m32 ratio {ratios['sgd_m32']:.2f}")
-    for name in ("sam_m32", "looksam_k5"):
-        print(f"{name} ratio {ratios[name]:.2f}")
+    for name in ratios:
+        if name not in ("sgd", "sam", "sgd_m32"):
+            print(f"{name} ratio {ratios[name]:.2f}{' (derived: 0.75 sgd + 0.25 sam)' if name == late else ''}")
+    print("forward-backward passes per step: " + ", ".join(f"{k} {v:g}" for k, v in passes_per_step.items()))
     verdict = "resolved" if resolved(sam_rounds) else "not resolved"
     print(f"(sam ratio against {TARGET}: {verdict} after {len(sam_rounds)} rounds)")
     print("dispatched ops per step: " + ", ".join(f"{k} {v}" for k, v in ops.items()))
@@ -208,6 +247,8 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "steps_per_round": args.steps,
         "ratios": ratios,
+        "derived_ratios": [late],
+        "passes_per_step": passes_per_step,
         "seconds_per_step": {k: v for k, v in times.items()},
     }
     write_result(args.out, result)

@@ -38,6 +38,20 @@ def test_sam_overhead_prints_sam_ratio_first_then_sgd_m32(tmp_path, monkeypatch,
     # SAM dispatches more operations than SGD (two passes), m = 32 more than m = the batch (a pass per group)
     ops = result["dispatched_ops_per_step"]
     assert ops["sam"] > 1.5 * ops["sgd"] and ops["sam_m32"] > ops["sam"]
+    # one line per variant, each the JSON's value; the passes counted from the steps taken
+    printed = dict(re.findall(r"^(\S+) ratio (\d+\.\d\d)", "\n".join(lines), re.M))
+    assert set(printed) == set(result["ratios"]) - {"sgd"}
+    for name, value in printed.items():
+        assert float(value) == pytest.approx(result["ratios"][name], abs=0.005)
+    expected = {"sgd": 1, "sgd_m32": 1, "sam": 2, "sam_m32": 2, "asam": 2, "gsam": 2, "msam": 1}
+    expected |= {"looksam_k5": 1.2, "sam_every2": 1.5, "late_sam_0.25": 1.25}
+    passes = result["passes_per_step"]
+    assert {k: passes[k] for k in expected} == pytest.approx(expected)
+    assert 1 < passes["sam_p0.5"] < 2
+    late = result["ratios"]["late_sam_0.25"]
+    assert late == pytest.approx(0.75 + 0.25 * result["ratios"]["sam"]) and result["derived_ratios"] == [
+        "late_sam_0.25"
+    ]
 
 
 def test_compile_speedup_reports_each_variant_and_the_graphs_the_trainer_test_expects(tmp_path, capsys):
