@@ -142,9 +142,9 @@ def test_a_sweep_ends_with_a_tally_and_fails_when_a_job_fails(tmp_path):
     run = only_run_dir(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     ends = [line for line in out.splitlines() if re.search(r"\] finished: ", line)]
-    assert ends == [
-        ends[0][: ends[0].index("]") + 1]
-        + f" finished: test error {summary['test_error']:.2f}% (best {summary['best_test_error']:.2f}%), 1/1 epochs, {run}"
+    final, best = summary["test_error"], summary["best_test_error"]
+    assert [line.split("] ", 1)[1] for line in ends] == [
+        f"finished: test error {final:.2f}% (best {best:.2f}%), 1/1 epochs, {run}"
     ]
     failed = run.parent.parent / "debug=tiny,trainer.epochs=1,trainer.m=5,trainer.max_steps=2" / "seed0"
     tally = out[out.index("sweep: ") :].splitlines()
