@@ -4,11 +4,15 @@
     sam-train -m experiment=demo optimizer=sgd,sam seed=0,1  # a sweep (each job in its own derived run dir)
     sam-train experiment=table1/wrn28_10_200ep --cfg job --resolve   # print the resolved config
 
+The command line is checked before Hydra composes it (`sam_repro.engine.overrides`): an option or key that does
+not exist, or a key of another option of its group (`optimizer.rho` with `optimizer=sgd`), stops with one line.
 Bad values and unknown keys stop before any work with one line naming the key (`error: trainer.epochs must be
 >= 1 (got 0)`; the rules are `sam_repro.engine.config.RULES`), and a start with a configuration other than the
 one its run directory was started with stops with one line per changed key (`sam_repro.engine.rundir`); a new run
-directory is then removed again. In a multirun, a job that fails that way is recorded as failed and the sweep goes
-on.
+directory is then removed again. In a multirun, a job that fails is recorded as failed and the sweep goes on; the
+sweep ends with a tally and exits 1 when any job failed. Every run ends with one line: its status, final and best
+test error, epochs and directory. Exit codes: 0 done, 1 a sweep with failed jobs (or an unexpected error), 2 a
+refused command or a failed run.
 
 Hydra's own record of a run (`.hydra/`) is written here, after those checks (`hydra.output_subdir` is null in the
 root config), so a refused start leaves the run directory as it was.
@@ -17,7 +21,10 @@ root config), so a refused start leaves the run directory as it was.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sam_repro.engine.config import resolve_config, validate_config
 from sam_repro.engine.distributed import read_launch_env
+from sam_repro.engine.overrides import check_overrides, config_groups, shown_options
 from sam_repro.engine.provenance import redact
 from sam_repro.engine.rundir import (
     ABSENT,
@@ -42,12 +50,14 @@ from sam_repro.engine.rundir import (
     read_recorded_config,
     register_resolvers,
 )
-from sam_repro.errors import ConfigError, SamReproError
+from sam_repro.errors import ConfigError, DataError, SamReproError
 from sam_repro.files import atomic_write_text
 from sam_repro.run_keys import flatten, matches
 
 log = logging.getLogger("sam_repro")
 HYDRA_RECORD = ".hydra"
+SUMMARY_FILE = "summary.json"  # engine.trainer.SUMMARY_FILE (not imported here: the trainer pulls in torch)
+_JOBS: list[dict] = []  # this process's jobs of a multirun, for the tally at its end
 
 
 def _rank() -> int:
@@ -90,11 +100,60 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
         return {k: flat.get(k, ABSENT) for k in keys}
 
     changes = config_changes(recorded, current, defaults)
+    if changes and _recorded_summary(run_dir).get("status") == "finished":
+        # Its schedule has run out: continuing it would train nothing (more epochs are another schedule, another
+        # experiment), so even trainer.resume=force is refused, before anything is written.
+        kept = [o for o in overrides if not matches(override_key(o), ("trainer.resume", "hydra.run.dir"))]
+        raise ConfigError(
+            f"{run_dir} has finished with another configuration ({'; '.join(c.describe(run_dir) for c in changes)}); "
+            f"a finished run is never continued, not even with trainer.resume=force. Train the new configuration "
+            f"in its own directory: sam-train {' '.join(kept)}"
+        )
     if changes and cfg.trainer.get("resume", "auto") != "force":
         raise ConfigError(identity_error(run_dir, changes))
     for change in changes:
         log.warning("trainer.resume=force: %s", change.describe(run_dir))
     return changes
+
+
+def _recorded_summary(run_dir: Path) -> dict:
+    """The run directory's summary.json ({} if none, or unreadable: the trainer warns about that one)."""
+    try:
+        return json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _percent(value: float | None) -> str:
+    return f"{value:.2f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "none"
+
+
+def end_line(summary: dict, run_dir: Path, planned_epochs: int | None = None, status: str | None = None) -> str:
+    """The line every run ends with: `finished: test error 84.60% (best 80.10%), 3/3 epochs, runs/.../seed0`."""
+    epochs = summary.get("epochs", 0)
+    of = f"/{planned_epochs}" if planned_epochs else ""
+    return (
+        f"{status or summary.get('status', 'unknown')}: test error {_percent(summary.get('test_error'))} "
+        f"(best {_percent(summary.get('best_test_error'))}), {epochs}{of} epochs, {run_dir}"
+    )
+
+
+def _planned_epochs(cfg: DictConfig) -> int | None:
+    try:
+        return max(1, math.ceil(cfg.trainer.epochs * cfg.trainer.epoch_scale))
+    except Exception:  # noqa: BLE001 -- a config refused before its values were checked
+        return None
+
+
+def _check_data_root(cfg: DictConfig) -> None:
+    """A dataset root other than the default data directory must hold its prepared cache already
+    (`data.sources.unprepared_root`); ImageNet is read from its folder and checked by its loader."""
+    from sam_repro.data.sources import DATASETS, unprepared_root
+
+    if cfg.dataset.name in DATASETS:
+        problem = unprepared_root(cfg.dataset.name, cfg.dataset.root)
+        if problem is not None:
+            raise DataError(problem)
 
 
 def _write_hydra_record(hc, task_cfg: DictConfig, run_dir: Path) -> None:
@@ -134,6 +193,9 @@ def _app(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     new_run = not (run_dir / CONFIG_FILE).exists()
+    multirun = hc.mode == RunMode.MULTIRUN
+    already = _recorded_summary(run_dir).get("status") == "finished"
+    started = False  # past the checks: the run's own summary.json tells how it ended
     task_cfg = cfg.copy()
     with open_dict(cfg):
         cfg.experiment = hc.runtime.choices.get("experiment")
@@ -142,28 +204,131 @@ def _app(cfg: DictConfig) -> float | None:
         with RunDirLock(run_dir) if _rank() == 0 else contextlib.nullcontext() as lock:
             cfg = resolved_config(cfg)
             validate_config(cfg)  # types, ranges and unknown keys, before the run directory is compared
+            _check_data_root(cfg)
             forced = check_run_identity(cfg, run_dir, list(hc.overrides.task))
             if _rank() == 0:
                 lock.claim()
                 if hc.output_subdir is None:
                     _write_hydra_record(hc, task_cfg, run_dir)
+            started = True
             summary = train(cfg, run_dir, forced=[c.as_record() for c in forced])
-    except SamReproError as exc:
-        log.error("error: %s", exc)
+    except Exception as exc:
+        if not isinstance(exc, SamReproError) and not multirun:
+            raise
+        if isinstance(exc, SamReproError):
+            log.error("error: %s", exc)
+        else:  # one job of a sweep: the others still run; the traceback goes to its train.log
+            log.exception("error: %s: %s", type(exc).__name__, exc)
         if new_run and _rank() == 0:
             _remove_new_run_dir(run_dir, Path(str(OmegaConf.select(cfg, "run_root", default="runs"))))
-        if hc.mode == RunMode.MULTIRUN:
+        if started and (run_dir / SUMMARY_FILE).exists() and _rank() == 0:
+            log.info(end_line(_recorded_summary(run_dir), run_dir, _planned_epochs(cfg)))
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        first_line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # Hydra's "Error in call to ...:"
+        _JOBS.append({"status": "failed", "run_dir": str(run_dir), "error": first_line, "multirun": multirun})
+        if multirun:
             return None
         sys.exit(2)
+    status = "already finished" if already else summary.get("status", "unknown")
+    if _rank() == 0:
+        log.info(end_line(summary, run_dir, _planned_epochs(cfg), status))
+    _JOBS.append({"status": status, "run_dir": str(run_dir), "multirun": multirun})
     return summary.get("test_error")
+
+
+def tally(jobs: list[dict]) -> tuple[str, bool]:
+    """The lines that end a sweep (how many jobs finished, were finished before, failed; each failed job's directory
+    and first error line), and whether any job failed."""
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job["status"]] = counts.get(job["status"], 0) + 1
+    order = ["finished", "already finished", "failed"]
+    parts = [f"{counts[s]} {s}" for s in [*order, *sorted(set(counts) - set(order))] if counts.get(s)]
+    lines = [f"sweep: {len(jobs)} job(s): {', '.join(parts) or 'none'}"]
+    lines += [f"  failed: {job['run_dir']}: {job['error']}" for job in jobs if job["status"] == "failed"]
+    return "\n".join(lines), bool(counts.get("failed"))
+
+
+def help_text() -> str:
+    """`sam-train --help`: what it does, three examples, the groups with their options, where runs go."""
+    groups = config_groups()
+    width = max(map(len, groups))
+    listing = "\n".join(f"  {g:<{width}}  {', '.join(shown_options(options))}" for g, options in groups.items())
+    return f"""sam-train: train one run of SGD or SAM (or, with -m, a sweep of runs), composed from the config groups
+below with Hydra. Each run trains in its own directory, resumes there when the same command is given again, and
+ends with one line: its status, final and best test error, epochs and directory.
+
+Examples:
+  sam-train debug=tiny optimizer=sam                      # ResNet-8 on a CIFAR-10 subset, 3 epochs: seconds on a CPU
+  sam-train experiment=table1/wrn28_10_200ep dataset=cifar100 optimizer=sam optimizer.rho=0.1   # a paper preset
+  sam-train -m debug=tiny optimizer=sgd,sam seed=0,1      # a sweep: one run per combination, then a tally
+
+Groups (group=option; a preset in a folder is written with its folder: experiment=table1/wrn28_10_200ep):
+{listing}
+
+Settings: group.key=value (trainer.epochs=10, optimizer.rho=0.1: rho is a setting of optimizer=sam, asam, looksam).
+  sam-train <overrides> --cfg job --resolve   prints the composed configuration: every setting there is.
+
+Runs go to $SAM_RUNS_DIR (else ./runs)/<experiment or default>/<the overrides that change the run>/seed<seed>.
+Data: $SAM_DATA_DIR (else ~/.cache/sam_repro/data); `sam-data cifar10` prepares CIFAR-10 there.
+
+Flags: -m/--multirun (sweep), --cfg job|hydra|all, --resolve, --info, --hydra-help,
+  -sc install=bash (tab completion: eval "$(sam-train -sc install=bash)").
+Exit codes: 0 done, 1 a sweep in which a job failed, 2 a refused command or a failed run. More: docs/cli.md
+"""
+
+
+def _complete(line: str) -> list[str] | None:
+    """Tab completion of `group=...` with every option, nested presets included (Hydra offers only the top level);
+    None for any other word (Hydra completes it)."""
+    words = line.split()
+    word = "" if not words or line.endswith(" ") else words[-1]
+    prefix = word[: len(word) - len(word.lstrip("+~"))]
+    key, eq, value = word[len(prefix) :].partition("=")
+    groups = config_groups()
+    if not eq or key not in groups:
+        return None
+    return [f"{prefix}{key}={o}" for o in shown_options(groups[key]) if o.startswith(value)]
+
+
+def _before_hydra(argv: list[str]) -> None:
+    """What sam-train answers itself before Hydra starts: --help, tab completion of group options, and the check
+    of the overrides (`engine.overrides.check_overrides`: one line and exit 2 instead of Hydra's messages)."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help:
+        print(help_text(), end="")
+        sys.exit(0)
+    if args.shell_completion:
+        bash = any(a in ("query=bash", "query=zsh") for a in args.overrides)  # zsh uses bash's completion
+        words = _complete(os.environ.get("COMP_LINE", "")) if bash else None
+        if words is not None:
+            print(" ".join(words))
+            sys.exit(0)
+        return
+    if args.hydra_help or args.info:
+        return
+    try:
+        check_overrides(args.overrides)
+    except SamReproError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:
     register_resolvers()
+    _before_hydra(sys.argv[1:])
     if _rank() != 0:
         # Only rank 0 logs INFO lines; the others report warnings and errors only.
         sys.argv += ["hydra/job_logging=sam_worker"]
+    _JOBS.clear()
     _app()
+    if any(job["multirun"] for job in _JOBS) and _rank() == 0:
+        lines, failed = tally(_JOBS)
+        print(lines, flush=True)
+        if failed:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

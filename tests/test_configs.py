@@ -185,3 +185,24 @@ def test_debug_tiny_and_preset_as_documented():
     preset = compose_train("experiment=table1/pyramidnet272_shakedrop", "dataset=cifar10", "debug=preset")
     assert (preset.model.name, preset.trainer.grad_clip, preset.trainer.max_steps, preset.trainer.batch_size,
             preset.trainer.m) == ("pyramidnet272_shakedrop", 5.0, 1, 8, 4)  # fmt: skip
+
+
+# Every preset but Table 3's, which fine-tunes the pretrained weights it requires (model.pretrained_path): debug=tiny's
+# ResNet-8 cannot take them; `debug=preset` tries that preset with its own model.
+PRESETS = sorted(
+    str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
+    for p in (CONFIGS / "experiment").rglob("*.yaml")
+    if "recipe" not in p.parts and p.parent.name != "table3"
+)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_debug_tiny_shrinks_every_preset_to_a_run_of_seconds(preset):
+    """debug/tiny.yaml promises a run of seconds for any preset: the preset's m (demo's 128) adapted to the batch of
+    64, a few epochs whatever the preset's epochs and epoch_scale, and the preset's optimizer settings kept."""
+    for optimizer in ("sgd", "sam"):
+        cfg = compose_train(f"experiment={preset}", f"optimizer={optimizer}", "dataset.label_noise=0.2", "debug=tiny")
+        validate(cfg, CPU)  # trainer.m divides the micro-batch, and every other rule holds
+        epochs = cfg.trainer.epochs * cfg.trainer.epoch_scale
+        assert 1 <= epochs <= 3 and cfg.trainer.batch_size == 64 and cfg.model.name == "resnet8"
+        assert cfg.dataset.train_subset <= 256 and cfg.dataset.test_subset <= 500

@@ -642,3 +642,55 @@ def test_imagenet_missing_or_flat_folders_explain_the_layout(tmp_path):
     (flat / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
     with pytest.raises(DataError, match="flat val folder"):
         imagenet.build_imagenet_loader(tmp_path, "val", 2, 0, 1, 0, 0, 0)
+
+
+# ---- data roots that training may use --------------------------------------------------------------------------
+
+
+def test_training_prepares_data_only_in_the_default_data_directory(tmp_path, monkeypatch):
+    from sam_repro.data.sources import unprepared_root
+
+    monkeypatch.setenv("SAM_DATA_DIR", str(tmp_path / "default"))
+    assert unprepared_root("cifar10", tmp_path / "default") is None  # the default: training prepares it there
+    typo = tmp_path / "nonexistent"
+    assert unprepared_root("cifar10", typo) == (
+        f"no prepared cifar10 at {typo / 'cifar10' / 'prepared.npz'}: `sam-data cifar10 --root {typo}` prepares it "
+        "there (training prepares data itself only in the default data directory, $SAM_DATA_DIR, else "
+        "~/.cache/sam_repro/data)"
+    )
+    assert not typo.exists()
+    (typo / "cifar10").mkdir(parents=True)
+    (typo / "cifar10" / "prepared.npz").write_bytes(b"")  # a cache (damaged or not) is load_arrays' to judge
+    assert unprepared_root("cifar10", typo) is None
+
+
+def test_an_uncreatable_root_is_one_line(tmp_path):
+    from sam_repro.errors import DataError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataError, match=r"^cannot create .*file/cifar10 \(Not a directory\): point SAM_DATA_DIR"):
+        prepare("cifar10", blocker)
+
+
+def test_sam_train_never_creates_a_mistyped_data_root(tmp_path):
+    """The CLI contract: `dataset.root=<typo>` is one line naming the sam-data command, exit 2, no traceback, no
+    run directory, and the root is not created (it used to be, and filled with a 170 MB download)."""
+    import subprocess
+
+    from helpers.training import BIN, env_for
+
+    typo = tmp_path / "nonexistent"
+    proc = subprocess.run(
+        [str(BIN / "sam-train"), "debug=tiny", f"dataset.root={typo}"],
+        env={**env_for(tmp_path / "runs"), "SAM_DATA_DIR": str(tmp_path / "data")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out
+    [line] = [line for line in out.splitlines() if "error:" in line]
+    assert f"error: no prepared cifar10 at {typo}/cifar10/prepared.npz: `sam-data cifar10 --root {typo}`" in line
+    assert not typo.exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))

@@ -229,3 +229,22 @@ def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path):
     with pytest.raises(ConfigError):  # and within one process a second holder is refused as well
         with RunDirLock(run), RunDirLock(run):
             pass
+
+
+@pytest.mark.data
+def test_force_on_a_finished_run_is_refused_with_the_command_for_a_longer_run(tmp_path):
+    """More epochs for a finished run: refused before anything is written (summary.json, .hydra/ and config.yaml as
+    they were), with the command that trains the longer run in its own directory; it used to train nothing and
+    record the change."""
+    run = tmp_path / "mine"
+    args = [*TINY, "dataset.test_subset=200", "trainer.eval_batch_size=200", "trainer.epochs=1"]
+    train(tmp_path, *args, f"hydra.run.dir={run}")
+    before = fingerprint(run)
+    proc = train(tmp_path, *args, "trainer.epochs=2", "trainer.resume=force", f"hydra.run.dir={run}", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out
+    [line] = [line for line in out.splitlines() if "error:" in line]
+    assert f"error: {run} has finished with another configuration (trainer.epochs: 1 in {run}, 2 now)" in line
+    longer = " ".join([*args, "trainer.epochs=2"])
+    assert line.endswith(f"Train the new configuration in its own directory: sam-train {longer}")
+    assert fingerprint(run) == before

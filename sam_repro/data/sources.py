@@ -298,7 +298,13 @@ def _build(spec: DatasetSpec, root: Path) -> tuple[Splits, str]:
 @contextlib.contextmanager
 def _exclusive(folder: Path) -> Iterator[None]:
     """One builder per dataset folder at a time (e.g. every DDP rank calling load_arrays on a fresh machine)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"cannot create {folder} ({exc.strerror or exc}): point SAM_DATA_DIR (or dataset.root, or "
+            "`sam-data --root`) at a directory that can be written"
+        ) from None
     with open(folder / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -334,6 +340,20 @@ def prepare(name: str, root: str | Path | None = None, *, force: bool = False) -
     spec, root_path = _resolve(name, root)
     _prepare(spec, root_path, force)
     return root_path / spec.name / CACHE_NAME
+
+
+def unprepared_root(name: str, root: str | Path | None) -> str | None:
+    """Why training must not use `root` as it is: None when its cache exists or `root` is the default data directory
+    (where training prepares a missing cache itself, as `sam-data` would), else the line that says which `sam-data`
+    command prepares it. A mistyped `dataset.root=...` is never created and filled with a download."""
+    spec, root_path = _resolve(name, root)
+    path = root_path / spec.name / CACHE_NAME
+    if path.exists() or root_path.resolve() == default_root().resolve():
+        return None
+    return (
+        f"no prepared {name} at {path}: `sam-data {name} --root {root}` prepares it there (training prepares "
+        f"data itself only in the default data directory, $SAM_DATA_DIR, else {DEFAULT_ROOT})"
+    )
 
 
 def load_arrays(name: str, root: str | Path | None = None) -> DatasetArrays:
