@@ -31,11 +31,13 @@ KEEP = ("config.yaml", "metrics.jsonl", "summary.json")
 
 
 def grid(seeds: list[int], noises: list[float], optimizers: list[str], extra: list[str]) -> list[list[str]]:
+    """One job per seed, noise level and optimizer. An optimizer entry may carry its own overrides after commas
+    (`sam,optimizer.sam_every=2`, `sgd,trainer.epochs=160`): a variant of the SAM family, or SGD at twice the epochs."""
     jobs = [
-        [f"dataset.label_noise={noise}", f"optimizer={opt}", f"seed={seed}", *extra]
+        [f"dataset.label_noise={noise}", f"optimizer={name}", f"seed={seed}", *extra, *own]
         for seed in seeds
         for noise in noises
-        for opt in optimizers
+        for name, *own in (opt.split(",") for opt in optimizers)
     ]
     return sorted(jobs, key=lambda job: "optimizer=sgd" in job)  # stable: SAM-family runs first
 
@@ -67,7 +69,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--noise", type=float, nargs="+", default=[0.4, 0.0], help="label-noise rates (default 0.4 0.0)")
-    ap.add_argument("--optimizers", nargs="+", default=["sgd", "sam"])
+    ap.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=["sgd", "sam"],
+        help="optimizers, each optionally with its own overrides after commas: sam,optimizer.sam_start=60",
+    )
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
     ap.add_argument(
         "--results",

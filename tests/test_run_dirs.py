@@ -138,3 +138,13 @@ def test_run_cpu_scale_keeps_each_run_from_sam_runs_dir(tmp_path, monkeypatch):
     kept = tmp_path / "results" / "runs" / "cpu_scale" / "dataset.label_noise=0.4,optimizer=sam,trainer.m=32" / "seed1"
     assert rc == 0 and sorted(p.name for p in kept.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
     assert (tmp_path / "elsewhere" / kept.relative_to(tmp_path / "results" / "runs") / "summary.json").is_file()
+
+
+def test_run_cpu_scale_grid_takes_per_optimizer_overrides():
+    script = load_script("run_cpu_scale")
+    jobs = script.grid([0], [0.4], ["sgd", "sgd,trainer.epochs=160", "sam,optimizer.sam_every=2"], ["x=1"])
+    assert jobs == [
+        ["dataset.label_noise=0.4", "optimizer=sam", "seed=0", "x=1", "optimizer.sam_every=2"],
+        ["dataset.label_noise=0.4", "optimizer=sgd", "seed=0", "x=1"],
+        ["dataset.label_noise=0.4", "optimizer=sgd", "seed=0", "x=1", "trainer.epochs=160"],
+    ]
