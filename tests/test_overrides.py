@@ -116,7 +116,7 @@ def test_the_cli_refuses_a_key_of_another_option_in_one_line(tmp_path):
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stdout == "" and proc.stderr.splitlines() == [
-        "error: optimizer.rho is a setting of optimizer=sam (also asam, looksam), not of optimizer=sgd: "
+        "error: optimizer.rho is a setting of optimizer=sam (also asam, gsam, looksam, msam), not of optimizer=sgd: "
         "add optimizer=sam to the command line"
     ]
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")

@@ -75,6 +75,16 @@ def _option_keys(group: str, option: str, seen: frozenset = frozenset()) -> tupl
     return keys, depth
 
 
+def _builds_on(group: str, option: str, base: str, seen: frozenset = frozenset()) -> bool:
+    """Whether `group=option` has `base` among the options in its `defaults`, directly or further down."""
+    path = CONFIG_DIR / group / f"{option}.yaml"
+    if option in seen or not path.exists():
+        return False
+    entries = (OmegaConf.to_container(OmegaConf.load(path)) or {}).get("defaults") or []
+    parents = [e for e in entries if isinstance(e, str) and e != "_self_" and "/" not in e]
+    return base in parents or any(_builds_on(group, p, base, seen | {option}) for p in parents)
+
+
 def _flat_keys(node: dict, prefix: str = "") -> list[str]:
     keys = []
     for name, value in node.items():
@@ -209,8 +219,10 @@ def _check_key(override, cfg: DictConfig, choices, groups: dict[str, list[str]])
             if rest in keys:
                 owners.append((depth, option))
         if owners:
-            names = [option for _, option in sorted(owners)]
-            also = f" (also {', '.join(names[1:])})" if len(names) > 1 else ""
+            # the option the others build on first (sam before asam, gsam, looksam; then msam, which sets rho too)
+            built_on = {option: sum(_builds_on(group, other, option) for _, other in owners) for _, option in owners}
+            names = [option for _, option in sorted(owners, key=lambda o: (o[0], -built_on[o[1]], o[1]))]
+            also = f" (also {', '.join(sorted(names[1:]))})" if len(names) > 1 else ""
             raise ConfigError(
                 f"{key} is a setting of {group}={names[0]}{also}, not of {group}={chosen}: "
                 f"add {group}={names[0]} to the command line"
