@@ -2,7 +2,9 @@
 
 
 class SamReproError(Exception):
-    """Base class: the CLI prints `error: <message>` and exits with status 2."""
+    """Base class: the CLI prints `error: <message>` and exits with `exit_code` (2)."""
+
+    exit_code = 2
 
 
 class ConfigError(SamReproError, ValueError):
@@ -15,3 +17,11 @@ class DataError(SamReproError, RuntimeError):
 
 class CheckpointError(SamReproError, RuntimeError):
     """A checkpoint that cannot be loaded. The message names the file."""
+
+
+class RankLost(SamReproError, RuntimeError):
+    """Another rank of the process group died or stopped answering (it never joined, or a collective timed out).
+    The message names that rank. Exit status 75 (EX_TEMPFAIL, "try again"): a launcher that restarts
+    (`torchrun --max-restarts`, `scripts/slurm/train.sbatch`) resumes the run from its checkpoint."""
+
+    exit_code = 75

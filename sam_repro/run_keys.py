@@ -6,6 +6,7 @@ progress, evaluates, is placed and executed, and checkpoints:
     `run_root`, `dataset.root`;
   * console: `trainer.progress`, `trainer.log_every` (also the steps between checks for a non-finite loss: a
     failing run stops a few steps earlier or later, with the same last good checkpoint);
+  * how long a rank waits for another before it gives up: `trainer.dist_timeout_s`;
   * evaluation: `trainer.eval_batch_size` and `trainer.eval_every` (evaluation never touches the training state;
     `best_test_error` is the minimum over the epochs that were evaluated);
   * placement and execution: `trainer.device`, `trainer.threads`, `trainer.compile`, `trainer.channels_last`,
@@ -39,6 +40,7 @@ NEUTRAL_KEYS = (
     "dataset.root",
     "trainer.progress",
     "trainer.log_every",
+    "trainer.dist_timeout_s",
     "trainer.eval_batch_size",
     "trainer.eval_every",
     "trainer.device",

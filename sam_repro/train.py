@@ -228,7 +228,7 @@ def _app(cfg: DictConfig) -> float | None:
         _JOBS.append({"status": "failed", "run_dir": str(run_dir), "error": first_line, "multirun": multirun})
         if multirun:
             return None
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
     status = "already finished" if already else summary.get("status", "unknown")
     if _rank() == 0:
         log.info(end_line(summary, run_dir, _planned_epochs(cfg), status))

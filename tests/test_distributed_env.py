@@ -24,7 +24,7 @@ from sam_repro.engine.distributed import (
     read_launch_env,
     resolve_device,
 )
-from sam_repro.errors import ConfigError
+from sam_repro.errors import ConfigError, RankLost
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_CHECK = REPO / "scripts" / "slurm" / "ddp_check.py"
@@ -318,3 +318,26 @@ def test_two_ranks_from_slurm_variables(tmp_path):
     results = run_two_ranks(tmp_path, {r: common | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in (0, 1)})
     check_two_rank_results(results)
     assert {(r["launcher"], r["master_addr"], r["master_port"]) for r in results} == {("slurm", "localhost", port)}
+
+
+# ---- a rank that never comes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agent_store", [False, True])
+def test_a_rank_that_never_joins_is_named_after_the_time_out(no_launcher, monkeypatch, agent_store):
+    """Rank 0 of 2 alone: after trainer.dist_timeout_s it stops with one line naming rank 1, instead of waiting in
+    the process group's creation (PyTorch's default: 30 minutes). Under torchrun the store is the agent's."""
+    port = free_port()
+    agent = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False) if agent_store else None
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env |= {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "1"} if agent_store else {}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RankLost) as caught:
+        init_distributed("cpu", timeout_s=1)
+    message = str(caught.value)
+    assert "\n" not in message and caught.value.exit_code == 75
+    assert message.startswith("rank 0 waited 1 s for rank 1 to join the process group"), message
+    assert not dist.is_initialized()
+    if agent is not None:  # this attempt's check-in, under its own prefix; nothing left for a later attempt
+        assert agent.check(["sam_repro/attempt1/joined/0"]) and not agent.check(["sam_repro/attempt2/joined/0"])

@@ -177,6 +177,7 @@ RULES: dict[str, Rule] = {
     "trainer.deterministic": flag(),
     "trainer.progress": one_of("auto", "bar", "log", "off"),
     "trainer.log_every": integer(min=1),
+    "trainer.dist_timeout_s": number(positive=True),
     "trainer.on_corrupt_checkpoint": one_of("error", "restart"),
     "trainer.resume": one_of("auto", "force"),
     "trainer.inject_nonfinite_at_step": integer(positive=True, null=True),

@@ -19,17 +19,21 @@ single process, so the trainer calls them unconditionally.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
+import socket
+import threading
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
-from sam_repro.errors import ConfigError
+from sam_repro.errors import ConfigError, RankLost
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,13 @@ Launcher = Literal["torchrun", "slurm", "single"]
 # outgoing connection ports that could collide with our listener.
 PORT_BASE = 10_000
 PORT_SPAN = 20_000
+
+# Seconds a rank waits for the others to join, and a collective for every rank to reach it, before it stops with
+# one line naming the rank it waited for (`trainer.dist_timeout_s`). PyTorch's own defaults (30 min for gloo,
+# 10 for NCCL) leave a restarted job idle for that long; a checkpoint written by rank 0 while the others wait at
+# the next collective must still fit, and does at this size with a wide margin.
+DEFAULT_TIMEOUT_S = 600.0
+HEARTBEAT_S = 1.0  # how often each rank says it is alive on the rendezvous store
 
 
 @dataclass(frozen=True)
@@ -286,12 +297,16 @@ def resolve_device(
 # ---- process group ---------------------------------------------------------------------------------------------
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Read the launcher's environment, pick the device and join the process group when there is one.
 
     A process group is created under torchrun (always: torchrun is an explicit request for one) and under srun when
     the step has more than one task. NCCL on GPUs, gloo on the CPU. Calling it again while a group exists returns
     the same environment without re-initialising.
+
+    Joining never hangs silently: every rank checks in on the rendezvous store (`_join`) and, when a rank has not
+    come within `timeout_s`, stops with a `RankLost` naming it. The same time-out bounds every collective of the
+    group (PyTorch's `timeout=`); `explain_lost_rank` turns such a failure into one line naming the rank.
     """
     launch = read_launch_env()
     torch_device = resolve_device(device, launch.local_rank, launch.launcher)
@@ -312,14 +327,14 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
     wants_group = launch.launcher == "torchrun" or launch.world_size > 1
     if wants_group and not dist.is_initialized():
-        # torchrun's agent already exported MASTER_ADDR/MASTER_PORT; under srun the address was derived above.
-        init_method = "env://" if launch.launcher == "torchrun" else f"tcp://{launch.master_addr}:{launch.master_port}"
+        timeout = datetime.timedelta(seconds=float(timeout_s))
+        store = _join(launch, timeout)
         kwargs: dict[str, Any] = {}
         if backend == "nccl":
             # Binds the group to this GPU and connects eagerly, so a wrong device shows up here, not at step 1.
             kwargs["device_id"] = torch_device
         dist.init_process_group(
-            backend=backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, **kwargs
+            backend=backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout, **kwargs
         )
     elif wants_group and (dist.get_rank(), dist.get_world_size()) != (launch.rank, launch.world_size):
         raise ConfigError(
@@ -339,8 +354,139 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return env
 
 
+# ---- joining, and who is missing -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Membership:
+    """This rank's view of the group beyond the process group itself: the rendezvous store it joined through, the
+    other ranks' heartbeats on it, and the optimizer step this rank is at (`note_step`)."""
+
+    rank: int
+    world_size: int
+    address: tuple[str, int]
+    prefix: str
+    agent_store: bool
+    step: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def client(self, timeout: datetime.timedelta) -> dist.Store:
+        host, port = self.address
+        base = dist.TCPStore(host, port, self.world_size, is_master=False, timeout=timeout, wait_for_workers=False)
+        return dist.PrefixStore(self.prefix, base)
+
+
+_membership: _Membership | None = None
+
+
+def _join(launch: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The store the process group is built on, once every rank has checked in on it (else `RankLost`).
+
+    Under torchrun the agent hosts the store (`TORCHELASTIC_USE_AGENT_STORE=True`) and it outlives the workers: a
+    restarted group meets the keys its killed predecessor left there. PyTorch's env:// rendezvous does not separate
+    attempts on that store, so a restarted rank could read a dead rank's address and connect to it (or wait on
+    it). Every key goes under `sam_repro/attempt<TORCHELASTIC_RESTART_COUNT>/` instead. Elsewhere (srun, or a
+    launcher without an agent store) rank 0 hosts the store, which dies with it.
+    """
+    global _membership
+    environ = os.environ
+    agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0") if launch.launcher == "torchrun" else "0"
+    host, port = str(launch.master_addr or "127.0.0.1"), int(launch.master_port or 0)
+    base = dist.TCPStore(
+        host,
+        port,
+        launch.world_size,
+        is_master=launch.rank == 0 and not agent_store,
+        timeout=timeout,
+        wait_for_workers=False,  # the check-in below waits, and names who is missing
+    )
+    prefix = f"sam_repro/attempt{attempt}"
+    store = dist.PrefixStore(prefix, base)
+    store.set(f"joined/{launch.rank}", f"{socket.gethostname()} pid {os.getpid()}")
+    keys = [f"joined/{r}" for r in range(launch.world_size)]
+    try:
+        store.wait(keys, timeout)
+    except (RuntimeError, dist.DistError):
+        missing = [r for r in range(launch.world_size) if not store.check([f"joined/{r}"])]
+        if not missing:
+            raise
+        raise RankLost(
+            f"rank {launch.rank} waited {timeout.total_seconds():.0f} s for {_ranks(missing)} to join the process "
+            f"group at {host}:{port} (trainer.dist_timeout_s); "
+            "it never started, or died before joining: see its log"
+        ) from None
+    _membership = _Membership(launch.rank, launch.world_size, (host, port), prefix, agent_store)
+    if launch.world_size > 1:
+        _membership.thread = threading.Thread(target=_heartbeat, args=(_membership,), daemon=True)
+        _membership.thread.start()
+    return store
+
+
+def _heartbeat(member: _Membership) -> None:
+    """Count up `beat/<rank>` and publish the step this rank is at, every HEARTBEAT_S, on a connection of its own
+    (the process group holds the store, and with it rank 0's store server under srun, for as long as it lives)."""
+    try:
+        store = member.client(datetime.timedelta(seconds=10 * HEARTBEAT_S))
+        while not member.stop.wait(HEARTBEAT_S):
+            store.add(f"beat/{member.rank}", 1)
+            store.set(f"step/{member.rank}", str(member.step))
+    except (RuntimeError, dist.DistError):
+        return  # the store went away (its host died): explain_lost_rank says so
+
+
+def note_step(step: int) -> None:
+    """Record the optimizer step this rank has reached, for `explain_lost_rank` (no communication)."""
+    if _membership is not None:
+        _membership.step = step
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def explain_lost_rank(error: BaseException) -> RankLost | None:
+    """A failed collective as one line naming the rank this one waited for, or None when it is not a failure of
+    the group (an ordinary bug, in a single process, or with every other rank alive and at this rank's step).
+
+    A rank is taken for dead when its heartbeat stops (checked over three heartbeats); one that is alive but at an
+    earlier step is the one that did not reach the collective. Under srun the store lives in rank 0: when it is
+    gone, so is rank 0.
+    """
+    member = _membership
+    if member is None or member.world_size == 1:
+        return None
+    what = f"rank {member.rank} lost the process group at step {member.step}"
+    cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    try:
+        store = member.client(datetime.timedelta(seconds=5 * HEARTBEAT_S))
+        others = [r for r in range(member.world_size) if r != member.rank]
+        before = {r: store.add(f"beat/{r}", 0) for r in others}
+        time.sleep(3 * HEARTBEAT_S)
+        dead = [r for r in others if store.add(f"beat/{r}", 0) == before[r]]
+        steps = {r: int(store.get(f"step/{r}")) if store.check([f"step/{r}"]) else 0 for r in others}
+    except (RuntimeError, dist.DistError):
+        if member.agent_store or member.rank == 0:
+            return RankLost(f"{what}: the rendezvous store stopped answering ({cause})")
+        return RankLost(f"{what}: waited for rank 0, which is gone with the rendezvous store it held ({cause})")
+    if dead:
+        return RankLost(f"{what}: waited for {_ranks(dead)}, which stopped (no heartbeat for 3 s) ({cause})")
+    behind = [r for r in others if steps[r] < member.step]
+    if behind:
+        at = ", ".join(f"rank {r} at step {steps[r]}" for r in behind)
+        return RankLost(f"{what}: waited for {_ranks(behind)}, alive but behind ({at}) ({cause})")
+    return None
+
+
 def cleanup_distributed() -> None:
     """Leave the process group (safe to call when there is none)."""
+    global _membership
+    if _membership is not None:
+        _membership.stop.set()
+        if _membership.thread is not None:
+            _membership.thread.join()
+        _membership = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

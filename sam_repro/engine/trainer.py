@@ -36,7 +36,9 @@ from sam_repro.engine.distributed import (
     all_reduce_sum,
     barrier,
     cleanup_distributed,
+    explain_lost_rank,
     init_distributed,
+    note_step,
 )
 from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorization
 from sam_repro.engine.loggers import MetricsLogger, Progress, StallWatch, StepCurves, paper_summary
@@ -87,11 +89,20 @@ def train(cfg: DictConfig, run_dir: Path, forced: list[dict] | None = None) -> d
     the configuration changes a `trainer.resume=force` start accepted (recorded in summary.json)."""
     # Numerics first: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA work starts (init_distributed binds the GPU).
     backends.configure(deterministic=bool(cfg.trainer.deterministic), tf32=bool(cfg.trainer.get("tf32", False)))
-    env = init_distributed(cfg.trainer.device)
+    env = init_distributed(cfg.trainer.device, timeout_s=float(cfg.trainer.get("dist_timeout_s", 600)))
     try:
         summary = _train(cfg, Path(run_dir), env, forced or [])
         barrier()  # leave together: tearing down gloo while a peer still talks aborts the process
         return summary
+    except SamReproError:
+        raise
+    except (RuntimeError, torch.distributed.DistError) as exc:
+        # A collective that failed because another rank died or stopped answering: one line naming that rank, and
+        # exit status 75, so that torchrun --max-restarts or a requeue brings the run back from its checkpoint.
+        lost = explain_lost_rank(exc) if env.distributed else None
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         cleanup_distributed()
 
@@ -161,6 +172,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
 
     run = _setup(cfg, run_dir, env, start_time)
     _resume(run)
+    note_step(run.step)
     _open_outputs(run, previous)
     try:
         while run.epoch < run.epochs:
@@ -348,6 +360,7 @@ def _train_epoch(run: _Run) -> tuple[_EpochTotals, bool, bool]:
         run.step += 1
         if run.passes is not None:
             run.passes += stats.passes
+        note_step(run.step)  # what another rank's explain_lost_rank compares with, should this one stall
         if run.step == cfg.trainer.inject_nonfinite_at_step and cfg.trainer.get("inject_nonfinite_rank") in (
             None,
             env.rank,
