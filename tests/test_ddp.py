@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers.training import BIN, TINY
+from helpers.training import BIN, TIMING_KEYS, TINY, comparable, worker_pids
 
 # debug=tiny (ResNet-8, batch 64), on fewer images: 3 steps per epoch, and a test error that may differ by one
 # near-tie example of 300 between summation orders. gloo on the CPU, also on a GPU machine.
@@ -30,7 +33,7 @@ BASE = [
     "hydra.run.dir=.",
 ]
 
-pytestmark = pytest.mark.data
+pytestmark = [pytest.mark.data, pytest.mark.multiprocess]
 
 
 def free_port() -> int:
@@ -39,23 +42,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def command(ranks: int, *torchrun_options: str) -> list[str]:
+    if ranks == 1:
+        return [str(BIN / "sam-train")]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *torchrun_options,
+        "-m",
+        "sam_repro.train",
+    ]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def launch(run_dir: Path, ranks: int, *overrides: str) -> subprocess.CompletedProcess:
     run_dir.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if ranks == 1:
-        cmd = [str(BIN / "sam-train")]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={ranks}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "sam_repro.train",
-        ]
-    return subprocess.run([*cmd, *BASE, *overrides], cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [*command(ranks), *BASE, *overrides]
+    return subprocess.run(cmd, cwd=run_dir, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def run(run_dir: Path, ranks: int, *overrides: str) -> tuple[list[dict], dict]:
@@ -206,3 +215,45 @@ def test_exact_evaluation_with_one_two_and_three_ranks(tmp_path):
         assert r["error"] == pytest.approx(reference["test_error"], abs=1e-9)
         assert r["error_top5"] == pytest.approx(reference["test_error_top5"], abs=1e-9)
         assert r["loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
+
+
+def test_a_killed_rank_restarts_under_torchrun_and_ends_with_the_uninterrupted_metrics(tmp_path):
+    # Rank 1 gets SIGKILL once the first epoch's checkpoint is on disk (in epoch 2, 3 steps an epoch): torchrun
+    # --max-restarts=1 starts both ranks again, they join a fresh group (not the dead one's leftovers on the
+    # agent's store) and resume from the checkpoint; every epoch's metrics equal those of a run never interrupted.
+    args = ["optimizer=sam", "trainer.m=16", "optimizer.lr=0.05", "trainer.epochs=3"]
+    reference, reference_state = run(tmp_path / "reference", 2, *args)
+
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    log = run_dir.parent / "killed.log"
+    marker = str(run_dir)
+    cmd = [*command(2, "--max-restarts=1"), *BASE, *args]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=run_dir, env={**ENV, "SAM_TEST_LAUNCH": marker}, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 600  # only against a hang: the kill waits on the first checkpoint
+        while not (run_dir / "checkpoints" / "last.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        victims = worker_pids(marker, rank=1)
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        proc.kill()
+        for attempt in (0, 1):
+            for pid in worker_pids(marker, 0, attempt) + worker_pids(marker, 1, attempt):
+                os.kill(pid, signal.SIGKILL)
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    # the surviving rank said which rank it lost, the restart resumed from the first epoch's checkpoint
+    assert re.search(r"error: rank 0 lost the process group at step \d+: waited for rank 1\b", output), output
+    assert re.search(r"resumed from \S+ at epoch [12], step [36]\n", output), output
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert comparable(rows) == comparable(reference), "metrics differ from the uninterrupted run"
+    assert TIMING_KEYS <= set(rows[0])
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, tensor in reference_state.items():
+        assert torch.equal(state[name], tensor), name

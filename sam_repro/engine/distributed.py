@@ -458,7 +458,9 @@ def explain_lost_rank(error: BaseException) -> RankLost | None:
     if member is None or member.world_size == 1:
         return None
     what = f"rank {member.rank} lost the process group at step {member.step}"
-    cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    # gloo's message, without its source location: "Connection closed by peer [127.0.0.1]:22453"
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().split("\n")[0]).split(". ")[0][:160]
+    cause = cause or type(error).__name__
     try:
         store = member.client(datetime.timedelta(seconds=5 * HEARTBEAT_S))
         others = [r for r in range(member.world_size) if r != member.rank]

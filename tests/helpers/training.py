@@ -62,3 +62,18 @@ def compose_config(*overrides: str):
     register_resolvers()
     with initialize_config_module("sam_repro.configs", version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def worker_pids(marker: str, rank: int, attempt: int = 0) -> list[int]:
+    """The pids of the torchrun workers of one launch (its environment carries SAM_TEST_LAUNCH=`marker`) with this
+    global rank in this restart attempt, read from /proc (Linux)."""
+    want = {f"SAM_TEST_LAUNCH={marker}", f"RANK={rank}", f"TORCHELASTIC_RESTART_COUNT={attempt}"}
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = set((proc / "environ").read_bytes().split(b"\0"))
+        except (OSError, ValueError):
+            continue
+        if {w.encode() for w in want} <= environ:
+            pids.append(int(proc.name))
+    return pids
