@@ -1,6 +1,6 @@
 """Fault soak: inject the failures a training run meets on shared machines and check that nothing is lost.
 
-    python scripts/soak.py [--kills 20] [--seed 0] [--workdir DIR] [--out FILE]
+    python scripts/soak.py [--kills 20] [--seed 0] [--workdir DIR] [--out FILE] [--only dead-rank]
 
 Every training run here is a small SAM run with m-groups (ResNet-8, 256 CIFAR-10 images, batch 64, m = 16,
 4 epochs, one thread), started through `sam-train` exactly as a user would, so its outputs are compared with one
@@ -18,7 +18,11 @@ uninterrupted reference run of the same command. The faults, and what "recovered
     Debian package `dataset-fashion-mnist` (skipped, and said so, where it is not installed);
   * W&B failing in the middle of a run: a warning, and the run ends with the reference metrics;
   * a non-finite loss at a chosen step (`trainer.inject_nonfinite_at_step`): status failed, exit status 2, the
-    last good checkpoint kept.
+    last good checkpoint kept;
+  * a dead rank: the same run on 2 ranks under `torchrun --max-restarts=1`, rank 1 killed by SIGKILL after a
+    random number of steps, and again while rank 0 is half-way through writing a checkpoint. The surviving rank
+    stops with one line naming rank 1, torchrun starts both ranks again, they resume from the last checkpoint and
+    the run ends with the metrics and weights of an uninterrupted 2-rank run.
 Load-independent: kills are placed by training progress (log lines) and by the checkpoint's temporary file, not by
 the clock. The last line is `soak: N faults injected, N recovered, 0 lost`; the exit status is 1 if anything was
 lost. `--out` writes the same figures as JSON with provenance.
@@ -133,15 +137,23 @@ class Soak:
 
     # ---- running ----------------------------------------------------------------------------------------------
     def launch(
-        self, runs: Path, extra: list[str] = (), fault: tuple[str, str] | None = None, env: dict | None = None
+        self,
+        runs: Path,
+        extra: list[str] = (),
+        fault: tuple[str, str] | None = None,
+        env: dict | None = None,
+        launcher: list[str] = (),
     ) -> tuple[subprocess.Popen, Path]:
+        """The soak's sam-train run in `runs`, as one process, or under `launcher` (torchrun and its options)."""
         self.n += 1
         log = self.work / "logs" / f"{self.n:03d}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *(fault or ("none", "-")), "--", *RUN, *extra]
+        child = [str(Path(__file__).resolve()), "--child", *(fault or ("none", "-")), "--", *RUN, *extra]
+        cmd = [sys.executable, *launcher, *child]
         child_env = {
             **os.environ,
             "SAM_RUNS_DIR": str(runs),
+            "SAM_SOAK_LAUNCH": str(self.n),  # finds this launch's ranks in /proc
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
@@ -149,8 +161,8 @@ class Soak:
         with open(log, "w") as out:
             return subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=out, stderr=subprocess.STDOUT), log
 
-    def run(self, runs: Path, extra: list[str] = (), fault=None, env=None) -> tuple[int, str]:
-        proc, log = self.launch(runs, extra, fault, env)
+    def run(self, runs: Path, extra: list[str] = (), fault=None, env=None, launcher=()) -> tuple[int, str]:
+        proc, log = self.launch(runs, extra, fault, env, launcher)
         proc.wait()
         return proc.returncode, log.read_text()
 
@@ -171,14 +183,14 @@ class Soak:
         ]
         return rows, load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
 
-    def equals_reference(self, run_dir: Path) -> tuple[bool, str]:
+    def equals_reference(self, run_dir: Path, reference: tuple[list[dict], dict] | None = None) -> tuple[bool, str]:
         import torch
 
         summary = json.loads((run_dir / "summary.json").read_text())
         if summary.get("status") != "finished":
             return False, f"status {summary.get('status')}"
         rows, weights = self.outcome(run_dir)
-        ref_rows, ref_weights = self.reference
+        ref_rows, ref_weights = reference or self.reference
         if rows != ref_rows:
             return False, "metrics differ from the uninterrupted run"
         if any(not torch.equal(weights[k], v) for k, v in ref_weights.items()):
@@ -329,6 +341,57 @@ class Soak:
             fault.recovered = True
         self.record(fault)
 
+    def dead_rank(self) -> None:
+        """Rank 1 of 2 killed under `torchrun --max-restarts=1`: in training, and while rank 0 writes a checkpoint
+        (held half-way until rank 1 is dead, then let go)."""
+        rc, _ = self.run(self.work / "rank-reference", launcher=_torchrun())
+        if rc != 0:
+            self.record(Fault("rank killed", "the 2-rank reference run", note=f"exit {rc}"))
+            return
+        reference = self.outcome(self.run_dir(self.work / "rank-reference"))
+        self._kill_rank(reference, mid_write=False)
+        self._kill_rank(reference, mid_write=True)
+
+    def _kill_rank(self, reference: tuple[list[dict], dict], mid_write: bool) -> None:
+        where = "mid-write" if mid_write else "in training"
+        runs, release = self.work / f"rank-killed-{where.replace(' ', '-')}", self.work / f"release-{where}"
+        steps = self.rng.randint(1, 11)
+        fault = ("hold-write", str(release)) if mid_write else None
+        proc, log = self.launch(runs, fault=fault, launcher=_torchrun("--max-restarts=1"))
+        detail = "rank 1 of 2, " + ("rank 0 half-way through a checkpoint" if mid_write else f"after {steps} steps")
+        outcome, victims = Fault(f"rank killed {where}", detail), []
+        try:
+            if mid_write:
+                landed = self._wait_for(proc, lambda: any(runs.rglob(".last.pt.*.tmp")))
+            else:
+                landed = self._wait_for(proc, lambda: log.read_text().count(STEP_LINE) >= steps)
+            victims = _rank_pids(str(self.n), rank=1) if landed else []
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            release.touch()  # rank 0 finishes its write, then finds rank 1 gone
+            proc.wait(timeout=1800)
+        finally:
+            proc.kill()
+            release.touch()
+        out = log.read_text()
+        if len(victims) != 1:
+            outcome.note = f"found {len(victims)} rank-1 processes to kill (the run ended first?)"
+        elif proc.returncode != 0:
+            outcome.note = f"torchrun exited {proc.returncode}"
+        elif "waited for rank 1" not in out:
+            outcome.note = "the surviving rank did not name rank 1"
+        else:
+            outcome.recovered, outcome.note = self.equals_reference(self.run_dir(runs), reference)
+        self.record(outcome)
+
+    @staticmethod
+    def _wait_for(proc: subprocess.Popen, ready) -> bool:
+        while proc.poll() is None:
+            if ready():
+                return True
+            time.sleep(0.01)
+        return False
+
     def damaged_data(self) -> None:
         from sam_repro.data import sources
         from sam_repro.errors import DataError
@@ -372,6 +435,24 @@ class Soak:
         self.record(fault)
 
 
+def _torchrun(*options: str) -> list[str]:
+    """`python -m torch.distributed.run` on 2 CPU ranks of this machine, with `options`."""
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *options]
+
+
+def _rank_pids(launch: str, rank: int) -> list[int]:
+    """The processes of soak launch `launch` (SAM_SOAK_LAUNCH) that are rank `rank` of torchrun's first attempt."""
+    want = {f"SAM_SOAK_LAUNCH={launch}".encode(), f"RANK={rank}".encode(), b"TORCHELASTIC_RESTART_COUNT=0"}
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if want <= set((proc / "environ").read_bytes().split(b"\0")):
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:
         _child(sys.argv[2:])
@@ -381,6 +462,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the runs live (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON with provenance")
+    ap.add_argument("--only", choices=["dead-rank"], default=None, help="inject only these faults")
     args = ap.parse_args()
     if args.kills < 1:
         ap.error("--kills must be >= 1")
@@ -394,13 +476,15 @@ def main() -> int:
         print(f"soak: the reference run failed (exit {rc}):\n{out}", file=sys.stderr)
         return 1
     soak.reference = soak.outcome(soak.run_dir(work / "reference"))
-    soak.kills(args.kills)
-    for name in ("SIGTERM", "SIGUSR1"):
-        soak.signal_in_write(name)
-    soak.full_disk()
-    soak.damaged_data()
-    soak.wandb_failure()
-    soak.nonfinite_loss()
+    if args.only is None:
+        soak.kills(args.kills)
+        for name in ("SIGTERM", "SIGUSR1"):
+            soak.signal_in_write(name)
+        soak.full_disk()
+        soak.damaged_data()
+        soak.wandb_failure()
+        soak.nonfinite_loss()
+    soak.dead_rank()
 
     injected = len(soak.faults)
     recovered = sum(f.recovered for f in soak.faults)

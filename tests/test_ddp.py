@@ -7,6 +7,7 @@ devices: per-group BatchNorm statistics and, for SAM, a per-group perturbation (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from helpers.training import BIN, TIMING_KEYS, TINY, comparable, worker_pids
+from helpers.training import BIN, TIMING_KEYS, TINY, comparable, process_environ, worker_pids
 
 # debug=tiny (ResNet-8, batch 64), on fewer images: 3 steps per epoch, and a test error that may differ by one
 # near-tie example of 300 between summation orders. gloo on the CPU, also on a GPU machine.
@@ -217,10 +219,19 @@ def test_exact_evaluation_with_one_two_and_three_ranks(tmp_path):
         assert r["loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
 
 
+def wait_until(ready, proc: subprocess.Popen, log: Path, deadline: float) -> None:
+    """Poll `ready()` while torchrun runs; the deadline is only against a hang."""
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
 def test_a_killed_rank_restarts_under_torchrun_and_ends_with_the_uninterrupted_metrics(tmp_path):
-    # Rank 1 gets SIGKILL once the first epoch's checkpoint is on disk (in epoch 2, 3 steps an epoch): torchrun
-    # --max-restarts=1 starts both ranks again, they join a fresh group (not the dead one's leftovers on the
-    # agent's store) and resume from the checkpoint; every epoch's metrics equal those of a run never interrupted.
+    # Rank 1 gets SIGKILL once the first epoch's checkpoint is on disk (in epoch 2, 3 steps an epoch); torchrun
+    # --max-restarts=1 starts both ranks again. The new rank 0 is held (SIGSTOP) until the new rank 1 has checked
+    # in on the agent's store, or died: that order made a restarted rank 1 read the killed group's leftovers there
+    # and connect to a dead rank 0. Both resume from the checkpoint, and every epoch's metrics and the final
+    # weights equal those of a run that was never interrupted.
     args = ["optimizer=sam", "trainer.m=16", "optimizer.lr=0.05", "trainer.epochs=3"]
     reference, reference_state = run(tmp_path / "reference", 2, *args)
 
@@ -231,23 +242,34 @@ def test_a_killed_rank_restarts_under_torchrun_and_ends_with_the_uninterrupted_m
     cmd = [*command(2, "--max-restarts=1"), *BASE, *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=run_dir, env={**ENV, "SAM_TEST_LAUNCH": marker}, stdout=out, stderr=out)
+    held: list[int] = []
     try:
-        deadline = time.monotonic() + 600  # only against a hang: the kill waits on the first checkpoint
-        while not (run_dir / "checkpoints" / "last.pt").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        deadline = time.monotonic() + 600
+        wait_until(lambda: (run_dir / "checkpoints" / "last.pt").exists(), proc, log, deadline)
         victims = worker_pids(marker, rank=1)
         assert len(victims) == 1, victims
         os.kill(victims[0], signal.SIGKILL)
+
+        wait_until(lambda: worker_pids(marker, 0, attempt=1), proc, log, deadline)
+        held = worker_pids(marker, 0, attempt=1)
+        os.kill(held[0], signal.SIGSTOP)
+        wait_until(lambda: worker_pids(marker, 1, attempt=1), proc, log, deadline)
+        rank1 = worker_pids(marker, 1, attempt=1)[0]
+        environ = process_environ(rank1)
+        store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False)
+        wait_until(
+            lambda: store.check(["sam_repro/attempt1/joined/1"]) or not process_environ(rank1), proc, log, deadline
+        )
+        os.kill(held[0], signal.SIGCONT)
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
+    finally:  # whatever happened, nothing of this launch is left running or stopped
         proc.kill()
-        for attempt in (0, 1):
-            for pid in worker_pids(marker, 0, attempt) + worker_pids(marker, 1, attempt):
+        for pid in held + [p for a in (0, 1) for r in (0, 1) for p in worker_pids(marker, r, a)]:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     output = log.read_text()
     assert proc.returncode == 0, output
-    # the surviving rank said which rank it lost, the restart resumed from the first epoch's checkpoint
+    # the surviving rank said which rank it lost, and the restart resumed from a checkpoint
     assert re.search(r"error: rank 0 lost the process group at step \d+: waited for rank 1\b", output), output
     assert re.search(r"resumed from \S+ at epoch [12], step [36]\n", output), output
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

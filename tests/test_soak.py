@@ -1,6 +1,7 @@
 """The fault soak (`scripts/soak.py`): at least 20 kill -9 at random moments (mid-write included) of SAM runs with
-m-groups, signals and a full disk during checkpoint writes, damaged data, W&B failing and a non-finite loss; every
-fault recovered, nothing lost. Slow (minutes): `make test-all`."""
+m-groups, signals and a full disk during checkpoint writes, damaged data, W&B failing, a non-finite loss and a rank
+killed under torchrun; every fault recovered, nothing lost. Slow (minutes): `make test-all`; the dead-rank faults
+alone run in the fast suite."""
 
 from __future__ import annotations
 
@@ -47,6 +48,37 @@ def test_soak_recovers_from_every_fault(tmp_path):
         "full disk mid-write",
         "W&B fails mid-run",
         "non-finite loss",
+        "rank killed in training",
+        "rank killed mid-write",
     ):
         assert kind in kinds, kind
     assert report["provenance"]["git_commit"]
+
+
+@pytest.mark.data
+@pytest.mark.multiprocess
+def test_soak_dead_rank_fault_recovers(tmp_path):
+    """The soak's dead-rank faults alone (`--only dead-rank`): rank 1 of 2 killed under torchrun --max-restarts=1,
+    in training and while rank 0 writes a checkpoint; both runs end with the uninterrupted 2-rank run's metrics
+    and weights."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "soak.py"),
+            "--only",
+            "dead-rank",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "soak.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "soak.json").read_text())
+    faults = {f["kind"]: f for f in report["faults"]}
+    assert set(faults) == {"rank killed in training", "rank killed mid-write"}, report["faults"]
+    assert all(f["recovered"] for f in faults.values()), report["faults"]
+    assert (report["injected"], report["recovered"], report["lost"]) == (2, 2, 0)

@@ -64,16 +64,18 @@ def compose_config(*overrides: str):
         return compose(config_name="train", overrides=list(overrides))
 
 
+def process_environ(pid: int) -> dict[str, str]:
+    """The environment process `pid` was started with ({} once it is gone), read from /proc (Linux)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
 def worker_pids(marker: str, rank: int, attempt: int = 0) -> list[int]:
     """The pids of the torchrun workers of one launch (its environment carries SAM_TEST_LAUNCH=`marker`) with this
-    global rank in this restart attempt, read from /proc (Linux)."""
-    want = {f"SAM_TEST_LAUNCH={marker}", f"RANK={rank}", f"TORCHELASTIC_RESTART_COUNT={attempt}"}
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            environ = set((proc / "environ").read_bytes().split(b"\0"))
-        except (OSError, ValueError):
-            continue
-        if {w.encode() for w in want} <= environ:
-            pids.append(int(proc.name))
-    return pids
+    global rank in this restart attempt."""
+    want = {"SAM_TEST_LAUNCH": marker, "RANK": str(rank), "TORCHELASTIC_RESTART_COUNT": str(attempt)}
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return [pid for pid in pids if want.items() <= process_environ(pid).items()]
