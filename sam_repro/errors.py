@@ -25,3 +25,7 @@ class RankLost(SamReproError, RuntimeError):
     (`torchrun --max-restarts`, `scripts/slurm/train.sbatch`) resumes the run from its checkpoint."""
 
     exit_code = 75
+
+    def __init__(self, message: str, waited_for: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.waited_for = waited_for  # the ranks this one waited for (none known: the store itself went away)

@@ -275,3 +275,35 @@ def test_torchrun_agent_forwards_usr1_to_its_workers(tmp_path):
     assert len(stops[0]) == len(stops[1]) == 1, log
     assert stops[0][0]["step"] == stops[1][0]["step"]
     assert stops[0][0]["signal"] == stops[1][0]["signal"] == "SIGUSR1"
+
+
+# ---- a job that lost a rank ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rank", "waited_for", "requeue", "restarts", "launcher", "requeued"),
+    [
+        (0, (1,), "auto", "0", "slurm", True),  # the lowest surviving rank requeues
+        (1, (0,), "auto", "0", "slurm", True),  # rank 0 died (with the store): rank 1 is the lowest survivor
+        (1, (2,), "auto", "0", "slurm", False),  # rank 0 survived too: it requeues, not rank 1
+        (0, (1,), "batch", "0", "slurm", False),  # train.sbatch requeues from the step's exit status
+        (0, (1,), "off", "0", "slurm", False),
+        (0, (1,), "auto", "20", "slurm", False),  # came back SAM_MAX_REQUEUES times already
+        (0, (1,), "auto", "0", "torchrun", False),  # torchrun --max-restarts restarts in place
+    ],
+)
+def test_requeue_after_lost_rank(monkeypatch, rank, waited_for, requeue, restarts, launcher, requeued):
+    import torch
+
+    from sam_repro.engine.distributed import DistEnv
+    from sam_repro.errors import RankLost
+
+    calls = []
+    monkeypatch.setattr(preemption, "_requeue_slurm_job", calls.append)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+    monkeypatch.delenv(preemption.MAX_REQUEUES_ENV, raising=False)
+    env = DistEnv(rank, 3, rank, torch.device("cpu"), "gloo", launcher)
+    lost = RankLost("rank lost", waited_for)
+    assert preemption.requeue_after_lost_rank(env, lost, requeue=requeue) is requeued
+    assert calls == (["77"] if requeued else [])

@@ -415,7 +415,8 @@ def _join(launch: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
         raise RankLost(
             f"rank {launch.rank} waited {timeout.total_seconds():.0f} s for {_ranks(missing)} to join the process "
             f"group at {host}:{port} (trainer.dist_timeout_s); "
-            "it never started, or died before joining: see its log"
+            "it never started, or died before joining: see its log",
+            tuple(missing),
         ) from None
     _membership = _Membership(launch.rank, launch.world_size, (host, port), prefix, agent_store)
     if launch.world_size > 1:
@@ -471,13 +472,15 @@ def explain_lost_rank(error: BaseException) -> RankLost | None:
     except (RuntimeError, dist.DistError):
         if member.agent_store or member.rank == 0:
             return RankLost(f"{what}: the rendezvous store stopped answering ({cause})")
-        return RankLost(f"{what}: waited for rank 0, which is gone with the rendezvous store it held ({cause})")
+        return RankLost(f"{what}: waited for rank 0, which is gone with the rendezvous store it held ({cause})", (0,))
     if dead:
-        return RankLost(f"{what}: waited for {_ranks(dead)}, which stopped (no heartbeat for 3 s) ({cause})")
+        return RankLost(
+            f"{what}: waited for {_ranks(dead)}, which stopped (no heartbeat for 3 s) ({cause})", tuple(dead)
+        )
     behind = [r for r in others if steps[r] < member.step]
     if behind:
         at = ", ".join(f"rank {r} at step {steps[r]}" for r in behind)
-        return RankLost(f"{what}: waited for {_ranks(behind)}, alive but behind ({at}) ({cause})")
+        return RankLost(f"{what}: waited for {_ranks(behind)}, alive but behind ({at}) ({cause})", tuple(behind))
     return None
 
 

@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from sam_repro.engine.distributed import DistEnv
-from sam_repro.errors import ConfigError
+from sam_repro.errors import ConfigError, RankLost
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ REQUEUE_SIGNALS: frozenset[int] = frozenset({signal.SIGUSR1, signal.SIGUSR2})
 
 RequeueMode = Literal["auto", "batch", "off"]
 REQUEUE_ENV = "SAM_REQUEUE"
+MAX_REQUEUES_ENV = "SAM_MAX_REQUEUES"  # how often a job may come back after losing a rank (SLURM_RESTART_COUNT)
+DEFAULT_MAX_REQUEUES = 20  # as the launcher presets' max_num_timeout
 
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -225,17 +227,47 @@ class StopSignal:
 
     @staticmethod
     def _requeue_slurm_job(job_id: str) -> None:
-        """`scontrol requeue`: SLURM puts the job back in the queue and ends this run of it (SIGTERM to its
-        processes); the next run starts the batch script again, whose trainer resumes from the checkpoint."""
-        try:
-            result = subprocess.run(
-                ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as error:
-            log.error("could not requeue SLURM job %s: %s", job_id, error)
-            return
-        if result.returncode != 0:
-            # e.g. "Requested operation is presently disabled": the job was submitted with --no-requeue.
-            log.error("could not requeue SLURM job %s: %s", job_id, (result.stderr or result.stdout).strip())
-        else:
-            log.warning("requeued SLURM job %s; it resumes from the checkpoint when it starts again", job_id)
+        _requeue_slurm_job(job_id)
+
+
+def requeue_after_lost_rank(env: DistEnv, lost: RankLost, requeue: RequeueMode | None = None) -> bool:
+    """Bring an srun-started job back after it lost a rank (a dead or hung peer): the lowest surviving rank runs
+    `scontrol requeue`, with `SAM_REQUEUE=auto` (the default, and what submitit's jobs run with), inside a SLURM job
+    whose ranks srun started, while the job has come back fewer than `SAM_MAX_REQUEUES` (20) times in all. The
+    requeued job resumes from the checkpoint. Under train.sbatch (`SAM_REQUEUE=batch`) the batch script does it,
+    from the step's exit status; under torchrun, `--max-restarts` restarts the ranks in place."""
+    if _requeue_mode(requeue) != "auto" or env.launcher != "slurm" or "SLURM_JOB_ID" not in os.environ:
+        return False
+    survivors = [r for r in range(env.world_size) if r not in lost.waited_for]
+    if not survivors or env.rank != min(survivors):
+        return False
+    limit = int(os.environ.get(MAX_REQUEUES_ENV, DEFAULT_MAX_REQUEUES))
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) >= limit:
+        log.error(
+            "SLURM job %s has come back %d times (%s): not requeued",
+            os.environ["SLURM_JOB_ID"],
+            limit,
+            MAX_REQUEUES_ENV,
+        )
+        return False
+    # The line first: the requeue ends this run of the job (SIGTERM) before the CLI would print it.
+    log.error("error: %s; requeueing SLURM job %s", lost, os.environ["SLURM_JOB_ID"])
+    _requeue_slurm_job(os.environ["SLURM_JOB_ID"])
+    return True
+
+
+def _requeue_slurm_job(job_id: str) -> None:
+    """`scontrol requeue`: SLURM puts the job back in the queue and ends this run of it (SIGTERM to its
+    processes); the next run starts the batch script again, whose trainer resumes from the checkpoint."""
+    try:
+        result = subprocess.run(
+            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.error("could not requeue SLURM job %s: %s", job_id, error)
+        return
+    if result.returncode != 0:
+        # e.g. "Requested operation is presently disabled": the job was submitted with --no-requeue.
+        log.error("could not requeue SLURM job %s: %s", job_id, (result.stderr or result.stdout).strip())
+    else:
+        log.warning("requeued SLURM job %s; it resumes from the checkpoint when it starts again", job_id)
