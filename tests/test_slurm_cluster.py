@@ -202,3 +202,44 @@ def test_trainer_under_train_sbatch_resumes_after_usr1(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(e["epoch"], e["step"]) for e in epochs] == [(1, 8), (2, 16)]
+
+
+LOSES_A_RANK = """#!/usr/bin/env bash
+# The first run of the job loses rank 1 to SIGKILL; rank 0 exits 75, as a rank that named the rank it lost does.
+echo "$SLURM_PROCID ${SLURM_RESTART_COUNT:-0}" >> "$1"
+if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then
+    [[ $SLURM_PROCID == 1 ]] && kill -9 $$
+    exit 75
+fi
+"""
+
+
+@pytest.mark.parametrize("max_requeues", [None, "0"])
+def test_train_sbatch_requeues_a_job_that_lost_a_rank(tmp_path, max_requeues):
+    """A rank killed by SIGKILL (srun reports 137) or the rank that lost it (75): train.sbatch requeues and the second
+    run completes; with SAM_MAX_REQUEUES=0 it does not, and the job fails with the step's status."""
+    entry = tmp_path / "loses_a_rank.sh"
+    entry.write_text(LOSES_A_RANK)
+    entry.chmod(0o755)
+    events = tmp_path / "events"
+    extra = {"SAM_TRAIN_ENTRY": f"{entry} {events}", "SAM_VENV": str(VENV)}
+    if max_requeues is not None:
+        extra["SAM_MAX_REQUEUES"] = max_requeues
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+         "--mem-per-cpu=256M", "--time=5", f"--output={tmp_path}/slurm-%j.out", str(TRAIN_SBATCH)],
+        env=job_env(**extra), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    job_id = proc.stdout.strip().splitlines()[0]
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    runs = sorted(events.read_text().split("\n")[:-1])
+    job = scontrol_job(job_id)
+    if max_requeues is None:
+        assert proc.returncode == 0, log
+        assert runs == ["0 0", "0 1", "1 0", "1 1"], log  # both ranks ran twice
+        assert "lost a rank with status" in log and "requeueing job" in log
+        assert (job["JobState"], job["Restarts"], job["ExitCode"]) == ("COMPLETED", "1", "0:0")
+    else:
+        assert proc.returncode != 0 and runs == ["0 0", "1 0"], log
+        assert "came back 0 times already" in log and "requeueing job" not in log
+        assert job["JobState"] == "FAILED" and job["Restarts"] == "0"
