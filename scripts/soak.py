@@ -78,7 +78,10 @@ def _child(argv: list[str]) -> None:
     real_save, calls = torch.save, [0]
 
     def half_written(obj, f, *args, **kwargs) -> None:
-        """torch.save through a buffer: half the bytes, then the fault, then the rest."""
+        """torch.save through a buffer: half the bytes, then the fault, then the rest. Only for files: pickling
+        through memory (the object collectives, a tensor's storage) passes straight through."""
+        if isinstance(f, io.BytesIO):
+            return real_save(obj, f, *args, **kwargs)
         calls[0] += 1
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
