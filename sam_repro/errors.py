@@ -29,3 +29,4 @@ class RankLost(SamReproError, RuntimeError):
     def __init__(self, message: str, waited_for: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.waited_for = waited_for  # the ranks this one waited for (none known: the store itself went away)
+        self.reported = False  # printed already (by the trainer, before the launcher's SIGTERM could cut it off)

@@ -216,7 +216,8 @@ def _app(cfg: DictConfig) -> float | None:
         if not isinstance(exc, SamReproError) and not multirun:
             raise
         if isinstance(exc, SamReproError):
-            log.error("error: %s", exc)
+            if not getattr(exc, "reported", False):  # a lost rank is named by the trainer itself (RankLost)
+                log.error("error: %s", exc)
         else:  # one job of a sweep: the others still run; the traceback goes to its train.log
             log.exception("error: %s: %s", type(exc).__name__, exc)
         if new_run and _rank() == 0:

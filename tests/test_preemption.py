@@ -307,3 +307,13 @@ def test_requeue_after_lost_rank(monkeypatch, rank, waited_for, requeue, restart
     lost = RankLost("rank lost", waited_for)
     assert preemption.requeue_after_lost_rank(env, lost, requeue=requeue) is requeued
     assert calls == (["77"] if requeued else [])
+
+
+def test_holding_keeps_sigterm_back_while_a_lost_rank_is_named(caplog):
+    before = signal.getsignal(signal.SIGTERM)
+    with preemption.holding():
+        os.kill(os.getpid(), signal.SIGTERM)  # the default action would end the test run here
+        reached = True
+    assert reached
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert "SIGTERM arrived while the lost rank was named" in caplog.text

@@ -250,10 +250,28 @@ def requeue_after_lost_rank(env: DistEnv, lost: RankLost, requeue: RequeueMode |
             MAX_REQUEUES_ENV,
         )
         return False
-    # The line first: the requeue ends this run of the job (SIGTERM) before the CLI would print it.
-    log.error("error: %s; requeueing SLURM job %s", lost, os.environ["SLURM_JOB_ID"])
     _requeue_slurm_job(os.environ["SLURM_JOB_ID"])
     return True
+
+
+@contextlib.contextmanager
+def holding(signals: Iterable[signal.Signals] = (signal.SIGTERM,)):
+    """Hold `signals` back while the body runs: a few seconds in which a rank that lost another names it and
+    requeues. torchrun's agent SIGTERMs the surviving ranks as soon as one dies, and would otherwise cut that line
+    off. The body's exception still ends the process; a signal that came meanwhile is only logged. A no-op outside
+    the main thread (Python delivers signals there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if received:
+            log.warning("%s arrived while the lost rank was named; leaving now", signal.Signals(received[0]).name)
 
 
 def _requeue_slurm_job(job_id: str) -> None:

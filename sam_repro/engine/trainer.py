@@ -42,7 +42,7 @@ from sam_repro.engine.distributed import (
 )
 from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorization
 from sam_repro.engine.loggers import MetricsLogger, Progress, StallWatch, StepCurves, paper_summary
-from sam_repro.engine.preemption import StopSignal, requeue_after_lost_rank
+from sam_repro.engine.preemption import StopSignal, holding, requeue_after_lost_rank
 from sam_repro.engine.provenance import provenance
 from sam_repro.engine.rundir import CONFIG_FILE
 from sam_repro.engine.step import StepContext, step_function
@@ -99,10 +99,13 @@ def train(cfg: DictConfig, run_dir: Path, forced: list[dict] | None = None) -> d
     except (RuntimeError, torch.distributed.DistError) as exc:
         # A collective that failed because another rank died or stopped answering: one line naming that rank, and
         # exit status 75, so that torchrun --max-restarts or a requeue brings the run back from its checkpoint.
-        lost = explain_lost_rank(exc) if env.distributed else None
-        if lost is None:
-            raise
-        requeue_after_lost_rank(env, lost)  # under srun (submitit): the job comes back and resumes
+        with holding():  # the launcher's SIGTERM must not cut the line off
+            lost = explain_lost_rank(exc) if env.distributed else None
+            if lost is None:
+                raise
+            log.error("error: %s", lost)
+            lost.reported = True
+            requeue_after_lost_rank(env, lost)  # under srun (submitit): the job comes back and resumes
         raise lost from None
     finally:
         cleanup_distributed()
