@@ -90,7 +90,7 @@ def test_run_sh_smoke_on_a_simulated_node(node, bundle, tmp_path):
     )
     where = json.loads(
         subprocess.run(
-            [str(venv / "bin" / "python"), "-c", probe], env=clean_env(), capture_output=True, text=True
+            [str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
         ).stdout
     )
     assert Path(where[0]).is_relative_to(node) and where[3]
