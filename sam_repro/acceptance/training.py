@@ -49,14 +49,19 @@ def sam_train(overrides: list[str], run_root: Path, timeout: float) -> tuple[dic
     lines if it fails."""
     env = dict(os.environ, SAM_RUNS_DIR=str(run_root))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run(
-        [sys.executable, "-m", "sam_repro.train", *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=min(timeout, MAX_RUN_S),
-        cwd=run_root.parent,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sam_repro.train", *overrides],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=min(timeout, MAX_RUN_S),
+            cwd=run_root.parent,
+        )
+    except subprocess.TimeoutExpired:
+        raise SamReproError(
+            f"sam-train {' '.join(overrides)} did not finish within {min(timeout, MAX_RUN_S):.0f} s"
+        ) from None
     summaries = list(run_root.rglob("summary.json"))
     if proc.returncode != 0 or len(summaries) != 1:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
@@ -86,7 +91,8 @@ def short_training(
         epochs = 1
     else:
         start = time.perf_counter()
-        _, rows = sam_train([*base, "optimizer=sam", "trainer.epochs=1"], workdir / "probe", timeout=seconds)
+        # A probe that takes over a third of the time leaves no room for two runs: stop it there.
+        _, rows = sam_train([*base, "optimizer=sam", "trainer.epochs=1"], workdir / "probe", timeout=seconds / 3)
         wall = time.perf_counter() - start
         epoch_s = rows[-1]["epoch_time_s"]
         startup_s = max(0.0, wall - epoch_s)
