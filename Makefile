@@ -14,7 +14,7 @@ DEMO ?= auto
 WHEEL_PY ?= $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 WHEEL_PLATFORM ?= manylinux_2_28_x86_64
 
-.PHONY: help setup data demo test test-all lint format bench wheelhouse gpu-check cluster-up cluster-down clean-runs
+.PHONY: help setup data demo test test-all lint format bench wheelhouse gpu-bundle gpu-check cluster-up cluster-down clean-runs
 
 help: ## this list
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z-]*:.*## / { printf "make %-13s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -58,6 +58,13 @@ bench: $(STAMP) ## SAM's step time over SGD's (benchmarks/sam_overhead.py; resul
 
 wheelhouse: ## wheels of every dependency but PyTorch, for an offline install (WHEEL_PY=3.12 WHEEL_PLATFORM=...)
 	$(PY) scripts/deps.py wheelhouse --dest wheelhouse --python-version $(WHEEL_PY) --platform $(WHEEL_PLATFORM)
+
+# `make gpu-bundle` writes gpu-bundle/ (at most 60 MiB): wheels for a Python 3.12 node, a CIFAR-10 export of
+# BUNDLE_TRAIN + BUNDLE_TEST images, the CUDA tier's tests and run.sh; on the node: cd gpu-bundle && ./run.sh
+BUNDLE_TRAIN ?= 10000
+BUNDLE_TEST ?= 2000
+gpu-bundle: $(STAMP) $(CIFAR10_READY) ## gpu-bundle/: what a GPU node with PyTorch, numpy and timm runs offline (docs/gpu_check.md)
+	$(BIN)/python scripts/gpu_bundle.py --dest gpu-bundle --train $(BUNDLE_TRAIN) --test $(BUNDLE_TEST)
 
 gpu-check: ## the GPU acceptance run (benchmarks/gpu_check.py; needs only PyTorch)
 	$(PY) benchmarks/gpu_check.py

@@ -5,8 +5,9 @@ Tables 1, 2, 4 and 5 on this GPU, and a short real-data SGD-vs-SAM run, within -
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json     # the same code on a CPU at toy sizes
 
 Needs only PyTorch (and numpy): it runs from a checkout on a node where the project is not installed (timm adds
-ResNet-50; hydra-core and omegaconf add the two checks that run the real trainer). Results go to
-$OUT/gpu_check-<gpu>-<date>.json and .md where OUT is set, else to benchmarks/results/, rewritten after every part.
+ResNet-50; hydra-core and omegaconf add the parts that run the real trainer: two checks and the real-data run;
+`make gpu-bundle` brings them). Results go to $OUT/gpu_check-<gpu>-<date>.json and .md where OUT is set, else to
+benchmarks/results/, rewritten after every part.
 The code lives in sam_repro/acceptance/; its correctness checks are also `pytest -m cuda` (tests/test_cuda.py).
 """
 

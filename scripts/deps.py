@@ -190,25 +190,33 @@ def stub_wheel(folder: Path, name: str, version: str) -> Path:
     return path
 
 
-def build_wheelhouse(
-    dest: Path, python_version: str, platform: str, constraints: Path = CONSTRAINTS, project: Path = ROOT, log=print
-) -> list[Path]:
-    start = time.perf_counter()
-    torch_block, other = read_blocks(constraints)
+def download_pins(dest: Path, lines: list[str], python_version: str, platform: str, log=print) -> None:
+    """Wheels (or sdists where no wheel exists) of the `name==version` lines not yet in `dest`, for the target."""
     dest.mkdir(parents=True, exist_ok=True)
-    target = _target_args(python_version, platform)
-
     have = {_wheel_pin(p) for p in dest.glob("*.whl")}
-    missing = [line for line in other if pin(line) not in have]
+    missing = [line for line in lines if pin(line) not in have]
     if missing:
-        log(f"wheelhouse: downloading {len(missing)} of {len(other)} packages for Python {python_version}, {platform}")
+        log(f"wheels: downloading {len(missing)} of {len(lines)} packages for Python {python_version}, {platform}")
         # --no-deps: the pins are the whole closure already; it also lets pip fetch an sdist where no wheel exists.
         _check(
-            _pip("download", "--quiet", "--no-deps", "--prefer-binary", "--dest", str(dest), *target, *missing),
+            _pip(
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--prefer-binary",
+                "--dest",
+                str(dest),
+                *_target_args(python_version, platform),
+                *missing,
+            ),
             "pip download",
         )
+
+
+def build_sdists(dest: Path, log=print) -> None:
+    """Build every source archive in `dest` into a pure-Python wheel there (setuptools and wheel from `dest`)."""
     for sdist in sorted([*dest.glob("*.tar.gz"), *dest.glob("*.zip")]):
-        log(f"wheelhouse: building {sdist.name} into a wheel")
+        log(f"wheels: building {sdist.name} into a wheel")
         before = set(dest.glob("*.whl"))
         _build_wheel(str(sdist), dest, f"building {sdist.name}")
         built = [p.name for p in set(dest.glob("*.whl")) - before]
@@ -219,6 +227,9 @@ def build_wheelhouse(
             )
         sdist.unlink()
 
+
+def build_project_wheel(dest: Path, project: Path = ROOT) -> Path:
+    """The project's own wheel into `dest` (an older one there is replaced); its build backend from `dest`."""
     for old in dest.glob("sam_repro-*.whl"):
         old.unlink()
     with tempfile.TemporaryDirectory(prefix="sam-wheelhouse-src-") as src:
@@ -226,9 +237,43 @@ def build_wheelhouse(
         shutil.copytree(
             project / "sam_repro", Path(src) / "sam_repro", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
-        for name in ("pyproject.toml", "README.md"):
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
             shutil.copy2(project / name, Path(src) / name)
         _build_wheel(src, dest, "building the project's wheel")
+    (wheel,) = dest.glob("sam_repro-*.whl")
+    return wheel
+
+
+def check_resolves(folders: list[Path], requirements: list[str], python_version: str, platform: str, what: str) -> None:
+    """pip resolves `requirements` for the target from `folders` alone (no index, nothing installed counted)."""
+    with tempfile.TemporaryDirectory(prefix="sam-wheels-check-") as tmp:
+        links = [arg for folder in folders for arg in ("--find-links", str(folder))]
+        _check(
+            _pip(
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--no-index",
+                "--only-binary=:all:",
+                *links,
+                *_target_args(python_version, platform),
+                "--target",
+                str(Path(tmp) / "t"),
+                *requirements,
+                offline=True,
+            ),
+            f"resolving {' '.join(requirements)} from {', '.join(str(f) for f in folders)} alone ({what})",
+        )
+
+
+def build_wheelhouse(
+    dest: Path, python_version: str, platform: str, constraints: Path = CONSTRAINTS, project: Path = ROOT, log=print
+) -> list[Path]:
+    start = time.perf_counter()
+    torch_block, other = read_blocks(constraints)
+    download_pins(dest, other, python_version, platform, log)
+    build_sdists(dest, log)
+    build_project_wheel(dest, project)
 
     forbidden = [
         p.name for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) in {pin(line)[0] for line in torch_block}
@@ -242,25 +287,7 @@ def build_wheelhouse(
         pins = dict(pin(line) for line in torch_block)
         for name in STUBBED:
             stub_wheel(stubs, name, pins[name])
-        _check(
-            _pip(
-                "install",
-                "--dry-run",
-                "--ignore-installed",
-                "--no-index",
-                "--only-binary=:all:",
-                "--find-links",
-                str(dest),
-                "--find-links",
-                str(stubs),
-                *target,
-                "--target",
-                str(Path(tmp) / "t"),
-                "sam-repro[dev,wandb-report]",
-                offline=True,
-            ),
-            f"resolving sam-repro[dev,wandb-report] from {dest} alone (a wheel is missing)",
-        )
+        check_resolves([dest, stubs], ["sam-repro[dev,wandb-report]"], python_version, platform, "a wheel is missing")
 
     wheels = sorted(dest.glob("*.whl"))
     size = sum(p.stat().st_size for p in wheels) / 2**20

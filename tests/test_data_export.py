@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sam_repro.data import select_train_indices
 from sam_repro.data.arrays import DatasetArrays
@@ -113,3 +114,36 @@ def test_cli_exports_real_cifar10_within_40_mb(tmp_path):
     )
     assert too_big.returncode == 2 and too_big.stderr.startswith("error: --export-subset 20000 --test-subset 2000")
     assert len(too_big.stderr.strip().splitlines()) == 1 and not (tmp_path / "big.npz").exists()
+
+
+def test_the_trainer_reads_an_export_through_dataset_export(tmp_path):
+    """`dataset.export=FILE`: build_data serves the export's images (not the prepared cache), in its order, and the
+    train subset and test subset still apply on top."""
+    from helpers.training import compose_config
+    from sam_repro.data import build_data
+
+    arrays = fake_arrays()
+    export_subset(arrays, 200, 100, tmp_path / "x.npz", subset_seed=0)
+    back, _ = read_export(tmp_path / "x.npz")
+    cfg = compose_config(
+        f"dataset.export={tmp_path / 'x.npz'}",
+        "dataset.root=/nonexistent",  # the cache is not read
+        "dataset.test_subset=40",
+        "trainer.batch_size=50",
+        "trainer.eval_batch_size=40",
+    )
+    data = build_data(cfg, torch.device("cpu"))
+    assert data.num_train == 200
+    np.testing.assert_array_equal(data.train.labels.numpy(), back.train_labels)
+    np.testing.assert_array_equal(data.test.labels.numpy(), back.test_labels[:40])
+
+    other = DatasetArrays(
+        "fashion_mnist",
+        10,
+        *(getattr(arrays, k) for k in ("train_images", "train_labels")),
+        arrays.test_images,
+        arrays.test_labels,
+    )
+    export_subset(other, 50, 20, tmp_path / "f.npz")
+    with pytest.raises(DataError, match=r"dataset.export: .*f.npz is an export of fashion_mnist, not cifar10"):
+        build_data(compose_config(f"dataset.export={tmp_path / 'f.npz'}"), torch.device("cpu"))

@@ -339,3 +339,13 @@ def test_a_failing_row_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
     assert all(f["error"].startswith("ValueError: no kernel for ") for f in report["failed_rows"])
     assert report["correctness"][0]["status"] == "passed" and report["cost"]["totals"]
     assert "throughput row failed" in (tmp_path / "x.md").read_text()
+
+
+def test_a_real_data_run_past_its_time_is_one_error(tmp_path):
+    """The real-data part's sam-train probe is stopped at a third of the time given and reported as one error naming
+    the command, not a traceback (the GPU check records it and goes on)."""
+    from sam_repro.acceptance import training
+    from sam_repro.errors import SamReproError
+
+    with pytest.raises(SamReproError, match=r"sam-train model=wrn16_4 .*optimizer=sam .*did not finish within 1 s"):
+        training.short_training(["dataset.export=/nonexistent.npz"], 200, "cpu", 3.0, False, tmp_path)

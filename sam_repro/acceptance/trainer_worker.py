@@ -1,5 +1,5 @@
-"""The real trainer (`sam_repro.engine.trainer.train`) on synthetic device-resident data, for two checks of the GPU
-check. A subprocess, so that each check starts with a fresh environment and a fresh CUDA context:
+"""The real trainer (`sam_repro.engine.trainer.train`) on a small synthetic export, for two checks of the GPU check.
+A subprocess, so that each check starts with a fresh environment and a fresh CUDA context:
 
     python -m sam_repro.acceptance.trainer_worker deterministic|resume WORKDIR cuda|cpu
 
@@ -7,7 +7,9 @@ deterministic: two steps with `trainer.deterministic=true`, in whatever environm
 resume:        a run of 2 epochs, against one stopped after epoch 1 (its checkpoint written on the device) and resumed
                by running the same command again: weights, optimizer state, every RNG state and the metrics must be
                equal bit for bit.
-Needs hydra-core and omegaconf (it composes the config as `sam-train` does). Prints `RESULT {"ok": .., "detail": ..}`.
+The config is composed as `sam-train` composes it; the data is random uint8 images written as a `sam-data` export
+and read through `dataset.export` (the trainer's own `build_data`); checkpoints are read with the one loader
+(`engine.checkpoint.load_checkpoint`). Needs hydra-core and omegaconf. Prints `RESULT {"ok": .., "detail": ..}`.
 """
 
 from __future__ import annotations
@@ -17,39 +19,39 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from sam_repro.acceptance.common import MEAN, STD, basic_augment, synthetic_images
-from sam_repro.data import Data
-from sam_repro.data.loader import EvalLoader, TrainLoader
+from sam_repro.data.arrays import DatasetArrays
+from sam_repro.data.export import export_subset
+from sam_repro.engine.checkpoint import load_checkpoint
 
-NUM_TRAIN, BATCH = 128, 64
+NUM_TRAIN, NUM_TEST, BATCH = 128, 64, 64
 TIMING_KEYS = {"images_per_second", "epoch_time_s"}
 
 
-def synthetic_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> Data:
-    """Stands in for `build_data`: random uint8 images on the device, the trainer's own loaders around them."""
-    images, labels = synthetic_images(NUM_TRAIN, 32, 3, device, seed=11)
-    train = TrainLoader(
-        images,
-        labels,
-        int(cfg.trainer.batch_size),
-        basic_augment(32),
-        seed=int(cfg.seed),
-        rank=rank,
-        world_size=world_size,
+def synthetic_export(path: Path, seed: int = 11) -> Path:
+    """Random CIFAR-shaped images and labels as a `sam-data cifar10 --export-subset` file: no dataset needed."""
+    rng = np.random.default_rng(seed)
+    arrays = DatasetArrays(
+        "cifar10",
+        10,
+        rng.integers(0, 256, (NUM_TRAIN, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, NUM_TRAIN).astype(np.int64),
+        rng.integers(0, 256, (NUM_TEST, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, NUM_TEST).astype(np.int64),
     )
-    test_images, test_labels = synthetic_images(64, 32, 3, device, seed=12)
-    test = EvalLoader(test_images, test_labels, int(cfg.trainer.eval_batch_size), MEAN, STD, rank, world_size)
-    return Data(train=train, test=test, val=None, num_train=NUM_TRAIN, info={"num_train": NUM_TRAIN})
+    export_subset(arrays, NUM_TRAIN, NUM_TEST, path, source={"synthetic": f"numpy default_rng({seed})"})
+    return path
 
 
-def compose(device: str, *extra: str):
+def compose(device: str, export: Path, *extra: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     overrides = [
         "model=resnet8",
+        f"dataset.export={export}",
         "optimizer=sam",
         f"trainer.device={device}",
         "trainer.deterministic=true",
@@ -92,7 +94,8 @@ def run(mode: str, workdir: Path, device: str) -> dict:
 
     from sam_repro.engine import trainer
 
-    trainer.build_data = synthetic_data  # the trainer's own loop, checkpoints and RNG handling; no dataset needed
+    workdir.mkdir(parents=True, exist_ok=True)
+    export = synthetic_export(workdir / "synthetic-cifar10.npz")
     messages: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
@@ -100,7 +103,7 @@ def run(mode: str, workdir: Path, device: str) -> dict:
     logging.getLogger("sam_repro").setLevel(logging.INFO)
 
     if mode == "deterministic":
-        summary = trainer.train(compose(device, "trainer.epochs=1", "trainer.max_steps=2"), workdir / "run")
+        summary = trainer.train(compose(device, export, "trainer.epochs=1", "trainer.max_steps=2"), workdir / "run")
         return {
             "ok": summary["status"] == "finished",
             "detail": f"2 steps with trainer.deterministic=true on {device}: {summary['status']} "
@@ -109,14 +112,14 @@ def run(mode: str, workdir: Path, device: str) -> dict:
 
     steps_per_epoch = NUM_TRAIN // BATCH
     whole, parted = workdir / "uninterrupted", workdir / "resumed"
-    trainer.train(compose(device), whole)
-    trainer.train(compose(device, f"trainer.max_steps={steps_per_epoch}"), parted)  # stops after epoch 1
+    trainer.train(compose(device, export), whole)
+    trainer.train(compose(device, export, f"trainer.max_steps={steps_per_epoch}"), parted)  # stops after epoch 1
     (parted / "summary.json").unlink()  # so the same command resumes from checkpoints/last.pt
     messages.clear()
-    trainer.train(compose(device), parted)
+    trainer.train(compose(device, export), parted)
     resumed = any(m.startswith("resumed from") for m in messages)
-    a = torch.load(whole / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    b = torch.load(parted / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    a = load_checkpoint(whole / "checkpoints" / "last.pt")
+    b = load_checkpoint(parted / "checkpoints" / "last.pt")
     same = {key: _equal(a[key], b[key]) for key in ("model", "optimizer", "rng", "step", "epoch")}
     same["metrics"] = _metrics(whole) == _metrics(parted)
     ok = resumed and all(same.values())

@@ -1,123 +1,130 @@
-"""A short SGD-vs-SAM training on real CIFAR-10, when the machine has it: a prepared cache (`sam-data cifar10`) or a
-file written by `sam-data cifar10 --export-subset N` (copied to the node). bf16, the paper's recipe (Nesterov SGD,
-L2 weight decay, cosine, clipping at 5, m = 32), the trainer's own loaders and steps; test error after every epoch.
-The number of epochs is chosen up front from a timed probe so that both runs fit the time given.
+"""A short SGD-vs-SAM training on real CIFAR-10 through the real `sam-train`: the Hydra config users compose, the
+trainer's own data path (`dataset.export`, or the prepared cache), checkpoints and metrics; nothing stood in for.
+
+Each run is `sam-train` in a subprocess (`python -m sam_repro.train`, so a checkout that is not installed runs it too)
+with logging to files only (`logger=none`). The recipe: bf16, Nesterov SGD with L2 weight decay, cosine, clipping at
+5, m = 32 (the paper's, trainer defaults otherwise). The number of epochs comes from a measured one-epoch SAM probe
+(its start-up and its epoch time, both from the probe's own run) so that SGD and SAM together fit the time given.
+Needs hydra-core and omegaconf.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import torch
+from sam_repro.errors import SamReproError
 
-from sam_repro.acceptance.common import STEPS, autocast_for, make_optimizer, step_context, sync
-from sam_repro.data.arrays import DatasetArrays
-from sam_repro.data.augment import BatchAugment
-from sam_repro.data.loader import EvalLoader, TrainLoader, to_device_uint8
-from sam_repro.engine.distributed import DistEnv
-from sam_repro.engine.evaluation import evaluate
-from sam_repro.errors import DataError
-from sam_repro.models import create_model
-from sam_repro.optim.factory import build_schedule
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ("model=resnet8", "trainer.batch_size=64", "dataset.train_subset=256", "dataset.test_subset=200")
+FULL = ("model=wrn16_4", "trainer.batch_size=256", "trainer.channels_last=true")
+MAX_RUN_S = 3600.0  # a sam-train run that takes longer has hung (a smoke run's budget may be "unlimited")
+SGD_PER_SAM = 0.55  # an SGD epoch over a SAM epoch (one forward-backward pass of two, plus the evaluation)
 
 
-def find_cifar10(data: str | None) -> tuple[DatasetArrays, str] | None:
-    """The arrays and where they came from: `data` (an export), else the prepared cache, else none."""
-    from sam_repro.data.export import read_export
-    from sam_repro.data.sources import cache_path, verify
+def find_cifar10(data: str | None) -> tuple[list[str], str, int] | None:
+    """The overrides that give `sam-train` CIFAR-10, where it comes from and its number of test images: `data` (an
+    export, read and verified here first), else the prepared cache, else None."""
+    from sam_repro.data.sources import cache_path
 
     if data:
-        arrays, meta = read_export(Path(data))
-        return arrays, f"{data} ({meta['num_train']} training, {meta['num_test']} test images)"
+        from sam_repro.data.export import read_export
+
+        _, meta = read_export(Path(data))
+        path = Path(data).resolve()
+        source = f"{data} ({meta['num_train']} training, {meta['num_test']} test images)"
+        return [f"dataset.export={path}"], source, int(meta["num_test"])
     if cache_path("cifar10").exists():
-        try:
-            arrays, _ = verify("cifar10")
-        except DataError:
-            return None
-        return arrays, f"{cache_path('cifar10')} (the prepared cache)"
+        return [], f"{cache_path('cifar10')} (the prepared cache)", 10_000
     return None
 
 
-def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    flat = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255
-    return flat.mean(0).tolist(), flat.std(0).tolist()
+def sam_train(overrides: list[str], run_root: Path, timeout: float) -> tuple[dict, list[dict]]:
+    """One `sam-train` run under `run_root`: (summary.json, metrics.jsonl rows). SamReproError with the run's last
+    lines if it fails."""
+    env = dict(os.environ, SAM_RUNS_DIR=str(run_root))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sam_repro.train", *overrides],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=min(timeout, MAX_RUN_S),
+            cwd=run_root.parent,
+        )
+    except subprocess.TimeoutExpired:
+        raise SamReproError(
+            f"sam-train {' '.join(overrides)} did not finish within {min(timeout, MAX_RUN_S):.0f} s"
+        ) from None
+    summaries = list(run_root.rglob("summary.json"))
+    if proc.returncode != 0 or len(summaries) != 1:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise SamReproError(f"sam-train {' '.join(overrides)} failed (exit {proc.returncode}): {tail[:500]}")
+    run_dir = summaries[0].parent
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads(summaries[0].read_text()), [r for r in rows if "test_error" in r]
 
 
-def short_training(arrays: DatasetArrays, device: torch.device, seconds: float, smoke: bool, log=print) -> dict:
+def short_training(
+    data: list[str], num_test: int, device: str, seconds: float, smoke: bool, workdir: Path, log=print
+) -> dict:
     """SGD, then SAM, for the same number of epochs; returns the per-epoch test errors and the timing."""
-    model_name, arch = ("resnet8", {}) if smoke else ("wrn16_4", {})
-    if smoke:  # a few hundred images: the code path, not a result
-        arrays = DatasetArrays(
-            arrays.name,
-            arrays.num_classes,
-            arrays.train_images[:256],
-            arrays.train_labels[:256],
-            arrays.test_images[:200],
-            arrays.test_labels[:200],
-        )
-    batch, m, precision = (64, 32, "bf16")
-    mean, std = _channel_stats(arrays.train_images[:10_000])
-    augment = BatchAugment({"crop": True, "pad": 4, "flip": True}, mean, std, arrays.train_images.shape[1:3])
-    images = to_device_uint8(arrays.train_images, device)
-    labels = torch.from_numpy(arrays.train_labels).to(device)
-    test = EvalLoader(
-        to_device_uint8(arrays.test_images, device), torch.from_numpy(arrays.test_labels).to(device), 1000, mean, std
-    )
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend="gloo", launcher="single")
-    if not smoke:
-        batch = 256
-    steps_per_epoch = len(arrays.train_labels) // batch
-
-    def run(optimizer_name: str, epochs: int, probe_steps: int | None = None) -> dict:
-        torch.manual_seed(0)
-        model = create_model(model_name, num_classes=arrays.num_classes, **arch).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(optimizer_name, model)
-        schedule = build_schedule(
-            SimpleNamespace(name="cosine", warmup_epochs=0.0, min_lr=0.0),
-            optimizer,
-            epochs * steps_per_epoch,
-            steps_per_epoch,
-        )
-        loader = TrainLoader(images, labels, batch, augment, seed=0)
-        ctx = step_context(m, precision, device)
-        errors, start = [], time.perf_counter()
-        for epoch in range(epochs):
-            loader.set_epoch(epoch)
-            model.train()
-            for i, (x, y) in enumerate(loader):
-                STEPS[optimizer_name](model, optimizer, x, y, ctx)
-                schedule.step()
-                if probe_steps is not None and i + 1 == probe_steps:
-                    sync(device)
-                    return {"seconds_per_step": (time.perf_counter() - start) / probe_steps}
-            errors.append(round(evaluate(model, test, env, autocast_for(precision, device))["error"], 2))
-            log(f"real data: {optimizer_name} epoch {epoch + 1}/{epochs}: test error {errors[-1]:.2f}%")
-        sync(device)
-        return {"test_error": errors, "seconds": round(time.perf_counter() - start, 1)}
-
+    base = [
+        *(SMOKE if smoke else FULL),
+        *data,
+        "trainer.precision=bf16",
+        "trainer.m=32",
+        "trainer.grad_clip=5.0",
+        f"trainer.device={device}",
+        "trainer.progress=off",
+        "logger=none",
+    ]
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = None
     if smoke:
         epochs = 1
     else:
-        probe = min(10, steps_per_epoch)
-        run("sam", 1, probe_steps=probe)  # compiles nothing; warms up kernels and memory
-        per_sam_step = run("sam", 1, probe_steps=probe)["seconds_per_step"]
-        per_epoch = 1.5 * per_sam_step * steps_per_epoch  # SGD costs about half a SAM step
-        epochs = max(1, min(30, math.floor(seconds / per_epoch)))
-    results = {name: run(name, epochs) for name in ("sgd", "sam")}
+        start = time.perf_counter()
+        # A probe that takes over a third of the time leaves no room for two runs: stop it there.
+        _, rows = sam_train([*base, "optimizer=sam", "trainer.epochs=1"], workdir / "probe", timeout=seconds / 3)
+        wall = time.perf_counter() - start
+        epoch_s = rows[-1]["epoch_time_s"]
+        startup_s = max(0.0, wall - epoch_s)
+        left = seconds - wall - 2 * startup_s
+        epochs = max(1, min(30, math.floor(left / ((1 + SGD_PER_SAM) * epoch_s))))
+        probe = {"wall_s": round(wall, 1), "sam_epoch_s": round(epoch_s, 2), "startup_s": round(startup_s, 1)}
+        log(f"real data: probe: SAM epoch {epoch_s:.1f} s, start-up {startup_s:.0f} s: {epochs} epochs fit")
+    runs = {}
+    for name in ("sgd", "sam"):
+        start = time.perf_counter()
+        summary, rows = sam_train(
+            [*base, f"optimizer={name}", f"trainer.epochs={epochs}"], workdir / name, timeout=max(60.0, seconds)
+        )
+        errors = [round(float(r["test_error"]), 2) for r in rows]
+        for epoch, error in enumerate(errors, 1):
+            log(f"real data: {name} epoch {epoch}/{epochs}: test error {error:.2f}%")
+        runs[name] = {
+            "test_error": errors,
+            "seconds": round(time.perf_counter() - start, 1),
+            "status": summary["status"],
+        }
+        num_train = summary["num_train"]
     return {
-        "model": model_name,
-        "precision": precision,
-        "batch": batch,
-        "m": m,
+        "model": (SMOKE if smoke else FULL)[0].split("=")[1],
+        "precision": "bf16",
+        "batch": 64 if smoke else 256,
+        "m": 32,
         "epochs": epochs,
-        "num_train": int(len(arrays.train_labels)),
-        "num_test": int(len(arrays.test_labels)),
-        "runs": results,
-        "sam_minus_sgd": round(results["sam"]["test_error"][-1] - results["sgd"]["test_error"][-1], 2),
+        "num_train": num_train,
+        "num_test": min(num_test, 200) if smoke else num_test,
+        "probe": probe,
+        "runs": runs,
+        "command": "sam-train " + " ".join(base),
+        "sam_minus_sgd": round(runs["sam"]["test_error"][-1] - runs["sgd"]["test_error"][-1], 2),
     }

@@ -11,6 +11,8 @@
      true label), on which the trainer measures how much of the corrupted labels the network has memorised. On
      more than MEMORIZATION_SAMPLE training examples it is a fixed sample of that many (drawn with
      `dataset.noise_seed`, the same for every optimizer and seed).
+`dataset.export=FILE` (CIFAR-10) reads a `sam-data --export-subset` file instead of the prepared cache, on a machine
+that has only the extract (a GPU node): its training images are the export's, the steps above apply to them.
 """
 
 from __future__ import annotations
@@ -61,7 +63,15 @@ def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) ->
     from sam_repro.data.sources import load_arrays
 
     ds, aug, tr = cfg.dataset, cfg.augment, cfg.trainer
-    arrays = load_arrays(ds.name, ds.root)
+    if ds.get("export"):
+        from sam_repro.data.export import read_export
+        from sam_repro.errors import DataError
+
+        arrays, meta = read_export(ds.export)
+        if meta["dataset"] != ds.name:
+            raise DataError(f"dataset.export: {ds.export} is an export of {meta['dataset']}, not {ds.name}")
+    else:
+        arrays = load_arrays(ds.name, ds.root)
     train_idx, val_idx = select_train_indices(
         len(arrays.train_labels), float(ds.val_fraction), ds.train_subset, int(ds.subset_seed)
     )

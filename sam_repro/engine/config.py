@@ -223,6 +223,7 @@ RULES: dict[str, Rule] = {
     "dataset.label_noise": number(min=0, below=1),
     "dataset.noise_seed": integer(min=0),
     "dataset.workers": integer(min=0, optional=True),  # imagenet
+    "dataset.export": text(null=True, optional=True),  # cifar10: a `sam-data --export-subset` file
     # ---- augment -------------------------------------------------------------------------------------------------
     "augment.name": text(),
     "augment.crop": one_of(True, False, "inception"),
