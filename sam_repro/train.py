@@ -100,13 +100,16 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
         return {k: flat.get(k, ABSENT) for k in keys}
 
     changes = config_changes(recorded, current, defaults)
-    if changes and _recorded_summary(run_dir).get("status") == "finished":
-        # Its schedule has run out: continuing it would train nothing (more epochs are another schedule, another
-        # experiment), so even trainer.resume=force is refused, before anything is written.
+    ended = _recorded_summary(run_dir).get("status")
+    if changes and ended in ("finished", "stopped"):
+        # Its schedule has run out (or trainer.max_steps ended it, its last checkpoint mid-schedule): continuing it
+        # would train nothing, or not the schedule it names (more epochs are another schedule, another experiment),
+        # so even trainer.resume=force is refused, before anything is written.
         kept = [o for o in overrides if not matches(override_key(o), ("trainer.resume", "hydra.run.dir"))]
+        what = "has finished" if ended == "finished" else "was stopped by trainer.max_steps"
         raise ConfigError(
-            f"{run_dir} has finished with another configuration ({'; '.join(c.describe(run_dir) for c in changes)}); "
-            f"a finished run is never continued, not even with trainer.resume=force. Train the new configuration "
+            f"{run_dir} {what} with another configuration ({'; '.join(c.describe(run_dir) for c in changes)}); "
+            f"a {ended} run is never continued, not even with trainer.resume=force. Train the new configuration "
             f"in its own directory: sam-train {' '.join(kept)}"
         )
     if changes and cfg.trainer.get("resume", "auto") != "force":
@@ -135,6 +138,20 @@ def end_line(summary: dict, run_dir: Path, planned_epochs: int | None = None, st
     return (
         f"{status or summary.get('status', 'unknown')}: test error {_percent(summary.get('test_error'))} "
         f"(best {_percent(summary.get('best_test_error'))}), {epochs}{of} epochs, {run_dir}"
+    )
+
+
+def whole_schedule_hint(summary: dict, overrides: list[str]) -> str:
+    """The line after a run stopped by trainer.max_steps: why it is not finished, and the command that trains its
+    whole schedule (in its own directory: a stopped run is not continued, its last checkpoint is mid-schedule)."""
+    kept = [o for o in overrides if not matches(override_key(o), ("trainer.resume", "hydra.run.dir"))]
+    whole = [o for o in kept if not matches(override_key(o), ("trainer.max_steps",))]
+    if len(whole) == len(kept):  # trainer.max_steps came from a preset (debug=preset): lift it explicitly
+        whole.append("trainer.max_steps=null")
+    reason = summary.get("reason") or "stopped by trainer.max_steps"
+    return (
+        f"  {reason}: not a finished run (sam-tables does not average it; the same command again trains nothing). "
+        f"To train the whole schedule: sam-train {' '.join(whole)}"
     )
 
 
@@ -194,7 +211,8 @@ def _app(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     new_run = not (run_dir / CONFIG_FILE).exists()
     multirun = hc.mode == RunMode.MULTIRUN
-    already = _recorded_summary(run_dir).get("status") == "finished"
+    ended = _recorded_summary(run_dir).get("status")
+    already = ended in ("finished", "stopped")  # the same command again trains nothing
     started = False  # past the checks: the run's own summary.json tells how it ended
     task_cfg = cfg.copy()
     with open_dict(cfg):
@@ -230,9 +248,11 @@ def _app(cfg: DictConfig) -> float | None:
         if multirun:
             return None
         sys.exit(getattr(exc, "exit_code", 2))
-    status = "already finished" if already else summary.get("status", "unknown")
+    status = f"already {ended}" if already else summary.get("status", "unknown")
     if _rank() == 0:
         log.info(end_line(summary, run_dir, _planned_epochs(cfg), status))
+        if summary.get("status") == "stopped":
+            log.info(whole_schedule_hint(summary, list(hc.overrides.task)))
     _JOBS.append({"status": status, "run_dir": str(run_dir), "multirun": multirun})
     return summary.get("test_error")
 
@@ -243,7 +263,7 @@ def tally(jobs: list[dict]) -> tuple[str, bool]:
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job["status"]] = counts.get(job["status"], 0) + 1
-    order = ["finished", "already finished", "failed"]
+    order = ["finished", "already finished", "stopped", "already stopped", "failed"]
     parts = [f"{counts[s]} {s}" for s in [*order, *sorted(set(counts) - set(order))] if counts.get(s)]
     lines = [f"sweep: {len(jobs)} job(s): {', '.join(parts) or 'none'}"]
     lines += [f"  failed: {job['run_dir']}: {job['error']}" for job in jobs if job["status"] == "failed"]
