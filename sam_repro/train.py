@@ -58,6 +58,82 @@ log = logging.getLogger("sam_repro")
 HYDRA_RECORD = ".hydra"
 SUMMARY_FILE = "summary.json"  # engine.trainer.SUMMARY_FILE (not imported here: the trainer pulls in torch)
 _JOBS: list[dict] = []  # this process's jobs of a multirun, for the tally at its end
+_SWEEPING = False  # True in the process that `main` started; False in a job a launcher runs elsewhere (submitit)
+
+
+class SweepJobFailed(Exception):
+    """How a sweep job that runs in its own process (submitit's launchers) tells the sweeping process it failed:
+    Hydra records it as the job's FAILED JobReturn, and `job_from_return` reads it back for the tally."""
+
+    def __init__(self, run_dir: str, error: str) -> None:
+        super().__init__(run_dir, error)
+        self.run_dir, self.error = run_dir, error
+
+    def __str__(self) -> str:
+        return f"{self.run_dir}: {self.error}"
+
+
+class JobResult(float):
+    """A sweep job's return value when it runs in its own process: its test error (what a sweeper reads; NaN if
+    none) carrying the job's record (status, run directory) for the sweeping process's tally."""
+
+    job: dict
+
+    def __new__(cls, value: float | None, job: dict) -> JobResult:
+        result = super().__new__(cls, float("nan") if value is None else value)
+        result.job = job
+        return result
+
+    def __reduce__(self):
+        return (JobResult, (float(self), self.job))
+
+
+def job_from_return(ret) -> dict:
+    """The tally's record of one job a launcher ran in another process, from the `hydra.core.utils.JobReturn` it
+    returned (submitit's launchers return one per job they waited on)."""
+    from hydra.core.utils import JobStatus
+
+    value = getattr(ret, "_return_value", None)
+    run_dir = OmegaConf.select(ret.hydra_cfg, "runtime.output_dir", default=None) if ret.hydra_cfg else None
+    run_dir = str(run_dir or ret.working_dir or "?")
+    if ret.status == JobStatus.COMPLETED and isinstance(getattr(value, "job", None), dict):
+        return {**value.job, "multirun": True}
+    if ret.status == JobStatus.COMPLETED:
+        return {"status": "finished", "run_dir": run_dir, "multirun": True}
+    if isinstance(value, SweepJobFailed):
+        return {"status": "failed", "run_dir": value.run_dir, "error": value.error, "multirun": True}
+    lines = [line.strip() for line in str(value).splitlines() if line.strip()]
+    error = lines[0] if lines else (type(value).__name__ if value is not None else f"job {ret.status.name}")
+    if isinstance(value, BaseException):
+        error = f"{type(value).__name__}: {error}" if not isinstance(value, SamReproError) else error
+    return {"status": "failed", "run_dir": run_dir, "error": error, "multirun": True}
+
+
+def _tally_launches() -> None:
+    """Count the jobs of hydra-submitit-launcher (hydra/launcher=slurm*, submitit_local) in the tally: its launch
+    returns the jobs' JobReturns to this process, each recorded here. A failed job's JobReturn is handed on to the
+    sweeper as completed, so that the sweep goes on and ends with the tally (and exit 1), as with Hydra's own
+    launcher, instead of the sweeper re-raising the first failure."""
+    try:
+        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+    except ImportError:
+        return
+    if getattr(BaseSubmititLauncher.launch, "tallied", False):
+        return
+    launch = BaseSubmititLauncher.launch
+
+    def tallied_launch(self, job_overrides, initial_job_idx):
+        from hydra.core.utils import JobStatus
+
+        results = launch(self, job_overrides, initial_job_idx)
+        for ret in results:
+            _JOBS.append(job_from_return(ret))
+            if ret.status == JobStatus.FAILED:
+                ret.status, ret.return_value = JobStatus.COMPLETED, None
+        return results
+
+    tallied_launch.tallied = True
+    BaseSubmititLauncher.launch = tallied_launch
 
 
 def _rank() -> int:
@@ -245,6 +321,8 @@ def _app(cfg: DictConfig) -> float | None:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         first_line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # Hydra's "Error in call to ...:"
         _JOBS.append({"status": "failed", "run_dir": str(run_dir), "error": first_line, "multirun": multirun})
+        if multirun and not _SWEEPING:  # a job in its own process: its JobReturn tells the sweeping process
+            raise SweepJobFailed(str(run_dir), first_line) from None
         if multirun:
             return None
         sys.exit(getattr(exc, "exit_code", 2))
@@ -254,6 +332,8 @@ def _app(cfg: DictConfig) -> float | None:
         if summary.get("status") == "stopped":
             log.info(whole_schedule_hint(summary, list(hc.overrides.task)))
     _JOBS.append({"status": status, "run_dir": str(run_dir), "multirun": multirun})
+    if multirun and not _SWEEPING:
+        return JobResult(summary.get("test_error"), {"status": status, "run_dir": str(run_dir)})
     return summary.get("test_error")
 
 
@@ -343,7 +423,10 @@ def main() -> None:
     if _rank() != 0:
         # Only rank 0 logs INFO lines; the others report warnings and errors only.
         sys.argv += ["hydra/job_logging=sam_worker"]
+    global _SWEEPING
+    _SWEEPING = True
     _JOBS.clear()
+    _tally_launches()
     _app()
     if any(job["multirun"] for job in _JOBS) and _rank() == 0:
         lines, failed = tally(_JOBS)
