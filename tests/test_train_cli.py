@@ -171,12 +171,12 @@ def test_a_run_stopped_by_max_steps_is_stopped_not_finished(tmp_path):
     assert summary["reason"] == "stopped at trainer.max_steps=1: step 1 of the schedule's 8"
     assert re.search(rf"\] stopped: test error [0-9.]+% \(best [0-9.]+%\), 1/2 epochs, {re.escape(str(run))}\n", out)
     hint = "To train the whole schedule: sam-train debug=tiny trainer.epochs=2"
-    assert hint in out and "finished" not in out
+    assert hint in out and "] finished:" not in out
     metrics = (run / "metrics.jsonl").read_text()
 
     again = train(tmp_path, *args, check=False)
     out = again.stdout + again.stderr
-    assert again.returncode == 0 and "] already stopped: test error" in out and "finished" not in out
+    assert again.returncode == 0 and "] already stopped: test error" in out and "already finished" not in out
     assert hint in out and "run already stopped" in out
     assert (run / "metrics.jsonl").read_text() == metrics  # nothing trained
 
