@@ -58,6 +58,82 @@ log = logging.getLogger("sam_repro")
 HYDRA_RECORD = ".hydra"
 SUMMARY_FILE = "summary.json"  # engine.trainer.SUMMARY_FILE (not imported here: the trainer pulls in torch)
 _JOBS: list[dict] = []  # this process's jobs of a multirun, for the tally at its end
+_SWEEPING = False  # True in the process that `main` started; False in a job a launcher runs elsewhere (submitit)
+
+
+class SweepJobFailed(Exception):
+    """How a sweep job that runs in its own process (submitit's launchers) tells the sweeping process it failed:
+    Hydra records it as the job's FAILED JobReturn, and `job_from_return` reads it back for the tally."""
+
+    def __init__(self, run_dir: str, error: str) -> None:
+        super().__init__(run_dir, error)
+        self.run_dir, self.error = run_dir, error
+
+    def __str__(self) -> str:
+        return f"{self.run_dir}: {self.error}"
+
+
+class JobResult(float):
+    """A sweep job's return value when it runs in its own process: its test error (what a sweeper reads; NaN if
+    none) carrying the job's record (status, run directory) for the sweeping process's tally."""
+
+    job: dict
+
+    def __new__(cls, value: float | None, job: dict) -> JobResult:
+        result = super().__new__(cls, float("nan") if value is None else value)
+        result.job = job
+        return result
+
+    def __reduce__(self):
+        return (JobResult, (float(self), self.job))
+
+
+def job_from_return(ret) -> dict:
+    """The tally's record of one job a launcher ran in another process, from the `hydra.core.utils.JobReturn` it
+    returned (submitit's launchers return one per job they waited on)."""
+    from hydra.core.utils import JobStatus
+
+    value = getattr(ret, "_return_value", None)
+    run_dir = OmegaConf.select(ret.hydra_cfg, "runtime.output_dir", default=None) if ret.hydra_cfg else None
+    run_dir = str(run_dir or ret.working_dir or "?")
+    if ret.status == JobStatus.COMPLETED and isinstance(getattr(value, "job", None), dict):
+        return {**value.job, "multirun": True}
+    if ret.status == JobStatus.COMPLETED:
+        return {"status": "finished", "run_dir": run_dir, "multirun": True}
+    if isinstance(value, SweepJobFailed):
+        return {"status": "failed", "run_dir": value.run_dir, "error": value.error, "multirun": True}
+    lines = [line.strip() for line in str(value).splitlines() if line.strip()]
+    error = lines[0] if lines else (type(value).__name__ if value is not None else f"job {ret.status.name}")
+    if isinstance(value, BaseException):
+        error = f"{type(value).__name__}: {error}" if not isinstance(value, SamReproError) else error
+    return {"status": "failed", "run_dir": run_dir, "error": error, "multirun": True}
+
+
+def _tally_launches() -> None:
+    """Count the jobs of hydra-submitit-launcher (hydra/launcher=slurm*, submitit_local) in the tally: its launch
+    returns the jobs' JobReturns to this process, each recorded here. A failed job's JobReturn is handed on to the
+    sweeper as completed, so that the sweep goes on and ends with the tally (and exit 1), as with Hydra's own
+    launcher, instead of the sweeper re-raising the first failure."""
+    try:
+        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+    except ImportError:
+        return
+    if getattr(BaseSubmititLauncher.launch, "tallied", False):
+        return
+    launch = BaseSubmititLauncher.launch
+
+    def tallied_launch(self, job_overrides, initial_job_idx):
+        from hydra.core.utils import JobStatus
+
+        results = launch(self, job_overrides, initial_job_idx)
+        for ret in results:
+            _JOBS.append(job_from_return(ret))
+            if ret.status == JobStatus.FAILED:
+                ret.status, ret.return_value = JobStatus.COMPLETED, None
+        return results
+
+    tallied_launch.tallied = True
+    BaseSubmititLauncher.launch = tallied_launch
 
 
 def _rank() -> int:
@@ -100,13 +176,16 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
         return {k: flat.get(k, ABSENT) for k in keys}
 
     changes = config_changes(recorded, current, defaults)
-    if changes and _recorded_summary(run_dir).get("status") == "finished":
-        # Its schedule has run out: continuing it would train nothing (more epochs are another schedule, another
-        # experiment), so even trainer.resume=force is refused, before anything is written.
+    ended = _recorded_summary(run_dir).get("status")
+    if changes and ended in ("finished", "stopped"):
+        # Its schedule has run out (or trainer.max_steps ended it, its last checkpoint mid-schedule): continuing it
+        # would train nothing, or not the schedule it names (more epochs are another schedule, another experiment),
+        # so even trainer.resume=force is refused, before anything is written.
         kept = [o for o in overrides if not matches(override_key(o), ("trainer.resume", "hydra.run.dir"))]
+        what = "has finished" if ended == "finished" else "was stopped by trainer.max_steps"
         raise ConfigError(
-            f"{run_dir} has finished with another configuration ({'; '.join(c.describe(run_dir) for c in changes)}); "
-            f"a finished run is never continued, not even with trainer.resume=force. Train the new configuration "
+            f"{run_dir} {what} with another configuration ({'; '.join(c.describe(run_dir) for c in changes)}); "
+            f"a {ended} run is never continued, not even with trainer.resume=force. Train the new configuration "
             f"in its own directory: sam-train {' '.join(kept)}"
         )
     if changes and cfg.trainer.get("resume", "auto") != "force":
@@ -135,6 +214,20 @@ def end_line(summary: dict, run_dir: Path, planned_epochs: int | None = None, st
     return (
         f"{status or summary.get('status', 'unknown')}: test error {_percent(summary.get('test_error'))} "
         f"(best {_percent(summary.get('best_test_error'))}), {epochs}{of} epochs, {run_dir}"
+    )
+
+
+def whole_schedule_hint(summary: dict, overrides: list[str]) -> str:
+    """The line after a run stopped by trainer.max_steps: why it is not finished, and the command that trains its
+    whole schedule (in its own directory: a stopped run is not continued, its last checkpoint is mid-schedule)."""
+    kept = [o for o in overrides if not matches(override_key(o), ("trainer.resume", "hydra.run.dir"))]
+    whole = [o for o in kept if not matches(override_key(o), ("trainer.max_steps",))]
+    if len(whole) == len(kept):  # trainer.max_steps came from a preset (debug=preset): lift it explicitly
+        whole.append("trainer.max_steps=null")
+    reason = summary.get("reason") or "stopped by trainer.max_steps"
+    return (
+        f"  {reason}: not a finished run (sam-tables does not average it; the same command again trains nothing). "
+        f"To train the whole schedule: sam-train {' '.join(whole)}"
     )
 
 
@@ -194,7 +287,8 @@ def _app(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     new_run = not (run_dir / CONFIG_FILE).exists()
     multirun = hc.mode == RunMode.MULTIRUN
-    already = _recorded_summary(run_dir).get("status") == "finished"
+    ended = _recorded_summary(run_dir).get("status")
+    already = ended in ("finished", "stopped")  # the same command again trains nothing
     started = False  # past the checks: the run's own summary.json tells how it ended
     task_cfg = cfg.copy()
     with open_dict(cfg):
@@ -227,13 +321,19 @@ def _app(cfg: DictConfig) -> float | None:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         first_line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # Hydra's "Error in call to ...:"
         _JOBS.append({"status": "failed", "run_dir": str(run_dir), "error": first_line, "multirun": multirun})
+        if multirun and not _SWEEPING:  # a job in its own process: its JobReturn tells the sweeping process
+            raise SweepJobFailed(str(run_dir), first_line) from None
         if multirun:
             return None
         sys.exit(getattr(exc, "exit_code", 2))
-    status = "already finished" if already else summary.get("status", "unknown")
+    status = f"already {ended}" if already else summary.get("status", "unknown")
     if _rank() == 0:
         log.info(end_line(summary, run_dir, _planned_epochs(cfg), status))
+        if summary.get("status") == "stopped":
+            log.info(whole_schedule_hint(summary, list(hc.overrides.task)))
     _JOBS.append({"status": status, "run_dir": str(run_dir), "multirun": multirun})
+    if multirun and not _SWEEPING:
+        return JobResult(summary.get("test_error"), {"status": status, "run_dir": str(run_dir)})
     return summary.get("test_error")
 
 
@@ -243,7 +343,7 @@ def tally(jobs: list[dict]) -> tuple[str, bool]:
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job["status"]] = counts.get(job["status"], 0) + 1
-    order = ["finished", "already finished", "failed"]
+    order = ["finished", "already finished", "stopped", "already stopped", "failed"]
     parts = [f"{counts[s]} {s}" for s in [*order, *sorted(set(counts) - set(order))] if counts.get(s)]
     lines = [f"sweep: {len(jobs)} job(s): {', '.join(parts) or 'none'}"]
     lines += [f"  failed: {job['run_dir']}: {job['error']}" for job in jobs if job["status"] == "failed"]
@@ -323,7 +423,10 @@ def main() -> None:
     if _rank() != 0:
         # Only rank 0 logs INFO lines; the others report warnings and errors only.
         sys.argv += ["hydra/job_logging=sam_worker"]
+    global _SWEEPING
+    _SWEEPING = True
     _JOBS.clear()
+    _tally_launches()
     _app()
     if any(job["multirun"] for job in _JOBS) and _rank() == 0:
         lines, failed = tally(_JOBS)

@@ -19,6 +19,7 @@ from torch.func import functional_call
 from helpers.checkpoints import MEAN, STD, write_run
 from helpers.quadratic import TOP, Quadratic, chosen_spectrum_matrix, half_mse, mean_output
 from sam_repro.analysis.hessian import HessianOperator, hessian_spectrum, lanczos, power_iteration
+from sam_repro.analysis.loading import file_stem
 from sam_repro.cli.analyze import main as analyze
 
 
@@ -163,7 +164,9 @@ def test_sam_analyze_hessian_end_to_end(tmp_path, fake_dataset, capsys):
         ]
     )
     assert rc == 0, capsys.readouterr().err
-    (json_path,) = out.glob("*.hessian.json")
+    settings = "hessian.train-24.seed3.lanczos-k3.it60"  # the analysis, its sample and its non-default settings
+    (json_path,) = out.glob("*.json")
+    assert json_path.name == f"{file_stem(tmp_path / 'run')}.{settings}.json"
     record = json.loads(json_path.read_text())
     assert record["data"] == {
         "dataset": "fake10",
@@ -188,5 +191,5 @@ def test_sam_analyze_hessian_end_to_end(tmp_path, fake_dataset, capsys):
     expected = torch.linalg.eigvalsh(dense_hessian(model.eval(), images, labels)).flip(0)[:3]
     # The CLI runs in float32: agreement to float32 accuracy.
     assert record["result"]["eigenvalues"] == pytest.approx(expected.tolist(), rel=2e-3)
-    assert (out / "hessian.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / f"{file_stem(tmp_path / 'run')}.{settings}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lambda_max" in capsys.readouterr().out

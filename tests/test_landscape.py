@@ -24,7 +24,7 @@ from sam_repro.analysis.landscape import (
     plot_surface,
     plot_surfaces,
 )
-from sam_repro.analysis.loading import evaluate, load_split
+from sam_repro.analysis.loading import evaluate, file_stem, load_split
 from sam_repro.analysis.plots import save_figure
 from sam_repro.cli.analyze import main as analyze
 
@@ -181,10 +181,14 @@ def test_sam_analyze_landscape_end_to_end(tmp_path, fake_dataset, capsys):
     write_run(tmp_path / "sam", optimizer="sam", seed=1)
     common = ["--subset", "16", "--device", "cpu", "--no-progress", "--points", "5"]
     out = tmp_path / "out"
+    sgd_stem, sam_stem = file_stem(tmp_path / "sgd"), file_stem(tmp_path / "sam")
+    both = f"{sgd_stem}+{sam_stem}"
 
     assert analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--out", str(out), *common]) == 0
-    assert (out / "landscape_1d.png").exists()
-    sgd = json.loads(next(out.glob("*sgd*.landscape_1d.json")).read_text())
+    settings = "landscape_1d.train-16.seed0.points5"
+    assert (out / f"{both}.{settings}.png").exists()
+    sgd = json.loads((out / f"{sgd_stem}.{settings}.json").read_text())
+    assert (out / f"{sam_stem}.{settings}.json").exists()
     assert sgd["result"]["alpha"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
     # alpha = 0 is the trained network: the centre of the curve is its loss on the sample.
     sample = load_split(OmegaConf.create(run_config()), "train", 16, 0)
@@ -194,11 +198,16 @@ def test_sam_analyze_landscape_end_to_end(tmp_path, fake_dataset, capsys):
         analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--mode", "2d", "--out", str(out), *common])
         == 0
     )
-    surface_jsons = sorted(out.glob("*.landscape_2d.json"))
+    settings = "landscape_2d.train-16.seed0.points5"
+    surface_jsons = sorted(out.glob(f"*.{settings}.json"))
     assert len(surface_jsons) == 2
     surface = json.loads(surface_jsons[0].read_text())["result"]
     assert len(surface["loss"]) == 5 and len(surface["loss"][0]) == 5
-    assert len(list(out.glob("*.landscape_2d.png"))) == 2 and (out / "landscape_2d.png").exists()  # + side by side
+    assert {p.name for p in out.glob(f"*.{settings}.png")} == {  # one per run + side by side
+        f"{sgd_stem}.{settings}.png",
+        f"{sam_stem}.{settings}.png",
+        f"{both}.{settings}.png",
+    }
 
     assert (
         analyze(
@@ -215,9 +224,10 @@ def test_sam_analyze_landscape_end_to_end(tmp_path, fake_dataset, capsys):
         )
         == 0
     )
-    interpolation = json.loads((out / "interpolation.json").read_text())["result"]
+    settings = "landscape_interpolate.train-16.seed0.points5"
+    interpolation = json.loads((out / f"{both}.{settings}.json").read_text())["result"]
     assert interpolation["alpha"][0] == -0.5 and interpolation["alpha"][-1] == 1.5
-    assert (out / "interpolation.png").exists()
+    assert (out / f"{both}.{settings}.png").exists()
 
     assert analyze(["landscape", str(tmp_path / "sgd"), "--mode", "interpolate", "--out", str(out), *common]) == 2
     assert "exactly two runs" in capsys.readouterr().err
@@ -225,7 +235,55 @@ def test_sam_analyze_landscape_end_to_end(tmp_path, fake_dataset, capsys):
     # The same run twice: two result files and two legend entries, nothing overwritten.
     twice = tmp_path / "twice"
     assert analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sgd"), "--out", str(twice), *common]) == 0
-    assert len(list(twice.glob("*.landscape_1d.json"))) == 2
+    assert len(list(twice.glob("*.landscape_1d.*.json"))) == 2
+
+
+def test_sam_analyze_analyses_with_other_settings_or_runs_into_one_folder_all_survive(tmp_path, fake_dataset, capsys):
+    """Two analyses into one folder that differ in split, subset, seed, grid or runs write different files: each
+    keeps its own results, nothing is overwritten, and the same command again rewrites its own files only."""
+    write_run(tmp_path / "sgd", optimizer="sgd", seed=0)
+    write_run(tmp_path / "sam", optimizer="sam", seed=1)
+    out = tmp_path / "out"
+    sgd, sam = str(tmp_path / "sgd"), str(tmp_path / "sam")
+    base = ["--device", "cpu", "--no-progress", "--out", str(out)]
+    commands = [
+        ["landscape", sgd, sam, "--subset", "16", "--points", "5", *base],
+        ["landscape", sgd, sam, "--subset", "16", "--points", "3", *base],  # another grid
+        ["landscape", sgd, sam, "--subset", "8", "--points", "5", *base],  # another sample size
+        ["landscape", sgd, sam, "--subset", "16", "--points", "5", "--seed", "1", *base],  # another seed
+        ["landscape", sgd, sam, "--subset", "16", "--points", "5", "--split", "test", *base],  # another split
+        ["landscape", sgd, "--subset", "16", "--points", "5", *base],  # another set of runs
+    ]
+
+    def contents() -> dict[str, object]:  # a record without its provenance (the time), a plot's bytes
+        return {
+            p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "provenance"}
+            if p.suffix == ".json"
+            else p.read_bytes()
+            for p in out.glob("*")
+        }
+
+    written: list[set[str]] = []
+    for command in commands:
+        before = contents() if out.exists() else {}
+        assert analyze(command) == 0, capsys.readouterr().err
+        after = contents()
+        assert {name for name, content in before.items() if after.get(name) != content} == set()  # nothing overwritten
+        new = set(after) - set(before)
+        assert new, f"{command} wrote no new file: it overwrote another analysis"
+        written.append(new)
+    # Every analysis is still there, its settings in its records.
+    # (the sgd run alone shares its per-run record with the first command: the same analysis of the same run)
+    curves = [name for names in written for name in names if name.endswith(".json")]
+    assert len(curves) == 2 * 5
+    assert len([name for names in written for name in names if name.endswith(".png")]) == 6  # one plot per command
+    points = {len(json.loads((out / name).read_text())["result"]["alpha"]) for name in curves}
+    assert points == {3, 5}
+    assert {json.loads((out / name).read_text())["data"]["split"] for name in curves} == {"train", "test"}
+    # The same command again rewrites its own files and adds nothing.
+    names = {p.name for p in out.glob("*")}
+    assert analyze(commands[1]) == 0
+    assert {p.name for p in out.glob("*")} == names
 
 
 def test_sam_analyze_writes_beside_the_run_without_out(tmp_path, fake_dataset, capsys, monkeypatch):
@@ -233,7 +291,8 @@ def test_sam_analyze_writes_beside_the_run_without_out(tmp_path, fake_dataset, c
     monkeypatch.chdir(tmp_path)
     common = ["--subset", "16", "--device", "cpu", "--points", "5"]  # progress auto: not a terminal here
     assert analyze(["landscape", str(tmp_path / "sgd"), *common]) == 0
-    assert (tmp_path / "sgd" / "analysis" / "landscape_1d.png").exists()
+    plot = f"{file_stem(tmp_path / 'sgd')}.landscape_1d.train-16.seed0.points5.png"
+    assert (tmp_path / "sgd" / "analysis" / plot).exists()
     assert not (tmp_path / "results").exists()
     err = capsys.readouterr().err
     assert "\r" not in err and "landscape 1d" not in err  # no tqdm bar in a log

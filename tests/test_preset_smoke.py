@@ -36,7 +36,7 @@ def smoke(tmp_path: Path, *overrides: str) -> dict:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (summary,) = (tmp_path / "runs").rglob("summary.json")
     result = json.loads(summary.read_text())
-    assert result["status"] == "finished"
+    assert result["status"] == "stopped"  # debug=preset: trainer.max_steps=1, short of the schedule
     config = yaml.safe_load((summary.parent / "config.yaml").read_text())
     assert (config["trainer"]["max_steps"], config["logger"]["mode"]) == (1, "disabled")  # debug=preset applied
     return {"summary": result, "config": config, "metrics": (summary.parent / "metrics.jsonl").read_text()}

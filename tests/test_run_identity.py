@@ -170,12 +170,12 @@ def test_an_edited_preset_is_refused_and_force_continues_on_record(tmp_path):
     train(tmp_path, *args, "trainer.resume=force")
     assert only_run_dir(tmp_path) == run  # trainer.resume is not part of the directory's name
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "finished"
+    assert summary["status"] == "stopped"  # trainer.max_steps=1, short of the schedule
     [forced] = summary["resume_forced"]
     assert forced["changes"] == [{"key": "optimizer.lr", "recorded": 0.1, "current": 0.05}]
     assert yaml.safe_load((run / "config.yaml").read_text())["optimizer"]["lr"] == 0.05
     again = train(tmp_path, *args)  # the run now carries the new value: the same command is accepted
-    assert "already finished" in again.stdout + again.stderr
+    assert "already stopped" in again.stdout + again.stderr
 
 
 @pytest.mark.data
@@ -184,13 +184,13 @@ def test_keys_that_change_nothing_and_older_records_resume(tmp_path):
     train(tmp_path, *args)
     run = only_run_dir(tmp_path)
     neutral = train(tmp_path, *args, "trainer.eval_every=3", "trainer.progress=off", "trainer.compile=false")
-    assert "already finished" in neutral.stdout + neutral.stderr
+    assert "already stopped" in neutral.stdout + neutral.stderr  # RUN_ARGS stop at trainer.max_steps=2
     # A record written before trainer.label_smoothing existed: equal to its default, so the run is accepted ...
     record = yaml.safe_load((run / "config.yaml").read_text())
     del record["trainer"]["label_smoothing"]
     (run / "config.yaml").write_text(yaml.safe_dump(record))
     older = train(tmp_path, *args)
-    assert "already finished" in older.stdout + older.stderr
+    assert "already stopped" in older.stdout + older.stderr
     # ... unless the command sets it to something else.
     changed = train(tmp_path, *args, "trainer.label_smoothing=0.1", f"hydra.run.dir='{run}'", check=False)
     assert changed.returncode == 2

@@ -15,6 +15,7 @@ from torch import nn
 
 from helpers.checkpoints import write_run
 from helpers.quadratic import Quadratic, chosen_spectrum_matrix, mean_output
+from sam_repro.analysis.loading import file_stem
 from sam_repro.analysis.sharpness import disjoint_subsets, group_sharpness, m_sharpness
 from sam_repro.cli.analyze import main as analyze
 
@@ -118,8 +119,12 @@ def test_sam_analyze_msharpness_end_to_end(tmp_path, fake_dataset, capsys):
         "--no-progress",
     ]
     assert analyze(args) == 0, capsys.readouterr().err
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.msharpness.json"))]
-    assert len(records) == 2 and (out / "msharpness.png").exists()
+    settings = "msharpness.train-32.seed0.m1-8-32.rho0-0.05"
+    records = [json.loads(p.read_text()) for p in sorted(out.glob(f"*.{settings}.json"))]
+    assert len(records) == 2 and len(list(out.glob("*.json"))) == 2
+    assert [p.name for p in out.glob("*.png")] == [
+        f"{file_stem(tmp_path / 'sgd')}+{file_stem(tmp_path / 'sam')}.{settings}.png"
+    ]
     for record in records:
         result = record["result"]
         assert result["m"] == [1, 8, 32] and result["groups"] == [32, 4, 1] and result["stderr"][2] is None
@@ -127,7 +132,7 @@ def test_sam_analyze_msharpness_end_to_end(tmp_path, fake_dataset, capsys):
         assert all(row[1] > 0 for row in result["sharpness"])  # first-order ascent increases the loss
     # The same command again gives the same numbers (seeded sample and grouping).
     assert analyze(args) == 0
-    again = [json.loads(p.read_text())["result"]["sharpness"] for p in sorted(out.glob("*.msharpness.json"))]
+    again = [json.loads(p.read_text())["result"]["sharpness"] for p in sorted(out.glob(f"*.{settings}.json"))]
     assert again == [r["result"]["sharpness"] for r in records]
 
 

@@ -135,7 +135,7 @@ def test_unknown_group_option_lists_the_choices(tmp_path):
 def test_a_sweep_ends_with_a_tally_and_fails_when_a_job_fails(tmp_path):
     """Each run ends with one line (status, final and best test error, epochs, directory); a sweep with a job that
     fails (m = 5 does not divide the batch of 64) ends with a tally naming it, and exits 1."""
-    args = ["-m", *TINY, "trainer.epochs=1", "trainer.max_steps=2", "trainer.m=32,5"]
+    args = ["-m", *TINY, "trainer.epochs=1", "trainer.m=32,5"]  # 1 epoch of 4 steps: its whole schedule
     proc = train(tmp_path, *args, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "Traceback" not in out
@@ -146,7 +146,7 @@ def test_a_sweep_ends_with_a_tally_and_fails_when_a_job_fails(tmp_path):
     assert [line.split("] ", 1)[1] for line in ends] == [
         f"finished: test error {final:.2f}% (best {best:.2f}%), 1/1 epochs, {run}"
     ]
-    failed = run.parent.parent / "debug=tiny,trainer.epochs=1,trainer.m=5,trainer.max_steps=2" / "seed0"
+    failed = run.parent.parent / "debug=tiny,trainer.epochs=1,trainer.m=5" / "seed0"
     tally = out[out.index("sweep: ") :].splitlines()
     assert tally == [
         "sweep: 2 job(s): 1 finished, 1 failed",
@@ -155,6 +155,33 @@ def test_a_sweep_ends_with_a_tally_and_fails_when_a_job_fails(tmp_path):
     ]
     again = train(tmp_path, *args, check=False)
     assert again.returncode == 1 and "sweep: 2 job(s): 1 already finished, 1 failed" in again.stdout
+
+
+def test_a_run_stopped_by_max_steps_is_stopped_not_finished(tmp_path):
+    """trainer.max_steps short of the schedule: status "stopped" (never "finished"), an end line that says so and
+    gives the command that trains the whole schedule; the same command again trains nothing and says "already
+    stopped"; a sweep counts it as stopped (not failed: exit 0)."""
+    args = [*TINY, "trainer.epochs=2", "trainer.max_steps=1"]
+    proc = train(tmp_path, *args, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in out
+    run = only_run_dir(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["stopped_early"]) == ("stopped", True)
+    assert summary["reason"] == "stopped at trainer.max_steps=1: step 1 of the schedule's 8"
+    assert re.search(rf"\] stopped: test error [0-9.]+% \(best [0-9.]+%\), 1/2 epochs, {re.escape(str(run))}\n", out)
+    hint = "To train the whole schedule: sam-train debug=tiny trainer.epochs=2"
+    assert hint in out and "] finished:" not in out
+    metrics = (run / "metrics.jsonl").read_text()
+
+    again = train(tmp_path, *args, check=False)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0 and "] already stopped: test error" in out and "already finished" not in out
+    assert hint in out and "run already stopped" in out
+    assert (run / "metrics.jsonl").read_text() == metrics  # nothing trained
+
+    sweep = train(tmp_path, "-m", *args, check=False)
+    assert sweep.returncode == 0 and "sweep: 1 job(s): 1 already stopped" in sweep.stdout
 
 
 def test_corrupt_checkpoint_is_named_or_restarted(tmp_path):

@@ -29,6 +29,7 @@ SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 
 FINISHED = "finished"
+STOPPED = "stopped"  # the trainer's status of a run that trainer.max_steps stopped short of its schedule
 NO_SUMMARY = "no-summary"
 STOPPED_EARLY = "stopped-early"
 
@@ -65,8 +66,9 @@ class RunRecord:
 def settled_status(config: Mapping[str, Any], summary: Mapping[str, Any], status: str, reason: str | None):
     """(status, reason) of a run as the tables count it: a "finished" run that stopped short of its schedule
     (`trainer.max_steps`, which the trainer records as `stopped_early`, or fewer epochs than planned) is
-    STOPPED_EARLY, never averaged with runs that trained their whole schedule."""
-    if status != FINISHED:
+    STOPPED_EARLY, never averaged with runs that trained their whole schedule; so is a run the trainer recorded as
+    "stopped" (what it writes since it tells such a stop from a finished run)."""
+    if status not in (FINISHED, STOPPED):
         return status, reason
     planned = run_epochs(config)
     planned = max(1, math.ceil(planned)) if planned is not None else None

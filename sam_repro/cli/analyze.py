@@ -7,10 +7,12 @@
 RUN is a run directory (its `checkpoints/last.pt`) or a `.pt` checkpoint. Every run is analysed on the same seeded
 sample of `--subset` examples of `--split` (default: train, i.e. the examples and labels the run trained on, so the
 training loss), so an SGD and a SAM run given together are compared on identical data. Outputs in `--out` (default:
-`analysis/` in the first run's directory): one
-`<run>.<analysis>.json` per run (the result, the run, the data sample and the provenance: command, git commit,
-machine, versions, time) and PNG plots that overlay the runs (provenance in their PNG text chunks). Errors: one line
-`error: ...` on stderr, exit status 2.
+`analysis/` in the first run's directory): one `<run>.<settings>.json` per run (the result, the run, the data sample
+and the provenance: command, git commit, machine, versions, time) and `<runs>.<settings>.png` plots that overlay the
+runs (provenance in their PNG text chunks). `<settings>` names the analysis and what distinguishes it, e.g.
+`hessian.train-1000.seed0.lanczos-k5` or `landscape_1d.test-500.seed1.points11` (the analysis, `--split`,
+`--subset`, `--seed`, then the method and every setting not at its default), so analyses with other settings or of
+other runs never overwrite each other. Errors: one line `error: ...` on stderr, exit status 2.
 
 Cost, measured on ResNet-8 (75 K parameters), 256 CIFAR-10 training images, 2 CPU cores, torch 2.14: Lanczos k=5
 (30 Hessian-vector products) 70-100 s per run; power iteration k=3 (81 products) 200 s; m-sharpness m in
@@ -21,7 +23,9 @@ three forward-backward passes over the sample; on a GPU the same commands take s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,6 +99,14 @@ class _Session:
         """A unique file stem per run within this invocation."""
         return _unique(file_stem(path), self._stems, "{name}-{copy}")
 
+    def output(self, stem: str, suffix: str) -> str:
+        """`<stem>.<settings>.<suffix>`: the file name of one output, carrying the settings that distinguish it."""
+        return f"{stem}.{settings_tag(self.args, self.analysis)}.{suffix}"
+
+    def combined(self, suffix: str) -> str:
+        """The file name of an output over all the runs of this invocation (the overlay plots)."""
+        return self.output(runs_stem(self.args.runs), suffix)
+
     def legend(self, run: Run) -> str:
         """The run's label, made unique within this invocation (two `sgd seed0` runs of different experiments)."""
         return _unique(run.label, self._labels)
@@ -137,6 +149,54 @@ def beside_run(path: str) -> Path:
     return folder / "analysis"
 
 
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def settings_tag(args: argparse.Namespace, analysis: str) -> str:
+    """What distinguishes one analysis from another of the same runs: the analysis (with its mode), the data sample
+    (`--split`, `--subset`, `--seed`), the method, then every result-changing setting not at its default.
+
+    `hessian.train-1000.seed0.lanczos-k5`, `msharpness.train-1024.seed0.m1-16-256.rho0.05-0.1`,
+    `landscape_1d.test-500.seed1.points11.range-0.5_0.5`, `landscape_interpolate.train-1000.seed0`. Device, chunk
+    size and data root do not change a result and are not named.
+    """
+    parts = [analysis, f"{args.split}-{args.subset}", f"seed{args.seed}"]
+    if analysis == "hessian":
+        parts.append(f"{args.method}-k{args.k}")
+        if args.iterations is not None:
+            parts.append(f"it{args.iterations}")
+        if args.method == "power" and args.tol != _DEFAULT_TOL:
+            parts.append(f"tol{_number(args.tol)}")
+    elif analysis == "msharpness":
+        if args.m != _DEFAULT_M:
+            parts.append("m" + "-".join(str(m) for m in args.m))
+        if args.rho != _DEFAULT_RHO:
+            parts.append("rho" + "-".join(_number(rho) for rho in args.rho))
+    else:  # landscape_1d, landscape_2d, landscape_interpolate
+        mode = analysis.removeprefix("landscape_")
+        if args.points is not None and args.points != _DEFAULT_POINTS[mode]:
+            parts.append(f"points{args.points}")
+        if args.range is not None and tuple(args.range) != _DEFAULT_RANGE[mode]:
+            parts.append(f"range{_number(args.range[0])}_{_number(args.range[1])}")
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", ".".join(parts))
+
+
+_MAX_STEM = 120
+
+
+def runs_stem(paths: Sequence[str]) -> str:
+    """A file-name stem for the runs an overlay plot shows: their stems joined by `+` (`sgd__seed0+sam__seed0`), or,
+    past 120 characters, the first run's stem, how many more and a short hash of all their paths."""
+    stems = [file_stem(path) for path in paths]
+    joined = "+".join(stems)
+    if len(joined) <= _MAX_STEM:
+        return joined
+    resolved = "\n".join(str(Path(path).expanduser().resolve()) for path in paths)
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:8]
+    return f"{stems[0][:_MAX_STEM]}+{len(stems) - 1}-more-{digest}"
+
+
 def _unique(name: str, taken: set[str], template: str = "{name} ({copy})") -> str:
     candidate, copy = name, 1
     while candidate in taken:
@@ -176,7 +236,8 @@ def run_hessian(args: argparse.Namespace) -> int:
             progress=session.progress,
         )
         session.write(
-            f"{session.stem(path)}.hessian.json", session.record(run, sample, report, chunk_size=args.chunk_size)
+            session.output(session.stem(path), "json"),
+            session.record(run, sample, report, chunk_size=args.chunk_size),
         )
         ratio = report["lambda_max_over_lambda_5"]
         print(
@@ -185,7 +246,7 @@ def run_hessian(args: argparse.Namespace) -> int:
             + f"  (bn {report['bn_mode']}, {report['num_examples']} examples, {report['matvecs']} Hv)"
         )
         spectra[session.legend(run)] = report["eigenvalues"]
-    session.save("hessian.png", plot_spectra(spectra))
+    session.save(session.combined("png"), plot_spectra(spectra))
     return 0
 
 
@@ -205,17 +266,20 @@ def run_msharpness(args: argparse.Namespace) -> int:
             raise ConfigError(f"--m {too_large} must be between 1 and the sample size {len(sample)} (see --subset)")
         inputs, targets = sample.tensors()
         report = m_sharpness(run.model, inputs, targets, args.m, args.rho, seed=args.seed, progress=session.progress)
-        session.write(f"{session.stem(path)}.msharpness.json", session.record(run, sample, report))
+        session.write(session.output(session.stem(path), "json"), session.record(run, sample, report))
         at_last_rho = "  ".join(f"m={m} {row[-1]:.4g}" for m, row in zip(report["m"], report["sharpness"]))
         print(f"{run.label}: m-sharpness at rho={args.rho[-1]}: {at_last_rho}")
         reports[session.legend(run)] = report
-    session.save("msharpness.png", plot_m_sharpness(reports))
+    session.save(session.combined("png"), plot_m_sharpness(reports))
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------- landscape
 
 
+_DEFAULT_TOL = 1e-3
+_DEFAULT_M = [1, 4, 16, 64, 256]
+_DEFAULT_RHO = [0.01, 0.02, 0.05, 0.1, 0.15]
 _DEFAULT_RANGE = {"1d": (-1.0, 1.0), "2d": (-1.0, 1.0), "interpolate": (-0.5, 1.5)}
 _DEFAULT_POINTS = {"1d": 41, "2d": 21, "interpolate": 41}
 
@@ -249,7 +313,7 @@ def run_landscape(args: argparse.Namespace) -> int:
                 filter_normalized_direction(run.model, generator),
             )
             result = loss_surface(run.model, batches, directions, grid, grid, progress=session.progress)
-            session.save(f"{stem}.landscape_2d.png", plot_surface(result, title=f"{run.label} ({sample.split} loss)"))
+            session.save(session.output(stem, "png"), plot_surface(result, title=f"{run.label} ({sample.split} loss)"))
             surfaces[session.legend(run)] = result
             centre = result["loss"][points // 2][points // 2]
         result |= {
@@ -257,18 +321,16 @@ def run_landscape(args: argparse.Namespace) -> int:
             "direction_seed": args.seed,
             "bn_mode": bn_mode(run.model),
         }
-        session.write(
-            f"{stem}.landscape_{args.mode}.json", session.record(run, sample, result, chunk_size=args.chunk_size)
-        )
+        session.write(session.output(stem, "json"), session.record(run, sample, result, chunk_size=args.chunk_size))
         shape = f"{points}x{points}" if args.mode == "2d" else f"{points}"
         print(
             f"{run.label}: {args.mode} landscape on {shape} points in [{start}, {stop}], "
             f"loss {centre:.4g} at the grid centre"
         )
     if curves:
-        session.save("landscape_1d.png", plot_curves(curves, title=f"{args.split} loss along a random direction"))
+        session.save(session.combined("png"), plot_curves(curves, title=f"{args.split} loss along a random direction"))
     if len(surfaces) > 1:  # the runs side by side, on the same contour levels
-        session.save("landscape_2d.png", plot_surfaces(surfaces, title=f"{args.split} loss on a random plane"))
+        session.save(session.combined("png"), plot_surfaces(surfaces, title=f"{args.split} loss on a random plane"))
     return 0
 
 
@@ -285,10 +347,10 @@ def _interpolate(session: _Session, grid: list[float]) -> int:
     except ValueError as error:
         raise CheckpointError(f"{run_a.checkpoint} and {run_b.checkpoint}: {error}") from error
     result |= {"from": run_a.describe(), "to": run_b.describe()}
-    session.write("interpolation.json", session.record(run_a, sample, result, chunk_size=args.chunk_size))
+    session.write(session.combined("json"), session.record(run_a, sample, result, chunk_size=args.chunk_size))
     label = f"{run_a.label} -> {run_b.label}"
     session.save(
-        "interpolation.png",
+        session.combined("png"),
         plot_curves({label: result}, xlabel=r"$\alpha$: $(1-\alpha)\,w_a + \alpha\,w_b$", title="Linear interpolation"),
     )
     print(f"{label}: loss {result['loss'][0]:.4g} ... {result['loss'][-1]:.4g} over alpha in [{grid[0]}, {grid[-1]}]")
@@ -328,13 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Lanczos steps (default max(3k, 30)) or power-iteration cap per eigenvalue (100)",
     )
-    hessian.add_argument("--tol", type=float, default=1e-3, help="power iteration: relative residual to stop at")
+    hessian.add_argument(
+        "--tol", type=float, default=_DEFAULT_TOL, help="power iteration: relative residual to stop at"
+    )
     hessian.set_defaults(handler=run_hessian)
 
     msharp = commands.add_parser("msharpness", parents=[common], help="m-sharpness for several m and rho")
     msharp.add_argument("--subset", type=int, default=1024, help="examples in the sample (default: %(default)s)")
-    msharp.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64, 256], help="group sizes")
-    msharp.add_argument("--rho", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.15], help="radii")
+    msharp.add_argument("--m", type=int, nargs="+", default=_DEFAULT_M, help="group sizes")
+    msharp.add_argument("--rho", type=float, nargs="+", default=_DEFAULT_RHO, help="radii")
     msharp.set_defaults(handler=run_msharpness)
 
     landscape = commands.add_parser("landscape", parents=[common], help="1D/2D loss landscapes, interpolation")

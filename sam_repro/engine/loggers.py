@@ -271,7 +271,7 @@ class MetricsLogger:
                 if key not in summary:
                     continue
                 self.wandb_run.summary[key] = summary.get(key)
-            self.wandb_run.finish(exit_code=0 if summary.get("status") == "finished" else 1)
+            self.wandb_run.finish(exit_code=0 if summary.get("status") in ("finished", "stopped") else 1)
         except Exception as exc:  # noqa: BLE001
             log.warning("W&B finish failed (%s)", exc)
         self.wandb_run = None

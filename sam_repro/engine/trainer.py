@@ -163,6 +163,13 @@ class _Run:
         return self.wall_before + time.time() - self.start_time
 
 
+STOPPED = "stopped"  # the status of a run that trainer.max_steps stopped short of its schedule
+
+
+def stopped_reason(max_steps: int, step: int, planned: int) -> str:
+    return f"stopped at trainer.max_steps={max_steps}: step {step} of the schedule's {planned}"
+
+
 def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> dict:
     start_time = time.time()
     previous = _previous_summary(run_dir / SUMMARY_FILE, env, forced)
@@ -172,6 +179,9 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
             run_dir,
             previous["test_error"],
         )
+        return previous
+    if previous.get("status") == STOPPED:  # its checkpoint ends at trainer.max_steps: nothing to train here
+        log.info("run already stopped: %s (%s); nothing trained", run_dir, previous.get("reason") or STOPPED)
         return previous
 
     run = _setup(cfg, run_dir, env, start_time)
@@ -190,7 +200,11 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> 
             _evaluate_and_log(run, totals, capped)
             _checkpoint(run)
             if capped:
-                run.summary["stopped_early"] = run.step < run.epochs * run.steps_per_epoch  # short of its schedule
+                planned = run.epochs * run.steps_per_epoch
+                run.summary["stopped_early"] = run.step < planned  # short of its schedule
+                if run.step < planned:  # not "finished": never averaged, never reported as a whole run
+                    run.status = STOPPED
+                    run.reason = stopped_reason(run.cfg.trainer.max_steps, run.step, planned)
                 break
     except NonFiniteLoss as exc:
         run.status, run.reason = "failed", str(exc)
