@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sam_repro.data import select_train_indices, sources
+from sam_repro.data import dataset_arrays, select_train_indices
 from sam_repro.data.augment import normalize
 from sam_repro.data.noise import corrupt_labels
 from sam_repro.engine.checkpoint import FORMAT, load_checkpoint
@@ -244,7 +244,7 @@ def load_split(
     if split not in ("train", "test"):
         raise ConfigError(f"--split must be train or test (got {split!r})")
     dataset = cfg.dataset
-    arrays = sources.load_arrays(str(dataset.name), str(root if root is not None else dataset.root))
+    arrays = dataset_arrays(dataset, root)
     label_noise = 0.0
     if split == "test":
         images, labels = arrays.test_images, arrays.test_labels

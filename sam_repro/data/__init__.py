@@ -1,5 +1,8 @@
 """Data: sources with checksums and caches (`sources`), device-resident loaders (`loader`), batched augmentation
-(`augment`), label noise (`noise`), AutoAugment (`autoaugment`) and ImageNet folders (`imagenet`).
+(`augment`), label noise (`noise`), AutoAugment (`autoaugment`), ImageNet folders (`imagenet`) and generated
+images (`synthetic`, no files).
+
+`dataset_arrays(cfg.dataset)` is a dataset's arrays: generated for `dataset=synthetic`, else the prepared cache.
 
 `build_data(cfg, device, rank, world_size)` turns the `dataset` and `augment` config groups into loaders:
   1. the validation split (`dataset.val_fraction`) is the *last* share of the official training set (official
@@ -17,11 +20,14 @@ that has only the extract (a GPU node): its training images are the export's, th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from sam_repro.data import synthetic
+from sam_repro.data.arrays import DatasetArrays
 from sam_repro.data.augment import BatchAugment
 from sam_repro.data.loader import EvalLoader, TrainLoader, to_device_uint8
 from sam_repro.errors import ConfigError
@@ -57,11 +63,19 @@ def select_train_indices(
     return train_idx, val_idx
 
 
+def dataset_arrays(ds, root: str | os.PathLike | None = None) -> DatasetArrays:
+    """The arrays of the `dataset` config group `ds`: generated for synthetic, else read from the prepared cache
+    under `root` (default `ds.root`)."""
+    if ds.name == synthetic.NAME:
+        return synthetic.from_config(ds)
+    from sam_repro.data.sources import load_arrays
+
+    return load_arrays(str(ds.name), str(root if root is not None else ds.root))
+
+
 def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> Data:
     if cfg.dataset.name == "imagenet":
         return _build_imagenet(cfg, device, rank, world_size)
-    from sam_repro.data.sources import load_arrays
-
     ds, aug, tr = cfg.dataset, cfg.augment, cfg.trainer
     if ds.get("export"):
         from sam_repro.data.export import read_export
@@ -71,7 +85,7 @@ def build_data(cfg, device: torch.device, rank: int = 0, world_size: int = 1) ->
         if meta["dataset"] != ds.name:
             raise DataError(f"dataset.export: {ds.export} is an export of {meta['dataset']}, not {ds.name}")
     else:
-        arrays = load_arrays(ds.name, ds.root)
+        arrays = dataset_arrays(ds)
     train_idx, val_idx = select_train_indices(
         len(arrays.train_labels), float(ds.val_fraction), ds.train_subset, int(ds.subset_seed)
     )

@@ -209,8 +209,8 @@ RULES: dict[str, Rule] = {
     "schedule.warmup_epochs": number(min=0),
     "schedule.min_lr": number(min=0),
     # ---- dataset -------------------------------------------------------------------------------------------------
-    "dataset.name": one_of(*DATASETS, "imagenet"),
-    "dataset.root": text(),
+    "dataset.name": one_of(*DATASETS, "imagenet", "synthetic"),
+    "dataset.root": text(optional=True),  # every dataset read from files (not synthetic)
     "dataset.num_classes": integer(min=2),
     "dataset.in_channels": integer(positive=True),
     "dataset.image_size": integer(positive=True),
@@ -224,6 +224,9 @@ RULES: dict[str, Rule] = {
     "dataset.noise_seed": integer(min=0),
     "dataset.workers": integer(min=0, optional=True),  # imagenet
     "dataset.export": text(null=True, optional=True),  # cifar10: a `sam-data --export-subset` file
+    "dataset.train_size": integer(positive=True, optional=True),  # synthetic
+    "dataset.test_size": integer(positive=True, optional=True),  # synthetic
+    "dataset.image_seed": integer(min=0, optional=True),  # synthetic
     # ---- augment -------------------------------------------------------------------------------------------------
     "augment.name": text(),
     "augment.crop": one_of(True, False, "inception"),
