@@ -38,12 +38,15 @@ $(CIFAR10_READY): | $(STAMP)
 demo: $(STAMP) $(CIFAR10_READY) ## SGD vs SAM on real CIFAR-10, sized for this machine's GPU or CPU (DEMO=cpu|gpu)
 	$(BIN)/python scripts/demo.py --profile $(DEMO)
 
+# The tiers are defined in tests/conftest.py. Every run lists each test of a second or more (--durations), so
+# the split between the tiers is measured, not guessed.
+DURATIONS := --durations=0 --durations-min=1
 # pytest exits 5 when it collects no tests: report it and count it as success rather than an obscure failure.
-test: $(STAMP) $(CIFAR10_READY) ## the fast test suite, `pytest -m "not slow"` (sets everything up)
-	$(BIN)/pytest -m "not slow" -q; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; rc=0; }; exit $$rc
+test: $(STAMP) $(CIFAR10_READY) ## the fast tier: unit and in-process tests, one subprocess test per CLI (sets everything up)
+	$(BIN)/pytest --fast -q $(DURATIONS); rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; rc=0; }; exit $$rc
 
-test-all: $(STAMP) $(CIFAR10_READY) ## every test, slow ones included
-	$(BIN)/pytest -q; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; rc=0; }; exit $$rc
+test-all: $(STAMP) $(CIFAR10_READY) ## every tier: processes, DDP, SLURM (when up), installs, slow tests included
+	$(BIN)/pytest -q $(DURATIONS); rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; rc=0; }; exit $$rc
 
 lint: $(STAMP) ## ruff: lint rules and formatting checked, nothing changed (settings in pyproject.toml)
 	$(BIN)/ruff check .

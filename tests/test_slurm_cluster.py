@@ -12,12 +12,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from helpers.slurm import cluster_problem, job_env, scontrol_job
-from sam_repro.data.sources import default_root
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_CHECK = REPO / "scripts" / "slurm" / "ddp_check.py"
@@ -25,6 +25,8 @@ TRAIN_SBATCH = REPO / "scripts" / "slurm" / "train.sbatch"
 CONFIGS = REPO / "sam_repro" / "configs"
 VENV = Path(sys.prefix)  # the virtual environment running the tests: train.sbatch activates it
 PORT_BASE, PORT_SPAN = 10_000, 20_000  # sam_repro.engine.distributed.slurm_master_port, restated
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+HANG_GUARD_S = 1800  # only against a hung job or cluster: every wait here is on a job's progress or state
 
 
 _problem = cluster_problem()
@@ -35,13 +37,39 @@ def read_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
+def wait_for_file(path: Path, proc: subprocess.Popen) -> None:
+    """Wait until the job has written `path`; fail with sbatch's output if the job ends first."""
+    give_up = time.monotonic() + HANG_GUARD_S  # only against a hang
     while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if proc.poll() is not None or time.monotonic() > give_up:
             proc.kill()
             pytest.fail(f"{path} never appeared; sbatch said: {proc.communicate()[0]}")
         time.sleep(0.1)
+
+
+def job_report(job: dict[str, str], log: str) -> str:
+    """What a failed job says: its state, exit code and reason, then its log (the trainer's one-line error)."""
+    fields = ", ".join(f"{key}={job.get(key)}" for key in ("JobState", "ExitCode", "Restarts", "Reason"))
+    return f"job {job.get('JobId')}: {fields}\n{log}"
+
+
+def wait_for_job(job_id: str, log_path: Path, until: Callable[[str], bool] | None = None) -> dict[str, str]:
+    """Wait until `until(log text)` holds while the job runs (failing with the job's report if it ends first), or,
+    without `until`, until the job has ended. Returns the job's `scontrol` fields."""
+    give_up = time.monotonic() + HANG_GUARD_S
+    while True:
+        job = scontrol_job(job_id)
+        log = log_path.read_text() if log_path.exists() else ""
+        if until is not None and until(log):
+            return job
+        if job["JobState"] in ENDED:
+            if until is None:
+                return job
+            pytest.fail("the job ended before the awaited progress: " + job_report(job, log))
+        if time.monotonic() > give_up:
+            subprocess.run(["scancel", job_id])
+            pytest.fail(f"hung: no progress in {HANG_GUARD_S} s; " + job_report(job, log))
+        time.sleep(0.5)
 
 
 def test_srun_ranks_come_from_slurm(tmp_path):
@@ -52,7 +80,7 @@ def test_srun_ranks_come_from_slurm(tmp_path):
     result = subprocess.run(
         ["sbatch", "--wait", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--mem-per-cpu=1G", "--time=5",
          f"--output={tmp_path}/slurm-%j.out", f"--chdir={tmp_path}", "--wrap", command],
-        env=job_env(), capture_output=True, text=True, timeout=300,
+        env=job_env(), capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     log = next(tmp_path.glob("slurm-*.out"), None)
     assert result.returncode == 0, (result.stderr, log.read_text() if log else "")
@@ -86,7 +114,7 @@ def test_train_sbatch_requeues_after_usr1_and_resumes(tmp_path):
     wait_for_file(out / "progress.json", proc)
     job_id = json.loads((out / "rank0.json").read_text())["slurm_job_id"]
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-    sbatch_output = proc.communicate(timeout=300)[0]
+    sbatch_output = proc.communicate(timeout=HANG_GUARD_S)[0]
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert proc.returncode == 0, (sbatch_output, log)
 
@@ -147,7 +175,7 @@ def test_submitit_launcher_preset_requeues_on_usr2(tmp_path):
     wait_for_file(out / "progress.json", proc)
     job_id = json.loads((out / "rank0.json").read_text())["slurm_job_id"]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what submitit's job._interrupt() sends
-    output = proc.communicate(timeout=300)[0]
+    output = proc.communicate(timeout=HANG_GUARD_S)[0]
     assert proc.returncode == 0, output
 
     events = read_events(out / "events-rank0.jsonl")
@@ -160,16 +188,13 @@ def test_submitit_launcher_preset_requeues_on_usr2(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.data
 def test_trainer_under_train_sbatch_resumes_after_usr1(tmp_path):
-    """The real trainer, 2 CPU ranks: SIGUSR1 mid-epoch stops both ranks, the checkpoint is written, the job is
-    requeued, and the second run resumes at the stop step and finishes the run."""
-    if not (default_root() / "cifar10" / "prepared.npz").is_file():
-        pytest.skip("CIFAR-10 is not prepared (sam-data cifar10)")
+    """The real trainer, 2 CPU ranks on generated data: SIGUSR1 mid-run stops both ranks, the checkpoint is
+    written, the job is requeued, and the second run resumes at the stop step and finishes the run."""
     overrides = [
-        "experiment=demo", "logger=none", "trainer.device=cpu", "trainer.threads=1",
-        "dataset.train_subset=1024", "trainer.epochs=2", "trainer.progress=log", "trainer.log_every=1",
-    ]  # fmt: skip
+        "dataset=synthetic", "debug=tiny", "dataset.train_subset=512", "logger=none", "trainer.device=cpu",
+        "trainer.threads=1", "trainer.epochs=2", "trainer.progress=log", "trainer.log_every=1",
+    ]  # fmt: skip  # 512 images in batches of 64: 8 steps per epoch, 16 in all
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
          "--mem-per-cpu=2G", "--time=20", f"--output={tmp_path}/slurm-%j.out", str(TRAIN_SBATCH), *overrides],
@@ -179,26 +204,20 @@ def test_trainer_under_train_sbatch_resumes_after_usr1(tmp_path):
     job_id = submitted.stdout.strip().split(";")[0]
     log_path = tmp_path / f"slurm-{job_id}.out"
 
-    def log_text() -> str:
-        return log_path.read_text() if log_path.exists() else ""
-
-    deadline = time.monotonic() + 240
-    while "step 1/8" not in log_text():
-        assert time.monotonic() < deadline, log_text()
-        time.sleep(0.2)
+    # Progress, not a deadline: signal once the first step is logged, failing with the job's own log if it ends
+    # first (a refused config ends it in seconds with its one-line error).
+    wait_for_job(job_id, log_path, until=lambda log: "step 1/8" in log)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-    while (state := scontrol_job(job_id)["JobState"]) not in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
-        assert time.monotonic() < deadline + 240, log_text()
-        time.sleep(1)
+    job = wait_for_job(job_id, log_path)
 
-    log = log_text()
-    assert state == "COMPLETED" and scontrol_job(job_id)["Restarts"] == "1", log
+    log = log_path.read_text()
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), job_report(job, log)
     assert "Exited with exit code 138" in log and "requeueing job" in log
     resumed = [line for line in log.splitlines() if "resumed from" in line]
     assert len(resumed) == 1, log
     resume_step = int(resumed[0].rsplit("step", 1)[1])
     assert 0 < resume_step < 16  # a mid-run checkpoint, written because of the signal
-    (run_dir,) = (tmp_path / "runs").glob("demo/*/seed0")
+    (run_dir,) = {p.parent for p in (tmp_path / "runs").rglob("summary.json")}
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(e["epoch"], e["step"]) for e in epochs] == [(1, 8), (2, 16)]
