@@ -19,7 +19,7 @@ WHEEL_PLATFORM ?= manylinux_2_28_x86_64
 help: ## this list
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z-]*:.*## / { printf "make %-13s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
-setup: $(STAMP) ## create .venv and install the package with its dev tools (pytest, ruff)
+setup: $(STAMP) ## create .venv and install the package with its dev tools (pytest, ruff, mypy)
 
 # The tested versions come from constraints.txt; in a venv that already sees a PyTorch in range (made with
 # --system-site-packages over a node's PyTorch, say) its PyTorch block is left out, so that PyTorch stays.
@@ -48,9 +48,10 @@ test: $(STAMP) $(CIFAR10_READY) ## the fast tier: unit and in-process tests, one
 test-all: $(STAMP) $(CIFAR10_READY) ## every tier: processes, DDP, SLURM (when up), installs, slow tests included
 	$(BIN)/pytest -q $(DURATIONS); rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; rc=0; }; exit $$rc
 
-lint: $(STAMP) ## ruff: lint rules and formatting checked, nothing changed (settings in pyproject.toml)
+lint: $(STAMP) ## ruff (lint rules, formatting) and mypy (types), checked, nothing changed (settings in pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP) ## ruff: apply the safe lint fixes (import order, ...), then format every file
 	$(BIN)/ruff check --fix --exit-zero .

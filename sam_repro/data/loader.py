@@ -110,13 +110,16 @@ class TrainLoader:
         while the previous one trains; AutoAugment draws from the batch's own generator only, so the result does not
         depend on the timing."""
         pinned = self.images.device.type == "cuda"
+        cpu_augment, cpu_images = self.cpu_augment, self.cpu_images
+        if cpu_augment is None or cpu_images is None or not len(cpu_indices):
+            return
 
         def augment(i: int) -> torch.Tensor:
-            images = self.cpu_augment(self.cpu_images[cpu_indices[i]], generators[i])
+            images = cpu_augment(cpu_images[cpu_indices[i]], generators[i])
             return images.pin_memory() if pinned else images
 
         with ThreadPoolExecutor(max_workers=1) as pool:
-            ahead = pool.submit(augment, 0) if len(cpu_indices) else None
+            ahead = pool.submit(augment, 0)
             for i in range(len(cpu_indices)):
                 images = ahead.result()
                 if i + 1 < len(cpu_indices):

@@ -42,6 +42,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -84,9 +85,7 @@ class RunningStatsAverage:
         self.modules = (
             [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats] if groups > 1 else []
         )
-        self.start = [
-            (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in self.modules
-        ]
+        self.start = [tuple(t.clone() for t in _running_stats(m)) for m in self.modules]
         self.sums = [(torch.zeros_like(mean), torch.zeros_like(var)) for mean, var, _ in self.start]
         self.count = 0
 
@@ -94,18 +93,29 @@ class RunningStatsAverage:
         """Call after each clean forward: bank its update (the average over `groups` groups when the pass ran
         ghost BatchNorm over that many) and reset to the starting point."""
         for m, (mean0, var0, n0), (s_mean, s_var) in zip(self.modules, self.start, self.sums):
-            s_mean.add_(m.running_mean * groups if groups > 1 else m.running_mean)
-            s_var.add_(m.running_var * groups if groups > 1 else m.running_var)
-            m.running_mean.copy_(mean0)
-            m.running_var.copy_(var0)
-            m.num_batches_tracked.copy_(n0)  # every group starts from the same count (momentum=None uses it)
+            mean, var, count = _running_stats(m)
+            s_mean.add_(mean * groups if groups > 1 else mean)
+            s_var.add_(var * groups if groups > 1 else var)
+            mean.copy_(mean0)
+            var.copy_(var0)
+            count.copy_(n0)  # every group starts from the same count (momentum=None uses it)
         self.count += groups
 
     def finish(self) -> None:
         for m, (_, _, n0), (s_mean, s_var) in zip(self.modules, self.start, self.sums):
-            m.running_mean.copy_(s_mean / self.count)
-            m.running_var.copy_(s_var / self.count)
-            m.num_batches_tracked.copy_(n0 + 1)
+            mean, var, count = _running_stats(m)
+            mean.copy_(s_mean / self.count)
+            var.copy_(s_var / self.count)
+            count.copy_(n0 + 1)
+
+
+def _running_stats(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A BatchNorm's running mean, variance and batch count (present: it tracks running statistics)."""
+    return (
+        cast(torch.Tensor, m.running_mean),
+        cast(torch.Tensor, m.running_var),
+        cast(torch.Tensor, m.num_batches_tracked),
+    )
 
 
 _BATCH_NORM_ARGS = inspect.signature(F.batch_norm)
@@ -376,8 +386,8 @@ def sam_step(
         loss_sum += loss.detach() * len(xg)
         perturbed_sum += perturbed_loss.detach() * len(xg)
         correct += (logits.argmax(1) == yg).sum()
-        grad_norm += optimizer.last_grad_norm.to(zero) * weight
-        eps_norm += optimizer.last_perturbation_norm.to(zero) * weight
+        grad_norm += cast(torch.Tensor, optimizer.last_grad_norm).to(zero) * weight  # set by first_step
+        eps_norm += cast(torch.Tensor, optimizer.last_perturbation_norm).to(zero) * weight
     bn.finish()
     average_over_ranks(params)  # the paper's pmean of the per-device SAM gradients
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -10,7 +12,7 @@ from sam_repro.errors import ConfigError
 from sam_repro.optim.sam import SAM
 from sam_repro.optim.sam_schedule import SamSchedule, sam_schedule
 
-BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+BASE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 SAM_FAMILY = ("sam", "asam", "looksam", "gsam", "msam")
 
 
@@ -36,8 +38,8 @@ def param_groups(model: torch.nn.Module, adaptive: bool) -> list[dict]:
 
 
 def build_optimizer(cfg_opt, model: torch.nn.Module) -> torch.optim.Optimizer:
-    base = BASE_OPTIMIZERS.get(cfg_opt.base)
-    kwargs = _base_kwargs(cfg_opt)
+    kwargs = _base_kwargs(cfg_opt)  # refuses an unknown optimizer.base
+    base = BASE_OPTIMIZERS[cfg_opt.base]
     wd, mode = float(cfg_opt.weight_decay), str(cfg_opt.weight_decay_mode)
     if mode not in ("l2", "base_optimizer"):
         raise ConfigError(f"optimizer.weight_decay_mode must be l2 or base_optimizer (got {mode!r})")
@@ -60,7 +62,7 @@ def build_optimizer(cfg_opt, model: torch.nn.Module) -> torch.optim.Optimizer:
 
         groups = param_groups(model, adaptive=False)
         return MSAM(groups, base, rho=float(cfg_opt.rho), weight_decay=wd, weight_decay_mode=mode, **kwargs)
-    common = dict(
+    common: dict[str, Any] = dict(
         rho=float(cfg_opt.rho),
         adaptive=bool(cfg_opt.adaptive),
         eta=float(cfg_opt.eta),

@@ -32,6 +32,8 @@ pair (g, g_s), and g_perp's coefficient is scale-free), with no read of a tensor
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from sam_repro.optim.sam import SAM, _foreach_scale, add_l2_gradient_
@@ -109,8 +111,10 @@ class GSAM(SAM):
             for p in group["params"]
             if p.requires_grad
         }
-        full = {p: perturbed[p] + l2[p] if p in l2 and p in perturbed else perturbed.get(p, l2.get(p)) for p in params}
-        full = {p: t for p, t in full.items() if t is not None}  # k * g_s,i
+        summed = {
+            p: perturbed[p] + l2[p] if p in l2 and p in perturbed else perturbed.get(p, l2.get(p)) for p in params
+        }
+        full = {p: t for p, t in summed.items() if t is not None}  # k * g_s,i
 
         # SAM's sum, in SAM's order: (earlier groups + L2 term at w + eps_i) + perturbed gradient
         for p in params:
@@ -125,7 +129,7 @@ class GSAM(SAM):
 
         # - alpha * k * g_perp,i, with k * g_perp,i = k g_i - c * k g_s,i and c = (k g_i . k g_s,i) / ||k g_s,i||^2
         # (= g_i . g_s,i / ||g_s,i||^2: the loss scale and the group's weight cancel)
-        clean = self._clean
+        clean = cast("dict[torch.Tensor, torch.Tensor]", self._clean)  # set by first_step
         scaled = dict(zip(clean, _foreach_scale(list(clean.values()), k)))  # k * g_i
         both = [p for p in full if p in scaled]
         zero = torch.zeros((), device=params[0].device, dtype=torch.float64) if params else None
@@ -134,12 +138,13 @@ class GSAM(SAM):
             square = torch.stack([torch.vdot(full[p].flatten(), full[p].flatten()).to(zero) for p in both]).sum()
             coef = torch.where(square > 0, dot / square, torch.zeros_like(square))
         else:
-            coef = zero
+            coef = cast(torch.Tensor, zero)  # None only without parameters, when the loop below has nothing to do
         for p in dict.fromkeys([*clean, *full]):
             correction = scaled.get(p)
             if p in full:
                 projection = full[p] * coef.to(full[p])
                 correction = -projection if correction is None else correction - projection
+            correction = cast(torch.Tensor, correction)  # p is in clean (so in scaled) or in full
             if p.grad is None:
                 p.grad = correction * -self.alpha
             else:

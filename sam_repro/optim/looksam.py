@@ -25,6 +25,8 @@ otherwise be added to every following cheap step after the scaler's check and tu
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 
@@ -45,7 +47,7 @@ class LookSAM(SAM):
         return self.steps_taken % self.k == 0
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scale: float = 1.0, grads=None) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scale: float | torch.Tensor = 1.0, grads=None) -> None:
         # Bank the clean (ascent) gradient of this group; g is their mean over the groups of the step.
         for p, g in self._ascent_gradients(grad_scale, grads).items():
             if p in self._clean_sum:
@@ -67,11 +69,14 @@ class LookSAM(SAM):
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
             clean = [t.view_as(c) for t, c in zip(flat.split([c.numel() for c in clean]), clean)]
-        dot = sum((c * p.grad).sum() for c, p in zip(clean, params))
-        g_sq = sum(c.pow(2).sum() for c in clean)
+        sam_grads = [cast(torch.Tensor, p.grad) for p in params]  # params: those with a .grad
+        dot = cast(torch.Tensor, sum((c * g).sum() for c, g in zip(clean, sam_grads)))
+        g_sq = cast(torch.Tensor, sum(c.pow(2).sum() for c in clean))
         coef = torch.where(g_sq > 0, dot / g_sq, torch.zeros_like(g_sq))
-        directions = [p.grad - coef * c for c, p in zip(clean, params)]
-        finite = torch.isfinite(sum(v.pow(2).sum() for v in directions))  # false after an fp16 overflow
+        directions = [g - coef * c for c, g in zip(clean, sam_grads)]
+        finite = torch.isfinite(
+            cast(torch.Tensor, sum(v.pow(2).sum() for v in directions))
+        )  # false after fp16 overflow
         for v, p in zip(directions, params):
             previous = self.state[p].get("g_v")
             self.state[p]["g_v"] = torch.where(finite, v, torch.zeros_like(v) if previous is None else previous)

@@ -44,21 +44,25 @@ class MSAM(SAM):
         state = self.base_optimizer.state.get(p, {})
         return next((state[key] for key in MOMENTUM_STATE if state.get(key) is not None), None)
 
+    def _momenta(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The momentum of each of `params`, every one of which has one."""
+        return [v for v in map(self.momentum, params) if v is not None]
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scale: float | torch.Tensor = 1.0, grads=None) -> None:
         """w <- w - rho * v / ||v||. Gradients play no part (`grad_scale` and `grads` are accepted and ignored);
         `zero_grad` clears `.grad` for the perturbed backward."""
         pairs = [(group, [p for p in group["params"] if self.momentum(p) is not None]) for group in self.param_groups]
         pairs = [(group, params) for group, params in pairs if params]
-        norms = [n for _, params in pairs for n in torch._foreach_norm([self.momentum(p) for p in params], 2)]
+        norms = [n for _, params in pairs for n in torch._foreach_norm(self._momenta(params), 2)]
         device = self.param_groups[0]["params"][0].device
         norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])) if norms else None
-        eps_norms = []
+        eps_norms: list[torch.Tensor] = []
         if norm is not None:
             inv_norm = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
             for group, params in pairs:
                 weights = [p.detach() for p in params]
-                eps = _foreach_scale([self.momentum(p) for p in params], -group["rho"] * inv_norm)
+                eps = _foreach_scale(self._momenta(params), -group["rho"] * inv_norm)
                 saved = [self._saved_weight(p) for p in params]
                 torch._foreach_copy_(saved, weights)
                 for p, w in zip(params, saved):
@@ -82,7 +86,7 @@ class MSAM(SAM):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """One MSAM step with a closure that does a full forward-backward (no earlier backward is needed)."""
         if closure is None:
             raise RuntimeError("MSAM.step needs a closure that evaluates the loss and calls backward()")

@@ -52,6 +52,8 @@ import torch
 
 WEIGHT_DECAY_MODES = ("l2", "base_optimizer")
 
+TensorList = list[torch.Tensor] | tuple[torch.Tensor, ...]  # what the torch._foreach_* functions take and return
+
 
 @torch.no_grad()
 def add_l2_gradient_(param_groups: list[dict], scale: float | torch.Tensor = 1.0) -> None:
@@ -79,25 +81,25 @@ def add_l2_gradient_(param_groups: list[dict], scale: float | torch.Tensor = 1.0
             torch._foreach_add_(grads, weights, alpha=wd * scale)
 
 
-def _foreach_scale(tensors: list[torch.Tensor], scale: float | torch.Tensor) -> list[torch.Tensor]:
+def _foreach_scale(tensors: TensorList, scale: float | torch.Tensor) -> TensorList:
     """[t * scale]: a 0-dim tensor `scale` is moved to each tensor's device and dtype first (as `t * scale.to(t)`)."""
     if not torch.is_tensor(scale):
         return torch._foreach_mul(tensors, scale)
-    out: list[torch.Tensor | None] = [None] * len(tensors)
+    out: list[torch.Tensor] = list(tensors)  # each entry replaced below
     for (device, dtype), index in _by_device_and_dtype(tensors).items():
         for i, t in zip(index, torch._foreach_mul([tensors[i] for i in index], scale.to(device, dtype))):
             out[i] = t
     return out
 
 
-def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
+def _by_device_and_dtype(tensors: TensorList) -> dict[tuple, list[int]]:
     index: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         index.setdefault((t.device, t.dtype), []).append(i)
     return index
 
 
-def _abs_plus(weights: list[torch.Tensor], eta: float) -> list[torch.Tensor]:
+def _abs_plus(weights: TensorList, eta: float) -> TensorList:
     """|w| + eta, ASAM's T."""
     return torch._foreach_add(torch._foreach_abs(weights), eta)
 
@@ -158,18 +160,19 @@ class SAM(torch.optim.Optimizer):
         ascent = self._ascent_gradients(grad_scale, grads)
         norm = self._ascent_norm(ascent)
         inv_norm = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
-        eps_norms = []
+        eps_norms: list[torch.Tensor] = []
         # One fused (foreach) kernel per operation and parameter group instead of one small kernel per tensor.
         for group, params in self._groups_with_ascent(ascent):
-            grads = [ascent[p] for p in params]
+            gradient = [ascent[p] for p in params]
             weights = [p.detach() for p in params]
+            eps: TensorList
             if self.p == 2:
-                eps = _foreach_scale(grads, group["rho"] * inv_norm)
+                eps = _foreach_scale(gradient, group["rho"] * inv_norm)
                 if group["adaptive"]:
                     eps = torch._foreach_mul(eps, torch._foreach_pow(_abs_plus(weights, group["eta"]), 2))
             else:
                 # p = inf: the dual norm is l1, so eps = rho * sign(g) (times |w|+eta per coordinate for ASAM).
-                eps = torch._foreach_mul(torch._foreach_sign(grads), group["rho"])
+                eps = torch._foreach_mul(torch._foreach_sign(gradient), group["rho"])
                 if group["adaptive"]:
                     eps = torch._foreach_mul(eps, _abs_plus(weights, group["eta"]))
             saved = [self._saved_weight(p) for p in params]
@@ -225,7 +228,7 @@ class SAM(torch.optim.Optimizer):
         """The base optimizer's step with the current `.grad` (call at w, after restore)."""
         self.base_optimizer.step()
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """SAM step with a closure that does a full forward-backward (after the caller's first forward-backward)."""
         if closure is None:
             raise RuntimeError("SAM.step needs a closure that re-evaluates the loss and calls backward()")
@@ -243,17 +246,18 @@ class SAM(torch.optim.Optimizer):
         given: Mapping[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> dict[torch.Tensor, torch.Tensor]:
         """The gradient that defines eps: .grad (or `given`) / grad_scale, plus wd*w in l2 mode."""
-        ascent = {}
+        ascent: dict[torch.Tensor, torch.Tensor] = {}
         scaled = torch.is_tensor(grad_scale) or grad_scale != 1.0
         inv = 1.0 / grad_scale
         for group in self.param_groups:
             wd = group["l2_weight_decay"]
+            grads: TensorList
             if given is None:
                 params = [p for p in group["params"] if p.grad is not None]
                 grads = [p.grad for p in params]
             else:
-                params = [p for p in group["params"] if given.get(p) is not None]
-                grads = [given[p] for p in params]
+                pairs = [(p, g) for p in group["params"] if (g := given.get(p)) is not None]
+                params, grads = [p for p, _ in pairs], [g for _, g in pairs]
             if not params:
                 continue
             if scaled:
@@ -270,9 +274,9 @@ class SAM(torch.optim.Optimizer):
 
     def _ascent_norm(self, ascent: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """||g||_2 over all parameters (||T g||_2 for ASAM groups). Computed on the first parameter's device."""
-        norms = []
+        norms: list[torch.Tensor] = []
         for group, params in self._groups_with_ascent(ascent):
-            grads = [ascent[p] for p in params]
+            grads: TensorList = [ascent[p] for p in params]
             if group["adaptive"]:
                 grads = torch._foreach_mul(grads, _abs_plus([p.detach() for p in params], group["eta"]))
             for dtype in dict.fromkeys(g.dtype for g in grads):  # foreach_norm's dtype: one per call
