@@ -38,6 +38,7 @@ pytestmark = [
 
 # Logging, display and placement: left out of the run directory's name (engine/rundir.py), so every launcher below
 # derives the same directory. A log line per step: the preemption tests wait for a given step before signalling.
+HANG_GUARD_S = 1800  # only against a hung job or cluster: every wait here ends on the job's log or state
 QUIET = ["trainer.device=cpu", "trainer.progress=log", "trainer.log_every=1"]
 # debug=tiny (ResNet-8, 500 test images, one thread, no W&B) on twice its training images in batches of 32: long
 # enough (3 epochs x 16 SAM steps, about 5 s of training on 2 ranks here) for a signal sent after the first logged
@@ -70,7 +71,7 @@ def reference(tmp_path_factory) -> Path:
         *RUN,
     ]
     proc = subprocess.run(
-        cmd, cwd=REPO, env=job_env(SAM_RUNS_DIR=str(runs)), capture_output=True, text=True, timeout=300
+        cmd, cwd=REPO, env=job_env(SAM_RUNS_DIR=str(runs)), capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir(runs, RUN)
@@ -93,8 +94,8 @@ class Job:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
-    def wait_for_line(self, text: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
+    def wait_for_line(self, text: str) -> None:
+        deadline = time.monotonic() + HANG_GUARD_S
         while text not in self.log():
             state = scontrol_job(self.id)["JobState"]
             if state in DONE or time.monotonic() > deadline:
@@ -102,13 +103,13 @@ class Job:
                 pytest.fail(f"job {self.id} ({state}) never logged {text!r}:\n{self.log()}")
             time.sleep(0.05)
 
-    def wait(self, timeout: float = 300) -> dict[str, str]:
+    def wait(self) -> dict[str, str]:
         """Poll until the job has ended (`sbatch --wait` backs off to 30 s between polls: too slow here)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + HANG_GUARD_S
         while (job := scontrol_job(self.id))["JobState"] not in DONE:
             if time.monotonic() > deadline:
                 subprocess.run(["scancel", self.id], check=False)
-                pytest.fail(f"job {self.id} still {job['JobState']} after {timeout} s:\n{self.log()}")
+                pytest.fail(f"job {self.id} still {job['JobState']} after {HANG_GUARD_S} s:\n{self.log()}")
             time.sleep(0.5)
         return job
 
@@ -183,7 +184,7 @@ def test_submitit_launcher_runs_the_sweep_in_the_derived_run_dirs(tmp_path):
     env = job_env(SAM_RUNS_DIR=str(runs))
     sweep = subprocess.run(
         [str(VENV / "bin" / "sam-train"), "-m", "hydra/launcher=slurm_local", "optimizer=sgd,sam", *SWEEP],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     submissions = list((runs / ".submitit").glob("*/*_submitted.pkl"))
@@ -209,7 +210,7 @@ def test_submitit_launcher_runs_the_sweep_in_the_derived_run_dirs(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert single.returncode == 0 and "already finished" in single.stdout + single.stderr, single.stderr
 
