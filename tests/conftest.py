@@ -37,6 +37,7 @@ E2E: dict[str, str | set[str]] = {
     },
     "test_config_fuzz.py": {"test_sam_train_refuses_with_one_line_and_leaves_no_run_directory"},
     "test_data_export.py": {"test_cli_exports_real_cifar10_within_40_mb"},
+    "test_data_sources.py": {"test_sam_train_never_creates_a_mistyped_data_root"},
     "test_ddp.py": ALL,  # DDP ranks
     "test_demo.py": {
         "test_make_demo_passes_the_profile",
@@ -51,6 +52,7 @@ E2E: dict[str, str | set[str]] = {
     "test_gpu_check.py": {"test_smoke_without_out_is_refused"},  # and every test of its `smoke` fixture (below)
     "test_kill_resume.py": ALL,
     "test_no_secrets.py": {"test_planted_credentials_reach_no_output"},
+    "test_overrides.py": {"test_the_cli_refuses_a_key_of_another_option_in_one_line"},
     "test_paper.py": {"test_sam_tables_from_an_installed_wheel_outside_the_checkout"},
     "test_portability.py": {
         "test_the_core_imports_and_steps_with_pytorch_alone",
@@ -77,6 +79,7 @@ E2E: dict[str, str | set[str]] = {
         "test_keys_that_change_nothing_and_older_records_resume",
         "test_a_refused_new_run_leaves_no_directory_behind",
         "test_a_second_process_on_the_same_run_dir_is_refused",
+        "test_force_on_a_finished_run_is_refused_with_the_command_for_a_longer_run",
     },
     "test_slurm_cluster.py": ALL,  # jobs on the local cluster
     "test_slurm_trainer.py": ALL,
