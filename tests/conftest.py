@@ -49,6 +49,7 @@ E2E: dict[str, str | set[str]] = {
         "test_console_entry_point_prints_no_traceback",
         "test_sam_eval_on_a_trained_run_reproduces_its_test_error",
     },
+    "test_gpu_bundle.py": ALL,  # make gpu-bundle, and run.sh on a simulated node
     "test_gpu_check.py": {"test_smoke_without_out_is_refused"},  # and every test of its `smoke` fixture (below)
     "test_kill_resume.py": ALL,
     "test_no_secrets.py": {"test_planted_credentials_reach_no_output"},
@@ -104,6 +105,7 @@ E2E_FIXTURES = {"smoke"}  # tests/test_gpu_check.py: benchmarks/gpu_check.py --s
 CONTRACT: dict[str, set[str]] = {
     "test_config_fuzz.py": {"test_sam_train_refuses_with_one_line_and_leaves_no_run_directory"},  # sam-train
     "test_eval_cli.py": {"test_console_entry_point_prints_no_traceback"},  # sam-eval
+    "test_gpu_bundle.py": ALL,  # make gpu-bundle, and run.sh on a simulated node
     "test_gpu_check.py": {"test_smoke_without_out_is_refused"},  # benchmarks/gpu_check.py
     "test_presets.py": {"test_submit_table1_rejects_an_unknown_row"},  # scripts/submit_table1.py
     "test_run_dirs.py": {"test_the_module_prints_it_for_shell_scripts"},  # python -m sam_repro.engine.rundir
