@@ -74,7 +74,7 @@ class Stop(Exception):
 def test_the_trainer_sets_them_before_any_cuda_work(monkeypatch):
     seen = {}
 
-    def first_cuda_work(device):  # init_distributed picks and binds the GPU: the trainer's first CUDA call
+    def first_cuda_work(device, **options):  # init_distributed picks and binds the GPU: the first CUDA call
         seen.update(
             precisions=precisions(),
             cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
