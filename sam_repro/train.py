@@ -186,7 +186,7 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
         raise ConfigError(
             f"{run_dir} {what} with another configuration ({'; '.join(c.describe(run_dir) for c in changes)}); "
             f"a {ended} run is never continued, not even with trainer.resume=force. Train the new configuration "
-            f"in its own directory: sam-train {' '.join(kept)}"
+            f"in its own directory: sam-train {' '.join(redact(kept))}"  # no credential given on the command line
         )
     if changes and cfg.trainer.get("resume", "auto") != "force":
         raise ConfigError(identity_error(run_dir, changes))
@@ -227,7 +227,7 @@ def whole_schedule_hint(summary: dict, overrides: list[str]) -> str:
     reason = summary.get("reason") or "stopped by trainer.max_steps"
     return (
         f"  {reason}: not a finished run (sam-tables does not average it; the same command again trains nothing). "
-        f"To train the whole schedule: sam-train {' '.join(whole)}"
+        f"To train the whole schedule: sam-train {' '.join(redact(whole))}"  # no credential given on the command line
     )
 
 
