@@ -61,14 +61,8 @@ class MSAM(SAM):
         if norm is not None:
             inv_norm = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
             for group, params in pairs:
-                weights = [p.detach() for p in params]
                 eps = _foreach_scale(self._momenta(params), -group["rho"] * inv_norm)
-                saved = [self._saved_weight(p) for p in params]
-                torch._foreach_copy_(saved, weights)
-                for p, w in zip(params, saved):
-                    self.state[p]["old_p"] = w
-                torch._foreach_add_(weights, eps)
-                eps_norms.extend(n.to(norm) for n in torch._foreach_norm(eps, 2))
+                eps_norms.extend(n.to(norm) for n in self._perturb(params, eps))
         self.last_grad_norm = norm if norm is not None else torch.zeros((), device=device)  # ||v||
         self.last_perturbation_norm = (
             torch.linalg.vector_norm(torch.stack(eps_norms)) if eps_norms else torch.zeros((), device=device)

@@ -175,12 +175,7 @@ class SAM(torch.optim.Optimizer):
                 eps = torch._foreach_mul(torch._foreach_sign(gradient), group["rho"])
                 if group["adaptive"]:
                     eps = torch._foreach_mul(eps, _abs_plus(weights, group["eta"]))
-            saved = [self._saved_weight(p) for p in params]
-            torch._foreach_copy_(saved, weights)
-            for p, w in zip(params, saved):
-                self.state[p]["old_p"] = w
-            torch._foreach_add_(weights, eps)
-            eps_norms.extend(n.to(norm) for n in torch._foreach_norm(eps, 2))
+            eps_norms.extend(n.to(norm) for n in self._perturb(params, eps))
         self.last_grad_norm = norm.detach()
         self.last_perturbation_norm = (
             torch.linalg.vector_norm(torch.stack(eps_norms), 2) if eps_norms else torch.zeros_like(norm)
@@ -286,6 +281,16 @@ class SAM(torch.optim.Optimizer):
             return torch.zeros(())
         device = norms[0].device
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
+
+    def _perturb(self, params: list[torch.Tensor], eps: TensorList) -> TensorList:
+        """w <- w + eps for `params`, keeping a copy of w for `restore`; returns the norms of eps's tensors."""
+        weights = [p.detach() for p in params]
+        saved = [self._saved_weight(p) for p in params]
+        torch._foreach_copy_(saved, weights)
+        for p, w in zip(params, saved):
+            self.state[p]["old_p"] = w
+        torch._foreach_add_(weights, eps)
+        return torch._foreach_norm(eps, 2)
 
     def _saved_weight(self, p: torch.Tensor) -> torch.Tensor:
         """A buffer for the copy of w, kept between steps so that saving w allocates nothing after the first."""
