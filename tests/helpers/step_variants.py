@@ -1,5 +1,6 @@
 """The training step in each of its variants, built as the trainer builds it (the optimizer factory, `StepContext`),
-for the tests that run every variant: optimizer (SGD, SAM, LookSAM, ASAM) x precision (fp32, bf16, fp16)."""
+for the tests that run every variant: optimizer (SGD, SAM, LookSAM, ASAM, GSAM, Momentum-SAM, SAM every 2nd step) x
+precision (fp32, bf16, fp16)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,28 @@ from types import SimpleNamespace
 
 import torch
 
-from sam_repro.engine.step import StepContext, looksam_step, sam_step, sgd_step
+from sam_repro.engine.step import StepContext, looksam_step, msam_step, sam_step, sgd_step, step_function
 from sam_repro.optim.factory import build_optimizer
+from sam_repro.optim.sam_schedule import SamSchedule
 
-OPTIMIZERS = ("sgd", "sam", "looksam", "asam")
+OPTIMIZERS = ("sgd", "sam", "looksam", "asam", "gsam", "msam", "sam_every2")
 PRECISIONS = ("fp32", "bf16", "fp16")
-STEPS = {"sgd": sgd_step, "sam": sam_step, "asam": sam_step, "looksam": looksam_step}
+STEPS = {
+    "sgd": sgd_step,
+    "sam": sam_step,
+    "asam": sam_step,
+    "looksam": looksam_step,
+    "gsam": sam_step,
+    "msam": msam_step,
+}
+STEPS["sam_every2"] = step_function("sam", SamSchedule(every=2))  # a SAM step, then a plain one (ctx.step)
 
 
 def optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The paper's recipe (Nesterov SGD, L2 weight decay) for `name`, through the project's factory; LookSAM with
     k = 2, so that a few steps take both of its kinds of step."""
     cfg = SimpleNamespace(
-        name=name,
+        name="sam" if name == "sam_every2" else name,
         base="sgd",
         lr=0.1,
         momentum=0.9,
@@ -32,8 +42,13 @@ def optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         eta=0.01 if name == "asam" else 0.0,
         p=2,
         k=2,
-        alpha=0.7,
+        alpha=0.01 if name == "gsam" else 0.7,
+        rho_max=0.05,
+        rho_min=0.0,
+        lr_min=0.0,
     )
+    if name == "msam":
+        cfg.rho = 3.0
     return build_optimizer(cfg, model)
 
 
