@@ -2,7 +2,7 @@
 
 Owns four things the analyses share, so that each of them is only its mathematics:
   * `open_run` / `load_run`: a trained network back from a run directory (`<run>/checkpoints/last.pt`, where
-    sam-train writes it: README, "Outputs") or a `.pt` checkpoint written by `sam-train`, rebuilt with
+    sam-train writes it: docs/training.md, "Outputs") or a `.pt` checkpoint written by `sam-train`, rebuilt with
     `hydra.utils.instantiate(cfg.model)` from the config stored in the checkpoint itself (so the weights and the
     architecture always come from the same file);
   * `load_split`: the images of a dataset split (the test split, or the training set exactly as the run saw it) as
