@@ -40,10 +40,9 @@ from sam_repro.engine.overrides import check_overrides, config_groups, shown_opt
 from sam_repro.engine.provenance import redact
 from sam_repro.engine.rundir import (
     ABSENT,
-    CONFIG_FILE,
-    LOCK_FILE,
     Change,
     RunDirLock,
+    RunFiles,
     config_changes,
     identity_error,
     override_key,
@@ -55,8 +54,6 @@ from sam_repro.files import atomic_write_text
 from sam_repro.run_keys import flatten, matches
 
 log = logging.getLogger("sam_repro")
-HYDRA_RECORD = ".hydra"
-SUMMARY_FILE = "summary.json"  # engine.trainer.SUMMARY_FILE (not imported here: the trainer pulls in torch)
 _JOBS: list[dict] = []  # this process's jobs of a multirun, for the tally at its end
 _SWEEPING = False  # True in the process that `main` started; False in a job a launcher runs elsewhere (submitit)
 
@@ -198,7 +195,7 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
 def _recorded_summary(run_dir: Path) -> dict:
     """The run directory's summary.json ({} if none, or unreadable: the trainer warns about that one)."""
     try:
-        return json.loads((run_dir / SUMMARY_FILE).read_text())
+        return json.loads(RunFiles(run_dir).summary.read_text())
     except (OSError, ValueError):
         return {}
 
@@ -258,15 +255,15 @@ def _write_hydra_record(hc, task_cfg: DictConfig, run_dir: Path) -> None:
     }
     for name, content in record.items():
         text = OmegaConf.to_yaml(OmegaConf.create(redact(content)))
-        atomic_write_text(run_dir / HYDRA_RECORD / name, text)
+        atomic_write_text(RunFiles(run_dir).hydra_record / name, text)
 
 
 def _remove_new_run_dir(run_dir: Path, run_root: Path) -> None:
     """A start refused before any output: remove what logging created (train.log) and the empty parents below
     the runs root, so bad input leaves no run directory behind."""
-    if (run_dir / CONFIG_FILE).exists() or not run_dir.is_dir():
+    if RunFiles(run_dir).config.exists() or not run_dir.is_dir():
         return
-    if any(p.name not in ("train.log", HYDRA_RECORD, LOCK_FILE) for p in run_dir.iterdir()):
+    if any(p.name not in (RunFiles.LOG, RunFiles.HYDRA_RECORD, RunFiles.LOCK) for p in run_dir.iterdir()):
         return
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
@@ -285,7 +282,7 @@ def _app(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    new_run = not (run_dir / CONFIG_FILE).exists()
+    new_run = not RunFiles(run_dir).config.exists()
     multirun = hc.mode == RunMode.MULTIRUN
     ended = _recorded_summary(run_dir).get("status")
     already = ended in ("finished", "stopped")  # the same command again trains nothing
@@ -316,7 +313,7 @@ def _app(cfg: DictConfig) -> float | None:
             log.exception("error: %s: %s", type(exc).__name__, exc)
         if new_run and _rank() == 0:
             _remove_new_run_dir(run_dir, Path(str(OmegaConf.select(cfg, "run_root", default="runs"))))
-        if started and (run_dir / SUMMARY_FILE).exists() and _rank() == 0:
+        if started and RunFiles(run_dir).summary.exists() and _rank() == 0:
             log.info(end_line(_recorded_summary(run_dir), run_dir, _planned_epochs(cfg)))
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         first_line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # Hydra's "Error in call to ...:"
