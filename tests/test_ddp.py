@@ -174,7 +174,7 @@ from omegaconf import OmegaConf
 from hydra.utils import instantiate
 from sam_repro.data import build_data
 from sam_repro.engine.distributed import init_distributed, cleanup_distributed
-from sam_repro.engine.trainer import evaluate
+from sam_repro.engine.evaluation import evaluate
 import contextlib
 ckpt = torch.load(sys.argv[1], weights_only=True)
 cfg = OmegaConf.create(ckpt["config"])

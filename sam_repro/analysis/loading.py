@@ -1,14 +1,14 @@
 """Inputs and outputs of the analysis commands (`sam-analyze`, `sam-eval`).
 
 Owns four things the analyses share, so that each of them is only its mathematics:
-  * `open_run` / `load_run`: a trained network back from a run directory (`<run>/checkpoints/last.pt`, where
+  * `open_run` / `load_trained_model`: a trained network back from a run directory (`<run>/checkpoints/last.pt`, where
     sam-train writes it: README, "Outputs") or a `.pt` checkpoint written by `sam-train`, rebuilt with
     `hydra.utils.instantiate(cfg.model)` from the config stored in the checkpoint itself (so the weights and the
     architecture always come from the same file);
   * `load_split`: the images of a dataset split (the test split, or the training set exactly as the run saw it) as
     uint8, normalized batch by batch, optionally a seeded subset (the fixed sample the Hessian, m-sharpness and
     landscapes are computed on);
-  * `evaluate`: mean loss, top-1 and top-5 error in percent, over the trainer's evaluation loop
+  * `evaluate_batches`: mean loss, top-1 and top-5 error in percent, over the trainer's evaluation loop
     (`engine.evaluation.evaluation_sums`);
   * `write_json`: result files written atomically (`sam_repro.files`); their plots go through the one figure
     writer, `analysis.plots.save_figure`, with the provenance record in their text chunks.
@@ -155,7 +155,7 @@ def open_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run
     return Run(model=model, cfg=cfg, checkpoint=checkpoint, epoch=payload.get("epoch"), step=payload.get("step"))
 
 
-def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig]:
+def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig]:
     """(model, cfg) of a run directory or `.pt` checkpoint; the model in eval mode on `device`."""
     run = open_run(path, device)
     return run.model, run.cfg
@@ -293,7 +293,7 @@ class Evaluation:
     num_examples: int
 
 
-def evaluate(
+def evaluate_batches(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     criterion=F.cross_entropy,
