@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -561,12 +560,6 @@ def resume_equals_uninterrupted(env: CheckEnv) -> tuple[str, str]:
 # ---- one process group of one rank: NCCL on a GPU ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_group(env: CheckEnv) -> tuple[str, str]:
     """The distributed set-up as torchrun starts it, at world size 1 (NCCL on a GPU, gloo on a CPU): the rank's
     device, `all_gather_object` of RNG states and `broadcast_object` (pickled through this rank's GPU, which
@@ -581,6 +574,7 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
         barrier,
         broadcast_object,
         cleanup_distributed,
+        free_port,
         init_distributed,
     )
     from sam_repro.engine.step import average_over_ranks
@@ -588,7 +582,7 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
     if dist.is_available() and dist.is_initialized():
         return "failed", "a process group already exists in this process"
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     facts: list[str] = []
     try:
         denv = init_distributed("cuda" if env.cuda else "cpu")
