@@ -35,11 +35,11 @@ from sam_repro.analysis.grouping import (
     place_run,
     sort_key,
 )
-from sam_repro.analysis.runs import RunRecord, flatten_config
+from sam_repro.analysis.runs import RunRecord
 from sam_repro.analysis.stats import Difference, Estimate, difference, mean_ci
 from sam_repro.errors import ConfigError
 from sam_repro.paper import PaperCell, PaperTable, PaperValue, normalise_epochs, paper_tables
-from sam_repro.run_keys import DUPLICATE_NEUTRAL, matches
+from sam_repro.run_keys import DUPLICATE_NEUTRAL, flatten, matches
 
 # Arms the paper reports in every table: shown (as missing) even when we ran only one of them.
 PAPER_ARMS = ("sgd", "sam")
@@ -226,7 +226,7 @@ _BUDGET_KEYS = ("trainer.epochs", "trainer.epoch_scale")
 
 def _same_but_epochs(runs: list[RunRecord]) -> bool:
     """The runs are one experiment at different budgets: their configs agree in every key but the epochs."""
-    flats = [{k: v for k, v in flatten_config(r.config).items() if not is_run_specific(k) and k not in _BUDGET_KEYS}
+    flats = [{k: v for k, v in flatten(r.config).items() if not is_run_specific(k) and k not in _BUDGET_KEYS}
              for r in runs]  # fmt: skip
     keys = {k for flat in flats for k in flat}
     return all(len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) == 1 for k in keys)
@@ -240,7 +240,7 @@ def duplicate_runs(runs: Sequence[RunRecord]) -> dict[str, str]:
     kept: dict[str, str] = {}
     copies: dict[str, str] = {}
     for run in sorted(runs, key=lambda r: (not (r.finished and is_number(r.summary.get("test_error"))), r.source)):
-        flat = {k: v for k, v in flatten_config(run.config).items() if not matches(k, DUPLICATE_NEUTRAL)}
+        flat = {k: v for k, v in flatten(run.config).items() if not matches(k, DUPLICATE_NEUTRAL)}
         key = json.dumps(flat, sort_keys=True, default=str)
         if key in kept:
             copies[run.source] = kept[key]

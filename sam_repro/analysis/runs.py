@@ -23,7 +23,6 @@ import yaml
 from sam_repro.engine.rundir import RunFiles
 from sam_repro.errors import DataError
 from sam_repro.paper import config_value, run_epochs
-from sam_repro.run_keys import flatten as flatten_config  # noqa: F401 -- re-exported: the tables flatten with it
 
 FINISHED = "finished"
 STOPPED = "stopped"  # the trainer's status of a run that trainer.max_steps stopped short of its schedule
