@@ -21,6 +21,7 @@ root config), so a refused start leaves the run directory as it was.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -115,22 +116,22 @@ def _tally_launches() -> None:
         from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
     except ImportError:
         return
-    if getattr(BaseSubmititLauncher.launch, "tallied", False):
-        return
-    launch = BaseSubmititLauncher.launch
+    if isinstance(BaseSubmititLauncher.__dict__.get("launch"), functools.partialmethod):
+        return  # wrapped already
+    BaseSubmititLauncher.launch = functools.partialmethod(_tallied_launch, launch=BaseSubmititLauncher.launch)
 
-    def tallied_launch(self, job_overrides, initial_job_idx):
-        from hydra.core.utils import JobStatus
 
-        results = launch(self, job_overrides, initial_job_idx)
-        for ret in results:
-            _JOBS.append(job_from_return(ret))
-            if ret.status == JobStatus.FAILED:
-                ret.status, ret.return_value = JobStatus.COMPLETED, None
-        return results
+def _tallied_launch(self, job_overrides, initial_job_idx, *, launch):
+    """The submitit launcher's `launch`, with every JobReturn recorded for the tally and a failed one handed on as
+    completed."""
+    from hydra.core.utils import JobStatus
 
-    tallied_launch.tallied = True
-    BaseSubmititLauncher.launch = tallied_launch
+    results = launch(self, job_overrides, initial_job_idx)
+    for ret in results:
+        _JOBS.append(job_from_return(ret))
+        if ret.status == JobStatus.FAILED:
+            ret.status, ret.return_value = JobStatus.COMPLETED, None
+    return results
 
 
 def _rank() -> int:
@@ -158,21 +159,8 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
     if recorded is None:
         return []
     current = OmegaConf.to_container(cfg)  # already resolved and redacted, as the record was written
-
-    def defaults(keys: list[str]) -> dict:
-        """The absent keys' values when the command line does not set them."""
-        kept = [o for o in overrides if not matches(override_key(o), keys)]
-        try:
-            default_cfg = hydra.compose(config_name="train", overrides=kept)
-            with open_dict(default_cfg):
-                default_cfg.experiment = cfg.get("experiment")
-            flat = flatten(redact(OmegaConf.to_container(default_cfg, resolve=True)))
-        except Exception as exc:  # noqa: BLE001 -- without defaults the record is taken to predate the keys
-            log.warning("could not compose the defaults of %s (%s); taking their current values", keys, exc)
-            return {k: v for k, v in flatten(current).items() if k in keys}
-        return {k: flat.get(k, ABSENT) for k in keys}
-
-    changes = config_changes(recorded, current, defaults)
+    experiment = cfg.get("experiment")
+    changes = config_changes(recorded, current, lambda keys: _defaults(keys, overrides, experiment, current))
     ended = _recorded_summary(run_dir).get("status")
     if changes and ended in ("finished", "stopped"):
         # Its schedule has run out (or trainer.max_steps ended it, its last checkpoint mid-schedule): continuing it
@@ -190,6 +178,20 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
     for change in changes:
         log.warning("trainer.resume=force: %s", change.describe(run_dir))
     return changes
+
+
+def _defaults(keys: list[str], overrides: list[str], experiment: str | None, current) -> dict:
+    """The values `keys` (absent from a run's record) take when the command line (`overrides`) does not set them."""
+    kept = [o for o in overrides if not matches(override_key(o), keys)]
+    try:
+        default_cfg = hydra.compose(config_name="train", overrides=kept)
+        with open_dict(default_cfg):
+            default_cfg.experiment = experiment
+        flat = flatten(redact(OmegaConf.to_container(default_cfg, resolve=True)))
+    except Exception as exc:  # noqa: BLE001 -- without defaults the record is taken to predate the keys
+        log.warning("could not compose the defaults of %s (%s); taking their current values", keys, exc)
+        return {k: v for k, v in flatten(current).items() if k in keys}
+    return {k: flat.get(k, ABSENT) for k in keys}
 
 
 def _recorded_summary(run_dir: Path) -> dict:

@@ -127,22 +127,7 @@ def build_report(
         if all(run.value(key) is None for run in runs):
             raise ConfigError(f"--group-by {key}: no run has this config key (a dotted key of config.yaml)")
 
-    # cell -> arm -> runs; the cell is kept as a sorted tuple so that it can be a dict key.
-    groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
-    excluded: list[Exclusion] = []
-    duplicates = duplicate_runs(runs)
-    homes: dict[tuple, Any] = {}
-    for run in runs:
-        if run.source in duplicates:  # one run, spelled twice: counted once, the copy named
-            excluded.append(Exclusion(run.source, DUPLICATE, f"the same configuration as {duplicates[run.source]}"))
-            continue
-        place = place_run(run, grouping, paper, selected)
-        homes[freeze(place.cell)] = place.table.id if place.table is not None else None
-        groups[freeze(place.cell)][grouping.arm(run)].append(run)
-        if not run.finished:
-            excluded.append(Exclusion(run.source, run.status, run.reason))
-        elif not is_number(run.summary.get("test_error")):
-            excluded.append(Exclusion(run.source, run.status, "finished, but summary.json has no finite test_error"))
+    groups, homes, excluded, duplicates = _group_runs(runs, grouping, paper, selected)
     excluded_sources = {e.source for e in excluded}
     choices = _best_of_doubled_epochs(groups, excluded_sources) if sgd_best_of_doubled else []
     epochs_used = {freeze(dict(c.cell)): c.used for c in choices if c.used != c.cell["epochs"]}
@@ -188,6 +173,29 @@ def build_report(
         )
     excluded.sort(key=lambda e: e.source)
     return Report(reports, runs, grouping, excluded, warnings, choices, tuple(extra_metrics))
+
+
+def _group_runs(
+    runs: Sequence[RunRecord], grouping: Grouping, paper: Mapping[int, PaperTable], selected: int | None
+) -> tuple[dict[tuple, dict[str, list[RunRecord]]], dict[tuple, Any], list[Exclusion], dict[str, str]]:
+    """cell -> arm -> runs (the cell kept as a sorted tuple so that it can be a dict key), each cell's table id, the
+    runs left out of the means (unfinished, no test error, duplicates) and the duplicates (copy -> the run kept)."""
+    groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    excluded: list[Exclusion] = []
+    duplicates = duplicate_runs(runs)
+    homes: dict[tuple, Any] = {}
+    for run in runs:
+        if run.source in duplicates:  # one run, spelled twice: counted once, the copy named
+            excluded.append(Exclusion(run.source, DUPLICATE, f"the same configuration as {duplicates[run.source]}"))
+            continue
+        place = place_run(run, grouping, paper, selected)
+        homes[freeze(place.cell)] = place.table.id if place.table is not None else None
+        groups[freeze(place.cell)][grouping.arm(run)].append(run)
+        if not run.finished:
+            excluded.append(Exclusion(run.source, run.status, run.reason))
+        elif not is_number(run.summary.get("test_error")):
+            excluded.append(Exclusion(run.source, run.status, "finished, but summary.json has no finite test_error"))
+    return groups, homes, excluded, duplicates
 
 
 def _best_of_doubled_epochs(

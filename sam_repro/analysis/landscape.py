@@ -61,21 +61,27 @@ def _displaced(model: nn.Module):
     """Yield a function that sets the parameters to w + sum_i c_i d_i; the weights are restored on exit."""
     params = list(model.parameters())
     originals = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def displace(coefficients: Sequence[float], directions: Sequence[Sequence[torch.Tensor]]) -> None:
-        for index, (param, weights) in enumerate(zip(params, originals)):
-            value = weights.clone()
-            for coefficient, direction in zip(coefficients, directions):
-                value.add_(direction[index], alpha=coefficient)
-            param.copy_(value)
-
     try:
-        yield displace
+        yield lambda coefficients, directions: _displace(params, originals, coefficients, directions)
     finally:
         with torch.no_grad():
             for param, weights in zip(params, originals):
                 param.copy_(weights)
+
+
+@torch.no_grad()
+def _displace(
+    params: Sequence[torch.Tensor],
+    originals: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    directions: Sequence[Sequence[torch.Tensor]],
+) -> None:
+    """Set `params` to their `originals` + sum_i coefficients[i] * directions[i]."""
+    for index, (param, weights) in enumerate(zip(params, originals)):
+        value = weights.clone()
+        for coefficient, direction in zip(coefficients, directions):
+            value.add_(direction[index], alpha=coefficient)
+        param.copy_(value)
 
 
 @contextmanager
