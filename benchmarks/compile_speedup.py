@@ -25,18 +25,18 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
+from sam_repro import bench
+from sam_repro.bench import device_and_thread_options, synthetic_batch
 from sam_repro.engine.provenance import write_result
 from sam_repro.engine.step import StepContext
 from sam_repro.models import create_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sam_overhead  # noqa: E402  (the sibling benchmark: its variants and set-up)
-from sam_overhead import RESULTS, device_and_thread_options, synthetic_batch  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def variants(batch: int) -> dict:
-    """sam_overhead's SGD, SAM and SAM m = 32 (same optimizers and hyperparameters)."""
-    return {name: v for name, v in sam_overhead.variants(batch).items() if name in ("sgd", "sam", "sam_m32")}
+    """sam_overhead's SGD, SAM and SAM m = 32 (`sam_repro.bench.variants`: same optimizers and hyperparameters)."""
+    return {name: v for name, v in bench.variants(batch).items() if name in ("sgd", "sam", "sam_m32")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from sam_repro.engine.distributed import torchrun_command
+from sam_repro.engine.rundir import RunFiles
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
@@ -37,24 +39,6 @@ dist.destroy_process_group()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(ranks: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={ranks}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *args,
-    ]
-
-
 def train(ranks: int, workdir: Path, args) -> dict:
     run = workdir / f"ranks{ranks}"
     run.mkdir()
@@ -71,10 +55,14 @@ def train(ranks: int, workdir: Path, args) -> dict:
         "hydra.run.dir=.",
         "trainer.device=cpu",
     ]  # gloo ranks on the CPU, also on a GPU node: what this benchmark measures
-    cmd = [str(BIN / "sam-train"), *overrides] if ranks == 1 else torchrun(ranks, "-m", "sam_repro.train", *overrides)
+    cmd = (
+        [str(BIN / "sam-train"), *overrides]
+        if ranks == 1
+        else torchrun_command(ranks, "-m", "sam_repro.train", *overrides)
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=run, env=env, check=True, capture_output=True, text=True)
-    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    return json.loads(RunFiles(run).metrics.read_text().splitlines()[-1])
 
 
 def main() -> int:
@@ -93,7 +81,7 @@ def main() -> int:
         one, two = train(1, work, args), train(2, work, args)
         script = work / "allreduce.py"
         script.write_text(ALLREDUCE)
-        out = subprocess.run(torchrun(2, str(script), str(numel)), capture_output=True, text=True, check=True)
+        out = subprocess.run(torchrun_command(2, str(script), str(numel)), capture_output=True, text=True, check=True)
         allreduce = json.loads(out.stdout.strip().splitlines()[-1])
     step_time_two = args.batch / two["images_per_second"]
     result = {

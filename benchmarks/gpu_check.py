@@ -17,7 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 try:
     import sam_repro  # noqa: F401
-except ImportError:  # a checkout copied to a node, not installed there
+except ImportError:
+    # Kept on purpose: `make gpu-check` runs this file with the node's own python3 (PyTorch alone) from a checkout
+    # where the package is not installed (a GPU node, often offline); the checkout's package is put on the path.
     sys.path.insert(0, str(ROOT))
 
 from sam_repro.acceptance.run import main  # noqa: E402

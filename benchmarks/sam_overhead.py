@@ -32,38 +32,13 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sam_repro.engine.distributed import resolve_device
+from sam_repro.bench import device_and_thread_options, synthetic_batch, variants
 from sam_repro.engine.provenance import write_result
-from sam_repro.engine.step import StepContext, looksam_step, msam_step, sam_step, sgd_step, step_function
+from sam_repro.engine.step import StepContext
 from sam_repro.models import create_model
-from sam_repro.optim.gsam import GSAM
-from sam_repro.optim.looksam import LookSAM
-from sam_repro.optim.msam import MSAM
-from sam_repro.optim.sam import SAM
-from sam_repro.optim.sam_schedule import SamSchedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 2.05  # sam ratio
-
-
-def variants(batch: int):
-    kw = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    return {
-        "sgd": (lambda params: _sgd(params, kw), sgd_step, batch),
-        "sgd_m32": (lambda params: _sgd(params, kw), sgd_step, 32),
-        "sam": (lambda params: SAM(params, torch.optim.SGD, rho=0.05, **kw), sam_step, batch),
-        "sam_m32": (lambda params: SAM(params, torch.optim.SGD, rho=0.05, **kw), sam_step, 32),
-        "looksam_k5": (lambda params: LookSAM(params, torch.optim.SGD, rho=0.05, k=5, **kw), looksam_step, batch),
-        "asam": (lambda params: SAM(params, torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, **kw), sam_step, batch),
-        "gsam": (
-            lambda params: GSAM(params, torch.optim.SGD, rho_max=0.05, rho_min=0.0, alpha=0.01, **kw),
-            sam_step,
-            batch,
-        ),
-        "msam": (lambda params: MSAM(params, torch.optim.SGD, rho=3.0, **kw), msam_step, batch),
-        "sam_every2": (lambda params: SAM(params, torch.optim.SGD, rho=0.05, **kw), _scheduled(every=2), batch),
-        "sam_p0.5": (lambda params: SAM(params, torch.optim.SGD, rho=0.05, **kw), _scheduled(probability=0.5), batch),
-    }
 
 
 # Variants whose cost varies from step to step: timed over whole periods (LookSAM's k, every 2nd step) or, for the
@@ -71,19 +46,6 @@ def variants(batch: int):
 # steps (the draws are keyed by step).
 PERIOD = {"looksam_k5": 5, "sam_every2": 2, "sam_p0.5": 10}
 LATE_FRACTION = 0.25  # late-phase SAM: SAM for the last quarter of training (Zhou et al., ICLR 2025)
-
-
-def _scheduled(**schedule):
-    return step_function("sam", SamSchedule(**schedule))
-
-
-def _sgd(params, kw):
-    kw = dict(kw)
-    wd = kw.pop("weight_decay")
-    opt = torch.optim.SGD(params, **kw)
-    for g in opt.param_groups:
-        g["l2_weight_decay"] = wd
-    return opt
 
 
 class DispatchCount(TorchDispatchMode):
@@ -133,22 +95,6 @@ def resolved(rounds: list[float]) -> bool:
     q1, _, q3 = statistics.quantiles(rounds, n=4)
     half = (q3 - q1) / len(rounds) ** 0.5
     return abs(statistics.median(rounds) - TARGET) > half
-
-
-def device_and_thread_options(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-
-
-def synthetic_batch(args: argparse.Namespace) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
-    """Sets the threads, resolves the device, and draws the one batch every variant steps on (seed 0)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device, option="--device")
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    return device, x, y
 
 
 def main() -> int:

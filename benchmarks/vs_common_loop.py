@@ -11,7 +11,7 @@ subset_seed 0, read from the prepared cache; `sam-data cifar10` makes it), lr 0.
   * the engine: the device-resident `TrainLoader` with the trainer's basic augmentation (reflect-pad 4 + random
     crop + flip as batched tensor ops, then normalization) and `sam_step` / `sgd_step` with
     `StepContext(group_size=128)` (m = the batch), optimizer `sam_repro.optim.sam.SAM` (weight decay as the L2
-    term, its default) or torch's SGD with `l2_weight_decay` on its groups (as benchmarks/sam_overhead.py);
+    term, its default) or torch's SGD with `l2_weight_decay` on its groups (the optimizer factory's sgd);
   * the common loop: a torch Dataset over the same uint8 arrays, PIL images through torchvision's
     RandomCrop(32, padding=4, padding_mode="reflect"), RandomHorizontalFlip, ToTensor, Normalize, a DataLoader with
     num_workers=2, shuffle=True, drop_last=True and its other defaults (no persistent workers, no pinned memory),
@@ -59,10 +59,8 @@ from sam_repro.engine.provenance import write_result
 from sam_repro.engine.step import StepContext, sam_step, sgd_step
 from sam_repro.errors import ConfigError, SamReproError
 from sam_repro.models import create_model
+from sam_repro.optim.factory import create_optimizer
 from sam_repro.optim.sam import SAM
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sam_overhead  # noqa: E402  (the sibling benchmark: its SGD with the L2 gradient)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 128
@@ -200,8 +198,8 @@ def common_loader(images: np.ndarray, labels: np.ndarray) -> DataLoader:
 
 
 def engine_sgd(params) -> torch.optim.Optimizer:
-    """torch's SGD, weight decay as the L2 gradient the engine's sgd_step adds (benchmarks/sam_overhead.py's)."""
-    return sam_overhead._sgd(params, HYPER)
+    """torch's SGD, weight decay as the L2 gradient the engine's sgd_step adds (the optimizer factory's sgd)."""
+    return create_optimizer(params, "sgd", **HYPER)
 
 
 def engine_loader(images: np.ndarray, labels: np.ndarray, device: torch.device) -> TrainLoader:

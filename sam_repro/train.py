@@ -21,6 +21,7 @@ root config), so a refused start leaves the run directory as it was.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -40,10 +41,9 @@ from sam_repro.engine.overrides import check_overrides, config_groups, shown_opt
 from sam_repro.engine.provenance import redact
 from sam_repro.engine.rundir import (
     ABSENT,
-    CONFIG_FILE,
-    LOCK_FILE,
     Change,
     RunDirLock,
+    RunFiles,
     config_changes,
     identity_error,
     override_key,
@@ -55,8 +55,6 @@ from sam_repro.files import atomic_write_text
 from sam_repro.run_keys import flatten, matches
 
 log = logging.getLogger("sam_repro")
-HYDRA_RECORD = ".hydra"
-SUMMARY_FILE = "summary.json"  # engine.trainer.SUMMARY_FILE (not imported here: the trainer pulls in torch)
 _JOBS: list[dict] = []  # this process's jobs of a multirun, for the tally at its end
 _SWEEPING = False  # True in the process that `main` started; False in a job a launcher runs elsewhere (submitit)
 
@@ -118,22 +116,22 @@ def _tally_launches() -> None:
         from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
     except ImportError:
         return
-    if getattr(BaseSubmititLauncher.launch, "tallied", False):
-        return
-    launch = BaseSubmititLauncher.launch
+    if isinstance(BaseSubmititLauncher.__dict__.get("launch"), functools.partialmethod):
+        return  # wrapped already
+    BaseSubmititLauncher.launch = functools.partialmethod(_tallied_launch, launch=BaseSubmititLauncher.launch)
 
-    def tallied_launch(self, job_overrides, initial_job_idx):
-        from hydra.core.utils import JobStatus
 
-        results = launch(self, job_overrides, initial_job_idx)
-        for ret in results:
-            _JOBS.append(job_from_return(ret))
-            if ret.status == JobStatus.FAILED:
-                ret.status, ret.return_value = JobStatus.COMPLETED, None
-        return results
+def _tallied_launch(self, job_overrides, initial_job_idx, *, launch):
+    """The submitit launcher's `launch`, with every JobReturn recorded for the tally and a failed one handed on as
+    completed."""
+    from hydra.core.utils import JobStatus
 
-    tallied_launch.tallied = True
-    BaseSubmititLauncher.launch = tallied_launch
+    results = launch(self, job_overrides, initial_job_idx)
+    for ret in results:
+        _JOBS.append(job_from_return(ret))
+        if ret.status == JobStatus.FAILED:
+            ret.status, ret.return_value = JobStatus.COMPLETED, None
+    return results
 
 
 def _rank() -> int:
@@ -161,21 +159,8 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
     if recorded is None:
         return []
     current = OmegaConf.to_container(cfg)  # already resolved and redacted, as the record was written
-
-    def defaults(keys: list[str]) -> dict:
-        """The absent keys' values when the command line does not set them."""
-        kept = [o for o in overrides if not matches(override_key(o), keys)]
-        try:
-            default_cfg = hydra.compose(config_name="train", overrides=kept)
-            with open_dict(default_cfg):
-                default_cfg.experiment = cfg.get("experiment")
-            flat = flatten(redact(OmegaConf.to_container(default_cfg, resolve=True)))
-        except Exception as exc:  # noqa: BLE001 -- without defaults the record is taken to predate the keys
-            log.warning("could not compose the defaults of %s (%s); taking their current values", keys, exc)
-            return {k: v for k, v in flatten(current).items() if k in keys}
-        return {k: flat.get(k, ABSENT) for k in keys}
-
-    changes = config_changes(recorded, current, defaults)
+    experiment = cfg.get("experiment")
+    changes = config_changes(recorded, current, lambda keys: _defaults(keys, overrides, experiment, current))
     ended = _recorded_summary(run_dir).get("status")
     if changes and ended in ("finished", "stopped"):
         # Its schedule has run out (or trainer.max_steps ended it, its last checkpoint mid-schedule): continuing it
@@ -195,10 +180,24 @@ def check_run_identity(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
     return changes
 
 
+def _defaults(keys: list[str], overrides: list[str], experiment: str | None, current) -> dict:
+    """The values `keys` (absent from a run's record) take when the command line (`overrides`) does not set them."""
+    kept = [o for o in overrides if not matches(override_key(o), keys)]
+    try:
+        default_cfg = hydra.compose(config_name="train", overrides=kept)
+        with open_dict(default_cfg):
+            default_cfg.experiment = experiment
+        flat = flatten(redact(OmegaConf.to_container(default_cfg, resolve=True)))
+    except Exception as exc:  # noqa: BLE001 -- without defaults the record is taken to predate the keys
+        log.warning("could not compose the defaults of %s (%s); taking their current values", keys, exc)
+        return {k: v for k, v in flatten(current).items() if k in keys}
+    return {k: flat.get(k, ABSENT) for k in keys}
+
+
 def _recorded_summary(run_dir: Path) -> dict:
     """The run directory's summary.json ({} if none, or unreadable: the trainer warns about that one)."""
     try:
-        return json.loads((run_dir / SUMMARY_FILE).read_text())
+        return json.loads(RunFiles(run_dir).summary.read_text())
     except (OSError, ValueError):
         return {}
 
@@ -258,15 +257,15 @@ def _write_hydra_record(hc, task_cfg: DictConfig, run_dir: Path) -> None:
     }
     for name, content in record.items():
         text = OmegaConf.to_yaml(OmegaConf.create(redact(content)))
-        atomic_write_text(run_dir / HYDRA_RECORD / name, text)
+        atomic_write_text(RunFiles(run_dir).hydra_record / name, text)
 
 
 def _remove_new_run_dir(run_dir: Path, run_root: Path) -> None:
     """A start refused before any output: remove what logging created (train.log) and the empty parents below
     the runs root, so bad input leaves no run directory behind."""
-    if (run_dir / CONFIG_FILE).exists() or not run_dir.is_dir():
+    if RunFiles(run_dir).config.exists() or not run_dir.is_dir():
         return
-    if any(p.name not in ("train.log", HYDRA_RECORD, LOCK_FILE) for p in run_dir.iterdir()):
+    if any(p.name not in (RunFiles.LOG, RunFiles.HYDRA_RECORD, RunFiles.LOCK) for p in run_dir.iterdir()):
         return
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
@@ -285,7 +284,7 @@ def _app(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    new_run = not (run_dir / CONFIG_FILE).exists()
+    new_run = not RunFiles(run_dir).config.exists()
     multirun = hc.mode == RunMode.MULTIRUN
     ended = _recorded_summary(run_dir).get("status")
     already = ended in ("finished", "stopped")  # the same command again trains nothing
@@ -316,7 +315,7 @@ def _app(cfg: DictConfig) -> float | None:
             log.exception("error: %s: %s", type(exc).__name__, exc)
         if new_run and _rank() == 0:
             _remove_new_run_dir(run_dir, Path(str(OmegaConf.select(cfg, "run_root", default="runs"))))
-        if started and (run_dir / SUMMARY_FILE).exists() and _rank() == 0:
+        if started and RunFiles(run_dir).summary.exists() and _rank() == 0:
             log.info(end_line(_recorded_summary(run_dir), run_dir, _planned_epochs(cfg)))
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         first_line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # Hydra's "Error in call to ...:"

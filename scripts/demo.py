@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from sam_repro.engine.rundir import run_dir
+from sam_repro.engine.rundir import RunFiles, run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,7 +63,7 @@ def run_demo(experiment: str, extra: list[str]) -> int:
             print(f"demo: `{' '.join(cmd)}` failed with exit status {rc}", file=sys.stderr)
             return rc
         directory = ROOT / run_dir([f"optimizer={optimizer}", *extra], experiment)  # sam-train runs in ROOT
-        summary = json.loads((directory / "summary.json").read_text())
+        summary = json.loads(RunFiles(directory).summary.read_text())
         results[optimizer] = (summary, time.time() - t0, directory)
 
     print(closing_table(experiment, {name: r[0] for name, r in results.items()}))

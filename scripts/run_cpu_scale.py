@@ -23,11 +23,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sam_repro.engine.rundir import run_dir, run_path
+from sam_repro.engine.rundir import RunFiles, run_dir, run_path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-KEEP = ("config.yaml", "metrics.jsonl", "summary.json")
+KEEP = (RunFiles.CONFIG, RunFiles.METRICS, RunFiles.SUMMARY)
 
 
 def grid(seeds: list[int], noises: list[float], optimizers: list[str], extra: list[str]) -> list[list[str]]:
@@ -56,7 +56,7 @@ def run_one(experiment: str, overrides: list[str], results: Path) -> tuple[list[
     rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # where sam-train (started in ROOT) trained, and the same path below <results>/runs/
     src, dst = ROOT / run_dir(overrides, experiment), results / "runs" / run_path(overrides, experiment)
-    if rc == 0 and (src / "summary.json").exists():
+    if rc == 0 and RunFiles(src).summary.exists():
         dst.mkdir(parents=True, exist_ok=True)
         for name in KEEP:
             shutil.copy2(src / name, dst / name)

@@ -44,6 +44,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sam_repro.engine.rundir import RunFiles
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [
     "model=resnet8",
@@ -61,6 +63,7 @@ RUN = [
     "trainer.log_every=1",
 ]
 TIMING = {"images_per_second", "epoch_time_s"}
+MID_WRITE = f".{RunFiles.CHECKPOINT}.*.tmp"  # a checkpoint's temporary file while it is written (sam_repro.files)
 STEP_LINE = " step "  # Progress' log line for every optimizer step (trainer.log_every=1)
 
 
@@ -171,7 +174,7 @@ class Soak:
 
     @staticmethod
     def run_dir(runs: Path) -> Path:
-        found = [p.parent for p in runs.rglob("config.yaml") if p.parent.name == "seed0"]
+        found = [p.parent for p in runs.rglob(RunFiles.CONFIG) if p.parent.name == "seed0"]
         if len(found) != 1:
             raise RuntimeError(f"expected one run directory under {runs}, found {found}")
         return found[0]
@@ -181,15 +184,15 @@ class Soak:
 
         rows = [
             {k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            for line in RunFiles(run_dir).metrics.read_text().splitlines()
             if line.strip()
         ]
-        return rows, load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+        return rows, load_checkpoint(RunFiles(run_dir).checkpoint)["model"]
 
     def equals_reference(self, run_dir: Path, reference: tuple[list[dict], dict] | None = None) -> tuple[bool, str]:
         import torch
 
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads(RunFiles(run_dir).summary.read_text())
         if summary.get("status") != "finished":
             return False, f"status {summary.get('status')}"
         rows, weights = self.outcome(run_dir)
@@ -222,7 +225,7 @@ class Soak:
             while True:
                 mid_write = self.rng.random() < 0.4
                 fault = ("hold-write", str(self.work / "never")) if mid_write else None
-                stale = set(runs.rglob(".last.pt.*.tmp"))
+                stale = set(runs.rglob(MID_WRITE))
                 proc, log = self.launch(runs, fault=fault)
                 landed = (
                     self._kill_in_write(proc, runs, stale)
@@ -254,7 +257,7 @@ class Soak:
         """SIGKILL while a checkpoint is half-written: once a new temporary file appears (one left by an
         earlier kill is not it; the child removes those at start)."""
         while proc.poll() is None:
-            if set(runs.rglob(".last.pt.*.tmp")) - before:
+            if set(runs.rglob(MID_WRITE)) - before:
                 proc.kill()  # the writer is held half-way: the kill lands mid-write whatever the load
                 return True
             time.sleep(0.005)
@@ -274,7 +277,7 @@ class Soak:
         from sam_repro.engine.checkpoint import load_checkpoint
         from sam_repro.errors import CheckpointError
 
-        for ckpt in runs.rglob("last.pt"):
+        for ckpt in runs.rglob(RunFiles.CHECKPOINT):
             try:
                 load_checkpoint(ckpt)
             except CheckpointError as exc:
@@ -304,7 +307,7 @@ class Soak:
         if rc != 2 or "Traceback" in out or len(errors) != 1 or "could not write checkpoint" not in errors[0]:
             fault.note = f"exit {rc}, error lines {errors}"
         else:
-            state = load_checkpoint(self.run_dir(runs) / "checkpoints" / "last.pt")
+            state = load_checkpoint(RunFiles(self.run_dir(runs)).checkpoint)
             if state["epoch"] != 1:
                 fault.note = f"the previous checkpoint is at epoch {state['epoch']}, expected 1"
             else:
@@ -334,8 +337,8 @@ class Soak:
         rc, out = self.run(runs, [f"trainer.inject_nonfinite_at_step={step}"])
         fault = Fault("non-finite loss", f"step {step}")
         run_dir = self.run_dir(runs)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        summary = json.loads(RunFiles(run_dir).summary.read_text())
+        state = load_checkpoint(RunFiles(run_dir).checkpoint)
         if rc != 2 or summary.get("status") != "failed" or "Traceback" in out:
             fault.note = f"exit {rc}, status {summary.get('status')}"
         elif state["epoch"] != 1:
@@ -365,7 +368,7 @@ class Soak:
         outcome, victims = Fault(f"rank killed {where}", detail), []
         try:
             if mid_write:
-                landed = self._wait_for(proc, lambda: any(runs.rglob(".last.pt.*.tmp")))
+                landed = self._wait_for(proc, lambda: any(runs.rglob(MID_WRITE)))
             else:
                 landed = self._wait_for(proc, lambda: log.read_text().count(STEP_LINE) >= steps)
             victims = _rank_pids(str(self.n), rank=1) if landed else []
@@ -469,7 +472,6 @@ def main() -> int:
     args = ap.parse_args()
     if args.kills < 1:
         ap.error("--kills must be >= 1")
-    sys.path.insert(0, str(ROOT))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sam-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     soak = Soak(work=work, data_dir=work / "data", rng=random.Random(args.seed))

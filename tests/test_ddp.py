@@ -12,9 +12,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from helpers.training import BIN, TIMING_KEYS, TINY, comparable, process_environ, worker_pids
+from sam_repro.engine.distributed import torchrun_command
 
 # debug=tiny (ResNet-8, batch 64), on fewer images: 3 steps per epoch, and a test error that may differ by one
 # near-tie example of 300 between summation orders. gloo on the CPU, also on a GPU machine.
@@ -38,26 +37,10 @@ BASE = [
 pytestmark = [pytest.mark.data, pytest.mark.multiprocess]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(ranks: int, *torchrun_options: str) -> list[str]:
     if ranks == 1:
         return [str(BIN / "sam-train")]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={ranks}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *torchrun_options,
-        "-m",
-        "sam_repro.train",
-    ]
+    return torchrun_command(ranks, *torchrun_options, "-m", "sam_repro.train")
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -174,7 +157,7 @@ from omegaconf import OmegaConf
 from hydra.utils import instantiate
 from sam_repro.data import build_data
 from sam_repro.engine.distributed import init_distributed, cleanup_distributed
-from sam_repro.engine.trainer import evaluate
+from sam_repro.engine.evaluation import evaluate
 import contextlib
 ckpt = torch.load(sys.argv[1], weights_only=True)
 cfg = OmegaConf.create(ckpt["config"])
@@ -196,17 +179,7 @@ def test_exact_evaluation_with_one_two_and_three_ranks(tmp_path):
     results = []
     for ranks in (1, 2, 3):
         out = tmp_path / f"eval{ranks}.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={ranks}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            str(payload),
-            str(tmp_path / "train/checkpoints/last.pt"),
-            str(out),
-        ]
+        cmd = torchrun_command(ranks, str(payload), str(tmp_path / "train/checkpoints/last.pt"), str(out))
         proc = subprocess.run(
             cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
         )

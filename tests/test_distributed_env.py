@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from sam_repro.engine.distributed import (
     barrier,
     broadcast_object,
     expand_nodelist,
+    free_port,
     init_distributed,
     read_launch_env,
     resolve_device,
+    torchrun_command,
 )
 from sam_repro.errors import ConfigError, RankLost
 
@@ -257,16 +260,30 @@ def test_collectives_are_identities_in_a_single_process():
 # ---- two real ranks over gloo ----------------------------------------------------------------------------------
 
 
-def free_port(low: int = 10_000, high: int = 30_000) -> int:
-    """A port in [low, high) nobody listens on (the SLURM derivation only produces ports in that range)."""
-    for port in range(low + os.getpid() % 1000, high, 997):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
+def slurm_derivable_port() -> int:
+    """A free port that a SLURM job id can derive (PORT_BASE to PORT_BASE + PORT_SPAN), apart per test process."""
+    start = distributed.PORT_BASE + os.getpid() % 1000
+    return free_port(range(start, distributed.PORT_BASE + distributed.PORT_SPAN, 997))
+
+
+def test_free_port_is_free_and_skips_a_taken_candidate():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        taken.listen()
+        port = free_port([busy, *range(20_000, 20_100)])
+        assert port != busy and 20_000 <= port < 20_100
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", free_port()))  # free: it binds
+    with pytest.raises(RuntimeError, match="candidate"):
+        free_port([])
+
+
+def test_torchrun_command_runs_ranks_at_a_free_local_port():
+    cmd = torchrun_command(3, "--max-restarts=1", "-m", "sam_repro.train", "seed=1")
+    assert cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3"]
+    assert cmd[4] == "--master_addr=127.0.0.1" and re.fullmatch(r"--master_port=\d+", cmd[5])
+    assert cmd[6:] == ["--max-restarts=1", "-m", "sam_repro.train", "seed=1"]
 
 
 def run_two_ranks(out: Path, rank_env: dict[int, dict[str, str]]) -> list[dict]:
@@ -307,7 +324,7 @@ def test_two_ranks_from_torchrun_variables(tmp_path):
 
 def test_two_ranks_from_slurm_variables(tmp_path):
     """The rendezvous comes only from SLURM's variables: host from the node list, port from the job id."""
-    port = free_port()
+    port = slurm_derivable_port()
     job_id = str(port - distributed.PORT_BASE + 3 * distributed.PORT_SPAN)  # derives back to `port`
     common = {
         "SLURM_JOB_ID": job_id,

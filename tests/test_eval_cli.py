@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from helpers.checkpoints import MEAN, NUM_CLASSES, STD, run_config, write_run
 from helpers.training import BIN, TINY, only_run_dir, read_config, train
-from sam_repro.analysis.loading import load_run, load_split, seeded_subset
+from sam_repro.analysis.loading import load_split, load_trained_model, seeded_subset
 from sam_repro.cli.eval import main
 from sam_repro.data import build_data, select_train_indices
 
@@ -103,7 +103,7 @@ def test_sam_eval_checkpoint_file_and_text_line(tmp_path, fake_dataset, capsys):
 
 def test_load_run_rebuilds_the_saved_network(tmp_path):
     model = write_run(tmp_path / "run", seed=3)
-    loaded, cfg = load_run(tmp_path / "run")
+    loaded, cfg = load_trained_model(tmp_path / "run")
     assert cfg.seed == 3 and cfg.optimizer.name == "sam"
     assert not loaded.training
     for (name, expected), (_, actual) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -115,7 +115,7 @@ def test_load_run_strips_wrapper_prefixes(tmp_path):
     payload = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     payload["model"] = {f"module._orig_mod.{k}": v for k, v in payload["model"].items()}
     torch.save(payload, tmp_path / "wrapped.pt")
-    loaded, _ = load_run(tmp_path / "wrapped.pt")
+    loaded, _ = load_trained_model(tmp_path / "wrapped.pt")
     assert torch.equal(loaded[0].weight, model[0].weight)
 
 

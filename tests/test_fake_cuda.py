@@ -21,7 +21,7 @@ from sam_repro.engine import step as step_module
 from sam_repro.engine.evaluation import _summed_cross_entropy, evaluation_sums
 from sam_repro.engine.host_reads import HostReads
 from sam_repro.models import create_model
-from sam_repro.optim.factory import build_schedule
+from sam_repro.optim.factory import create_schedule
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -92,7 +92,7 @@ def test_a_few_trainer_steps_on_the_device_loader():
         loader = TrainLoader(images.to(DEVICE), labels.to(DEVICE), 32, augment, seed=0)
         test = EvalLoader(images[:40].to(DEVICE), labels[:40].to(DEVICE), 16, MEAN, STD)
         opt = step_variants.optimizer("sam", model)
-        schedule = build_schedule(_cosine(), opt, total_steps=4, steps_per_epoch=2)
+        schedule = create_schedule(opt, "cosine", total_steps=4)
         ctx = step_variants.context("bf16", DEVICE, group_size=16)
         per_step, batches = [], []
         for epoch in range(2):
@@ -110,12 +110,6 @@ def test_a_few_trainer_steps_on_the_device_loader():
         assert batches == [(DEVICE, torch.float32, DEVICE)] * 4
         assert per_step == [[], []]
         assert off_device(model, opt, stats) == [] and sums.device == DEVICE
-
-
-def _cosine():
-    from types import SimpleNamespace
-
-    return SimpleNamespace(name="cosine", warmup_epochs=0.0, min_lr=0.0)
 
 
 # ---- the tests above can fail ----------------------------------------------------------------------------------

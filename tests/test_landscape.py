@@ -24,7 +24,7 @@ from sam_repro.analysis.landscape import (
     plot_surface,
     plot_surfaces,
 )
-from sam_repro.analysis.loading import evaluate, file_stem, load_split
+from sam_repro.analysis.loading import evaluate_batches, file_stem, load_split
 from sam_repro.analysis.plots import save_figure
 from sam_repro.cli.analyze import main as analyze
 
@@ -192,7 +192,9 @@ def test_sam_analyze_landscape_end_to_end(tmp_path, fake_dataset, capsys):
     assert sgd["result"]["alpha"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
     # alpha = 0 is the trained network: the centre of the curve is its loss on the sample.
     sample = load_split(OmegaConf.create(run_config()), "train", 16, 0)
-    assert sgd["result"]["loss"][2] == pytest.approx(evaluate(sgd_model, list(sample.batches(250))).loss, rel=1e-5)
+    assert sgd["result"]["loss"][2] == pytest.approx(
+        evaluate_batches(sgd_model, list(sample.batches(250))).loss, rel=1e-5
+    )
 
     assert (
         analyze(["landscape", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--mode", "2d", "--out", str(out), *common])

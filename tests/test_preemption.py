@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sam_repro.engine import preemption
+from sam_repro.engine.distributed import free_port, torchrun_command
 from sam_repro.engine.preemption import HANDLED_SIGNALS, StopSignal, exit_code
 from sam_repro.errors import ConfigError
 
@@ -194,12 +194,6 @@ def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def read_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -261,11 +255,10 @@ def test_torchrun_agent_forwards_usr1_to_its_workers(tmp_path):
     """`torchrun --signals-to-handle=...,SIGUSR1`: the agent passes the signal on to every worker, which stop after
     the same step (the recipe docs/cluster.md gives for torchrun under SLURM)."""
     out = tmp_path / "out"
-    argv = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",
+    argv = torchrun_command(
+        2, "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",
         str(DDP_CHECK), str(out), "--device", "cpu", "--steps", "100000",
-    ]  # fmt: skip
+    )  # fmt: skip
     env = clean_environ() | {"OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(out / "progress.json", [agent])

@@ -12,8 +12,9 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from sam_repro.engine.rundir import register_resolvers, run_dir, run_path, runs_root
+from sam_repro.engine.rundir import RunFiles, register_resolvers, run_dir, run_path, runs_root
 
+ROOT = Path(__file__).resolve().parents[1]
 CASES = [
     [],
     ["experiment=demo", "optimizer=sam"],
@@ -73,9 +74,29 @@ def test_the_module_prints_it_for_shell_scripts(tmp_path):
     assert root.stdout.strip() == str(tmp_path)
 
 
-# ---- the scripts name their runs with it -------------------------------------------------------------------------
+def test_run_files_name_each_file_of_a_run_directory_once():
+    files = RunFiles("runs/demo/seed0")
+    assert files.root == Path("runs/demo/seed0")
+    got = [files.config, files.summary, files.metrics, files.steps, files.checkpoint, files.train_log]
+    names = ["config.yaml", "summary.json", "metrics.jsonl", "steps.jsonl", "checkpoints/last.pt", "train.log"]
+    assert got == [Path("runs/demo/seed0", name) for name in names]
+    assert (files.hydra_record, files.lock, files.analysis) == tuple(
+        files.root / n for n in (".hydra", ".lock", "analysis")
+    )
+    assert RunFiles.of_checkpoint(files.checkpoint) == files and RunFiles.in_checkpoints(files.checkpoint)
+    assert not RunFiles.in_checkpoints(files.config)
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def test_hydra_logs_to_the_run_files_log():
+    """train.log is written by Hydra's logging config, which cannot import RunFiles: the two must agree."""
+    import yaml
+
+    config = ROOT / "sam_repro" / "configs" / "hydra" / "job_logging" / "sam.yaml"
+    filename = yaml.safe_load(config.read_text())["handlers"]["file"]["filename"]
+    assert filename == "${hydra.runtime.output_dir}/" + RunFiles.LOG
+
+
+# ---- the scripts name their runs with it -------------------------------------------------------------------------
 
 
 def load_script(name: str):

@@ -19,11 +19,13 @@ import pytest
 from scipy import stats as scipy_stats
 
 from helpers.run_dirs import write_run
-from sam_repro.analysis import stats, tables
+from sam_repro.analysis import stats
+from sam_repro.analysis.aggregate import build_report
+from sam_repro.analysis.render import render_csv, render_markdown
 from sam_repro.analysis.runs import RunRecord, find_run_dirs, load_metrics, load_runs
-from sam_repro.analysis.tables import build_report, load_paper_tables, render_csv, render_markdown
 from sam_repro.cli import tables as tables_cli
 from sam_repro.errors import ConfigError, DataError
+from sam_repro.paper import load_paper_tables, parse_paper_value
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 REFERENCE_CANDIDATES = (REPOSITORY / "docs" / "paper_reference.md",)
@@ -187,7 +189,7 @@ def test_paper_values_parse_and_carry_their_unit():
     with pytest.raises(KeyError):
         paper[1].lookup("sam", dataset="cifar10", model="wrn28_10", epochs=400, augment="basic")
     with pytest.raises(DataError):
-        tables.parse_paper_value("2.7+-0.1")
+        parse_paper_value("2.7+-0.1")
 
 
 # ----------------------------------------------------------------------------------------------------------------

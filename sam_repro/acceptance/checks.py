@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -221,13 +220,8 @@ def fp16_overflow_skips(env: CheckEnv) -> tuple[str, str]:
     ctx = step_context(m, "fp16", env.device, scaler=scaler)
     before = _params(model)
     calls = {"n": 0}
-
-    def poison(grad: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
-        return torch.full_like(grad, float("inf")) if calls["n"] == 1 else grad
-
     first_weight = next(model.parameters())
-    handle = first_weight.register_hook(poison)
+    handle = first_weight.register_hook(lambda grad: _inf_the_first_time(grad, calls))
     sam_step(model, opt, x, y, ctx)
     handle.remove()
     unchanged = all(torch.equal(a, b) for a, b in zip(_params(model), before))
@@ -241,6 +235,12 @@ def fp16_overflow_skips(env: CheckEnv) -> tuple[str, str]:
         f"parameters unchanged: {unchanged}, no momentum taken: {no_momentum}, scale 256 -> "
         f"{scale:g}; next step moves the weights: {moved}",
     )
+
+
+def _inf_the_first_time(grad: torch.Tensor, calls: dict) -> torch.Tensor:
+    """A gradient hook's body: inf for the first gradient it sees (counted in `calls`), the gradient after that."""
+    calls["n"] += 1
+    return torch.full_like(grad, float("inf")) if calls["n"] == 1 else grad
 
 
 def mixed_precision_equals_fp32(env: CheckEnv) -> tuple[str, str]:
@@ -285,17 +285,12 @@ def tf32_only_when_asked(env: CheckEnv) -> tuple[str, str]:
     matmul64 = a.double() @ b.double()
     conv64 = nn.functional.conv2d(image.double(), kernel.double(), padding=1)
 
-    def errors() -> tuple[float, float]:
-        mm = (a.to(env.device) @ b.to(env.device)).double().cpu()
-        cv = nn.functional.conv2d(image.to(env.device), kernel.to(env.device), padding=1).double().cpu()
-        rel = lambda got, want: float((got - want).norm() / want.norm())  # noqa: E731
-        return rel(mm, matmul64), rel(cv, conv64)
-
+    inputs = (env.device, a, b, image, kernel, matmul64, conv64)
     try:
         configure(deterministic=False, tf32=False)
-        ieee = errors()
+        ieee = _float32_errors(*inputs)
         configure(deterministic=False, tf32=True)
-        tf32 = errors()
+        tf32 = _float32_errors(*inputs)
     finally:
         configure(deterministic=deterministic, tf32=False)
     ok = max(ieee) < 1e-5
@@ -307,6 +302,23 @@ def tf32_only_when_asked(env: CheckEnv) -> tuple[str, str]:
         f"tf32=false: matmul {ieee[0]:.1e}, conv {ieee[1]:.1e} from float64 (tolerance 1e-5); tf32=true: "
         f"matmul {tf32[0]:.1e}, conv {tf32[1]:.1e}" + ("" if ampere else " (no TF32 on this device)"),
     )
+
+
+def _float32_errors(
+    device: torch.device,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    image: torch.Tensor,
+    kernel: torch.Tensor,
+    matmul64: torch.Tensor,
+    conv64: torch.Tensor,
+) -> tuple[float, float]:
+    """The relative errors of a float32 matmul a @ b and convolution of `image` by `kernel` on `device`, against
+    their float64 values."""
+    mm = (a.to(device) @ b.to(device)).double().cpu()
+    cv = nn.functional.conv2d(image.to(device), kernel.to(device), padding=1).double().cpu()
+    rel = lambda got, want: float((got - want).norm() / want.norm())  # noqa: E731
+    return rel(mm, matmul64), rel(cv, conv64)
 
 
 def device_loader_copies(env: CheckEnv) -> tuple[str, str]:
@@ -448,13 +460,15 @@ def _count_synchronisations(env: CheckEnv) -> Iterator[Callable[[], tuple[int, l
             torch.cuda.set_sync_debug_mode("warn")
             stack.callback(torch.cuda.set_sync_debug_mode, 0)
         reads = stack.enter_context(HostReads(count_cpu=not env.cuda))
+        yield lambda: _synchronisations(reads, caught, seen)
 
-        def counted() -> tuple[int, list[str]]:
-            cuda = [str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message)]
-            seen[:] = [f"{op} on {device}" for op, device in reads.reads] + cuda
-            return max(len(reads.reads), len(cuda)), seen
 
-        yield counted
+def _synchronisations(reads: HostReads, caught: list, seen: list[str]) -> tuple[int, list[str]]:
+    """The larger of the host reads `reads` counted and the synchronisation warnings CUDA raised into `caught`, and
+    what was seen (also left in `seen`)."""
+    cuda = [str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message)]
+    seen[:] = [f"{op} on {device}" for op, device in reads.reads] + cuda
+    return max(len(reads.reads), len(cuda)), seen
 
 
 def no_synchronisation(env: CheckEnv) -> tuple[str, str]:
@@ -561,12 +575,6 @@ def resume_equals_uninterrupted(env: CheckEnv) -> tuple[str, str]:
 # ---- one process group of one rank: NCCL on a GPU ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_group(env: CheckEnv) -> tuple[str, str]:
     """The distributed set-up as torchrun starts it, at world size 1 (NCCL on a GPU, gloo on a CPU): the rank's
     device, `all_gather_object` of RNG states and `broadcast_object` (pickled through this rank's GPU, which
@@ -581,6 +589,7 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
         barrier,
         broadcast_object,
         cleanup_distributed,
+        free_port,
         init_distributed,
     )
     from sam_repro.engine.step import average_over_ranks
@@ -588,7 +597,7 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
     if dist.is_available() and dist.is_initialized():
         return "failed", "a process group already exists in this process"
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     facts: list[str] = []
     try:
         denv = init_distributed("cuda" if env.cuda else "cpu")
@@ -598,19 +607,7 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
             ok &= denv.device == torch.device("cuda", torch.cuda.current_device())
         facts.append(f"{dist.get_backend()} on {denv.device}")
 
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(denv.device) if env.cuda else None}
-        gathered: list = [None]
-        dist.all_gather_object(gathered, rng)  # the trainer's checkpoint() gathers every rank's RNG states so
-        back = gathered[0]
-        cpu_ok = (
-            back["cpu"].device.type == "cpu"
-            and back["cpu"].dtype == torch.uint8
-            and torch.equal(back["cpu"], rng["cpu"])
-        )
-        torch.set_rng_state(back["cpu"])  # what a resume does with it
-        if env.cuda:
-            cpu_ok &= back["cuda"].device.type == "cpu" and torch.equal(back["cuda"], rng["cuda"])
-            torch.cuda.set_rng_state(back["cuda"], denv.device)
+        cpu_ok = _rng_states_round_trip(env, denv.device)
         ok &= cpu_ok
         facts.append(f"all_gather_object of RNG states: CPU uint8 and equal: {cpu_ok}")
 
@@ -633,14 +630,7 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
         average_over_ranks(list(plain.parameters()))
         ok &= all(torch.equal(p.grad, g) for p, g in zip(plain.parameters(), grads))
         if env.cuda:
-            synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
-            batch, _ = env.batch
-            x, y = env.inputs(6, denv.device)
-            for net in (plain, synced):
-                net.zero_grad(set_to_none=True)
-                sam_step(net, make_optimizer("sam", net), x, y, StepContext(group_size=batch))
-            error = max(float((a - b).abs().max()) for a, b in zip(plain.parameters(), synced.parameters()))
-            kinds = sum(isinstance(mod, nn.SyncBatchNorm) for mod in synced.modules())
+            error, kinds = _sync_batchnorm_difference(env, plain, denv.device)
             ok &= error < 1e-5 and kinds > 0
             facts.append(f"SAM step with {kinds} SyncBatchNorm layers vs BatchNorm: max difference {error:.1e}")
         else:
@@ -653,6 +643,36 @@ def process_group(env: CheckEnv) -> tuple[str, str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _rng_states_round_trip(env: CheckEnv, device: torch.device) -> bool:
+    """This rank's RNG states through `all_gather_object`, as the trainer's checkpoint gathers every rank's: they come
+    back as CPU uint8 tensors, equal, and load back (what a resume does with them)."""
+    import torch.distributed as dist
+
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if env.cuda else None}
+    gathered: list = [None]
+    dist.all_gather_object(gathered, rng)
+    back = gathered[0]
+    ok = back["cpu"].device.type == "cpu" and back["cpu"].dtype == torch.uint8 and torch.equal(back["cpu"], rng["cpu"])
+    torch.set_rng_state(back["cpu"])
+    if env.cuda:
+        ok &= back["cuda"].device.type == "cpu" and torch.equal(back["cuda"], rng["cuda"])
+        torch.cuda.set_rng_state(back["cuda"], device)
+    return ok
+
+
+def _sync_batchnorm_difference(env: CheckEnv, plain: nn.Module, device: torch.device) -> tuple[float, int]:
+    """(largest parameter difference, SyncBatchNorm layers) after one SAM step of `plain` and of its SyncBatchNorm
+    conversion on the same batch."""
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    batch, _ = env.batch
+    x, y = env.inputs(6, device)
+    for net in (plain, synced):
+        net.zero_grad(set_to_none=True)
+        sam_step(net, make_optimizer("sam", net), x, y, StepContext(group_size=batch))
+    error = max(float((a - b).abs().max()) for a, b in zip(plain.parameters(), synced.parameters()))
+    return error, sum(isinstance(mod, nn.SyncBatchNorm) for mod in synced.modules())
 
 
 CHECKS = (

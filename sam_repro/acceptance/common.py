@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 
 import torch
 
 from sam_repro.data.augment import BatchAugment
 from sam_repro.data.loader import TrainLoader
 from sam_repro.engine.step import StepContext, sam_step, sgd_step
-from sam_repro.optim.factory import build_optimizer
+from sam_repro.optim.factory import create_optimizer
 
 STEPS = {"sgd": sgd_step, "sam": sam_step}
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]  # CIFAR-like; any values do for synthetic images
@@ -23,20 +22,9 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The paper's recipe (Nesterov SGD, L2 weight decay inside the ascent gradient), through the project's own
     factory: `name` is sgd or sam."""
-    cfg = SimpleNamespace(
-        name=name,
-        base="sgd",
-        lr=lr,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=weight_decay,
-        weight_decay_mode="l2",
-        rho=rho,
-        adaptive=False,
-        eta=0.0,
-        p=2,
+    return create_optimizer(
+        model, name, lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, weight_decay_mode="l2", rho=rho
     )
-    return build_optimizer(cfg, model)
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:

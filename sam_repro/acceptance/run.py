@@ -565,8 +565,19 @@ def render_markdown(report: dict) -> str:
     lines += [f"- {c['name']}: {c['ratio']:.2f}" for c in report["comparisons"]]
     lines += [f"- target {t['status']}: {t['name']} ({t['detail']})" for t in report["targets"]]
     lines += [f"- throughput row failed: {f['row']}: {f['error']}" for f in report.get("failed_rows", [])]
-    table = report["cost"] or {"note": "Not computed yet", "totals": {}, "total_gpu_hours": 0.0, "cells": []}
-    lines += [
+    lines += _cost_markdown(report["cost"])
+    lines += _real_data_markdown(report["real_data"])
+    lines += ["", "## Errors", ""]
+    lines += [f"- {e['part']}: {e['error']}" for e in report.get("errors", [])] or ["None."]
+    lines += ["", "## Skipped", ""]
+    lines += [f"- {s['part']}: {s['reason']}" for s in report["skipped"]] or ["Nothing."]
+    return "\n".join(lines) + "\n"
+
+
+def _cost_markdown(table: dict | None) -> list[str]:
+    """The report's cost section: GPU-hours per table and per cell on this GPU."""
+    table = table or {"note": "Not computed yet", "totals": {}, "total_gpu_hours": 0.0, "cells": []}
+    lines = [
         "",
         "## Cost on this GPU",
         "",
@@ -584,30 +595,27 @@ def render_markdown(report: dict) -> str:
         "| cell | epochs | images/s | GPU-hours | rate from |",
         "|---|---|---|---|---|",
     ]
-    lines += [
+    return lines + [
         f"| {c['cell']} | {c['epochs']} | {_cell(c['images_per_second'])} | {_cell(c['gpu_hours'])} | {c['source']} |"
         for c in table["cells"]
     ]
-    real = report["real_data"]
-    lines += ["", "## Real data", ""]
+
+
+def _real_data_markdown(real: dict | None) -> list[str]:
+    """The report's real-data section: SGD's and SAM's test error per epoch."""
+    lines = ["", "## Real data", ""]
     if real is None:
-        lines.append("Not run (see Skipped).")
-    else:
-        lines += [
-            f"{real['model']}, {real['precision']}, batch {real['batch']}, m = {real['m']}, {real['epochs']} "
-            f"epochs on {real['num_train']} training images from {real['source']}; test error on "
-            f"{real['num_test']} images. SAM - SGD after the last epoch: {real['sam_minus_sgd']:+.2f} points.",
-            "",
-            "| epoch | SGD test error % | SAM test error % |",
-            "|---|---|---|",
-        ]
-        sgd, sam = real["runs"]["sgd"]["test_error"], real["runs"]["sam"]["test_error"]
-        lines += [f"| {i + 1} | {a:.2f} | {b:.2f} |" for i, (a, b) in enumerate(zip(sgd, sam))]
-    lines += ["", "## Errors", ""]
-    lines += [f"- {e['part']}: {e['error']}" for e in report.get("errors", [])] or ["None."]
-    lines += ["", "## Skipped", ""]
-    lines += [f"- {s['part']}: {s['reason']}" for s in report["skipped"]] or ["Nothing."]
-    return "\n".join(lines) + "\n"
+        return [*lines, "Not run (see Skipped)."]
+    lines += [
+        f"{real['model']}, {real['precision']}, batch {real['batch']}, m = {real['m']}, {real['epochs']} "
+        f"epochs on {real['num_train']} training images from {real['source']}; test error on "
+        f"{real['num_test']} images. SAM - SGD after the last epoch: {real['sam_minus_sgd']:+.2f} points.",
+        "",
+        "| epoch | SGD test error % | SAM test error % |",
+        "|---|---|---|",
+    ]
+    sgd, sam = real["runs"]["sgd"]["test_error"], real["runs"]["sam"]["test_error"]
+    return lines + [f"| {i + 1} | {a:.2f} | {b:.2f} |" for i, (a, b) in enumerate(zip(sgd, sam))]
 
 
 if __name__ == "__main__":

@@ -179,11 +179,7 @@ class Bench:
             ctx = step_context(spec.m, "fp32" if spec.precision == "tf32" else spec.precision, self.device)
             step = STEPS[spec.optimizer]
             batches = self.batches(spec)
-
-            def run_step(net: torch.nn.Module) -> None:
-                x, y = next(batches)
-                step(net, optimizer, x, y, ctx)
-
+            run_step = lambda net: _one_step(step, net, optimizer, batches, ctx)  # noqa: E731
             for _ in range(self.timing.warmup):
                 run_step(called)
             flops = self.step_flops(spec, module, run_step)
@@ -227,6 +223,12 @@ class Bench:
         if loader is None:
             out["note"] = "fixed batch: ImageNet's data path is JPEG decoding in DataLoader workers, not measured"
         return out
+
+
+def _one_step(step, net: torch.nn.Module, optimizer, batches, ctx) -> None:
+    """One training `step` of `net` on the next of `batches`."""
+    x, y = next(batches)
+    step(net, optimizer, x, y, ctx)
 
 
 def _sig(value: float, digits: int = 6) -> float:

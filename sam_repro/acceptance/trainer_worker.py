@@ -25,6 +25,7 @@ import torch
 from sam_repro.data.arrays import DatasetArrays
 from sam_repro.data.export import export_subset
 from sam_repro.engine.checkpoint import load_checkpoint
+from sam_repro.engine.rundir import RunFiles
 
 NUM_TRAIN, NUM_TEST, BATCH = 128, 64, 64
 TIMING_KEYS = {"images_per_second", "epoch_time_s"}
@@ -85,7 +86,7 @@ def _equal(a, b) -> bool:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunFiles(run_dir).metrics.read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
@@ -114,12 +115,12 @@ def run(mode: str, workdir: Path, device: str) -> dict:
     whole, parted = workdir / "uninterrupted", workdir / "resumed"
     trainer.train(compose(device, export), whole)
     trainer.train(compose(device, export, f"trainer.max_steps={steps_per_epoch}"), parted)  # stops after epoch 1
-    (parted / "summary.json").unlink()  # so the same command resumes from checkpoints/last.pt
+    RunFiles(parted).summary.unlink()  # so the same command resumes from its checkpoint
     messages.clear()
     trainer.train(compose(device, export), parted)
     resumed = any(m.startswith("resumed from") for m in messages)
-    a = load_checkpoint(whole / "checkpoints" / "last.pt")
-    b = load_checkpoint(parted / "checkpoints" / "last.pt")
+    a = load_checkpoint(RunFiles(whole).checkpoint)
+    b = load_checkpoint(RunFiles(parted).checkpoint)
     same = {key: _equal(a[key], b[key]) for key in ("model", "optimizer", "rng", "step", "epoch")}
     same["metrics"] = _metrics(whole) == _metrics(parted)
     ok = resumed and all(same.values())

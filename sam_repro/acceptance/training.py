@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from sam_repro.engine.rundir import RunFiles
 from sam_repro.errors import SamReproError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,13 +63,13 @@ def sam_train(overrides: list[str], run_root: Path, timeout: float) -> tuple[dic
         raise SamReproError(
             f"sam-train {' '.join(overrides)} did not finish within {min(timeout, MAX_RUN_S):.0f} s"
         ) from None
-    summaries = list(run_root.rglob("summary.json"))
+    summaries = list(run_root.rglob(RunFiles.SUMMARY))
     if proc.returncode != 0 or len(summaries) != 1:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise SamReproError(f"sam-train {' '.join(overrides)} failed (exit {proc.returncode}): {tail[:500]}")
-    run_dir = summaries[0].parent
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return json.loads(summaries[0].read_text()), [r for r in rows if "test_error" in r]
+    files = RunFiles(summaries[0].parent)
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
+    return json.loads(files.summary.read_text()), [r for r in rows if "test_error" in r]
 
 
 def short_training(

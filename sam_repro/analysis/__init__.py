@@ -7,6 +7,5 @@ Modules (import the one you need; nothing is imported here, so that `sam-tables`
     grouping      which runs are averaged together: table cells, optimizer arms, keys that may differ
     aggregate     runs -> Report: intervals over seeds, SAM - SGD, the paper's value (from sam_repro.paper)
     render        Report -> Markdown / CSV / LaTeX, and the files sam-tables writes
-    tables        the three above under one name (the import path of earlier versions)
     plots         test-error curves and ours-vs-paper bar charts (matplotlib, Agg)
 """

@@ -35,11 +35,11 @@ from sam_repro.analysis.grouping import (
     place_run,
     sort_key,
 )
-from sam_repro.analysis.runs import RunRecord, flatten_config
+from sam_repro.analysis.runs import RunRecord
 from sam_repro.analysis.stats import Difference, Estimate, difference, mean_ci
 from sam_repro.errors import ConfigError
 from sam_repro.paper import PaperCell, PaperTable, PaperValue, normalise_epochs, paper_tables
-from sam_repro.run_keys import DUPLICATE_NEUTRAL, matches
+from sam_repro.run_keys import DUPLICATE_NEUTRAL, flatten, matches
 
 # Arms the paper reports in every table: shown (as missing) even when we ran only one of them.
 PAPER_ARMS = ("sgd", "sam")
@@ -127,22 +127,7 @@ def build_report(
         if all(run.value(key) is None for run in runs):
             raise ConfigError(f"--group-by {key}: no run has this config key (a dotted key of config.yaml)")
 
-    # cell -> arm -> runs; the cell is kept as a sorted tuple so that it can be a dict key.
-    groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
-    excluded: list[Exclusion] = []
-    duplicates = duplicate_runs(runs)
-    homes: dict[tuple, Any] = {}
-    for run in runs:
-        if run.source in duplicates:  # one run, spelled twice: counted once, the copy named
-            excluded.append(Exclusion(run.source, DUPLICATE, f"the same configuration as {duplicates[run.source]}"))
-            continue
-        place = place_run(run, grouping, paper, selected)
-        homes[freeze(place.cell)] = place.table.id if place.table is not None else None
-        groups[freeze(place.cell)][grouping.arm(run)].append(run)
-        if not run.finished:
-            excluded.append(Exclusion(run.source, run.status, run.reason))
-        elif not is_number(run.summary.get("test_error")):
-            excluded.append(Exclusion(run.source, run.status, "finished, but summary.json has no finite test_error"))
+    groups, homes, excluded, duplicates = _group_runs(runs, grouping, paper, selected)
     excluded_sources = {e.source for e in excluded}
     choices = _best_of_doubled_epochs(groups, excluded_sources) if sgd_best_of_doubled else []
     epochs_used = {freeze(dict(c.cell)): c.used for c in choices if c.used != c.cell["epochs"]}
@@ -190,6 +175,29 @@ def build_report(
     return Report(reports, runs, grouping, excluded, warnings, choices, tuple(extra_metrics))
 
 
+def _group_runs(
+    runs: Sequence[RunRecord], grouping: Grouping, paper: Mapping[int, PaperTable], selected: int | None
+) -> tuple[dict[tuple, dict[str, list[RunRecord]]], dict[tuple, Any], list[Exclusion], dict[str, str]]:
+    """cell -> arm -> runs (the cell kept as a sorted tuple so that it can be a dict key), each cell's table id, the
+    runs left out of the means (unfinished, no test error, duplicates) and the duplicates (copy -> the run kept)."""
+    groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    excluded: list[Exclusion] = []
+    duplicates = duplicate_runs(runs)
+    homes: dict[tuple, Any] = {}
+    for run in runs:
+        if run.source in duplicates:  # one run, spelled twice: counted once, the copy named
+            excluded.append(Exclusion(run.source, DUPLICATE, f"the same configuration as {duplicates[run.source]}"))
+            continue
+        place = place_run(run, grouping, paper, selected)
+        homes[freeze(place.cell)] = place.table.id if place.table is not None else None
+        groups[freeze(place.cell)][grouping.arm(run)].append(run)
+        if not run.finished:
+            excluded.append(Exclusion(run.source, run.status, run.reason))
+        elif not is_number(run.summary.get("test_error")):
+            excluded.append(Exclusion(run.source, run.status, "finished, but summary.json has no finite test_error"))
+    return groups, homes, excluded, duplicates
+
+
 def _best_of_doubled_epochs(
     groups: dict[tuple, dict[str, list[RunRecord]]], excluded: set[str]
 ) -> list[BaselineChoice]:
@@ -226,7 +234,7 @@ _BUDGET_KEYS = ("trainer.epochs", "trainer.epoch_scale")
 
 def _same_but_epochs(runs: list[RunRecord]) -> bool:
     """The runs are one experiment at different budgets: their configs agree in every key but the epochs."""
-    flats = [{k: v for k, v in flatten_config(r.config).items() if not is_run_specific(k) and k not in _BUDGET_KEYS}
+    flats = [{k: v for k, v in flatten(r.config).items() if not is_run_specific(k) and k not in _BUDGET_KEYS}
              for r in runs]  # fmt: skip
     keys = {k for flat in flats for k in flat}
     return all(len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) == 1 for k in keys)
@@ -240,7 +248,7 @@ def duplicate_runs(runs: Sequence[RunRecord]) -> dict[str, str]:
     kept: dict[str, str] = {}
     copies: dict[str, str] = {}
     for run in sorted(runs, key=lambda r: (not (r.finished and is_number(r.summary.get("test_error"))), r.source)):
-        flat = {k: v for k, v in flatten_config(run.config).items() if not matches(k, DUPLICATE_NEUTRAL)}
+        flat = {k: v for k, v in flatten(run.config).items() if not matches(k, DUPLICATE_NEUTRAL)}
         key = json.dumps(flat, sort_keys=True, default=str)
         if key in kept:
             copies[run.source] = kept[key]

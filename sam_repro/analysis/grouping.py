@@ -3,7 +3,7 @@
 The cell is the run's dataset, model, augment, epochs, label noise and training subset (`sam_repro.paper.run_cell`,
 the keys the paper's tables are indexed by), plus any `--group-by` keys; the arm is the optimizer's name, refined
 by `--group-by optimizer.*` keys (`sam[rho=0.1]`). Runs of one (cell, arm) may differ only in the config keys of
-`RUN_SPECIFIC_KEYS`; any other difference is reported as a warning, since their mean would mix experiments.
+`run_keys.TABLE_NEUTRAL`; any other difference is reported as a warning, since their mean would mix experiments.
 
 Also the orders and labels that make every table deterministic: cells sort by their values (numbers numerically,
 None last), arms SGD first, then SAM, then the rest by name.
@@ -17,16 +17,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sam_repro.analysis.runs import RunRecord, flatten_config
+from sam_repro.analysis.runs import RunRecord
 from sam_repro.paper import CELL_KEYS, CELL_SOURCES, PaperCell, PaperTable, home_table, run_cell
-from sam_repro.run_keys import TABLE_NEUTRAL
+from sam_repro.run_keys import TABLE_NEUTRAL, flatten, matches
 
 BASELINE = "sgd"
-
-# Config keys that may differ between the runs of one arm without making them different experiments: the keys that
-# never change a result, plus seeds and labels (sam_repro.run_keys). Any other difference is reported as a warning
-# (a mean over runs with different learning rates is not a number anyone wants).
-RUN_SPECIFIC_KEYS = TABLE_NEUTRAL
 
 ABSENT = "—"
 
@@ -149,11 +144,11 @@ def cell_label(cell: Mapping[str, Any]) -> str:
 
 
 def is_run_specific(dotted: str) -> bool:
-    """A config key that may differ between averaged runs (see RUN_SPECIFIC_KEYS; `_`-keys are bookkeeping)."""
-    parts = dotted.split(".")
-    return any(p.startswith("_") for p in parts) or any(
-        dotted == k or dotted.startswith(k + ".") for k in RUN_SPECIFIC_KEYS
-    )
+    """A config key that may differ between the runs of one arm without making them different experiments: the keys
+    that never change a result, plus seeds and labels (`run_keys.TABLE_NEUTRAL`); `_`-keys are bookkeeping. Any other
+    difference is reported as a warning (a mean over runs with different learning rates is not a number anyone
+    wants)."""
+    return any(p.startswith("_") for p in dotted.split(".")) or matches(dotted, TABLE_NEUTRAL)
 
 
 def mixed_config_warnings(groups: Mapping[tuple, Mapping[str, list[RunRecord]]], excluded: set[str]) -> list[str]:
@@ -162,7 +157,7 @@ def mixed_config_warnings(groups: Mapping[tuple, Mapping[str, list[RunRecord]]],
     for cell in sorted(groups, key=lambda c: cell_order(dict(c))):
         for arm in sorted(groups[cell]):
             runs = [r for r in groups[cell][arm] if r.source not in excluded]
-            flats = [flatten_config(r.config) for r in runs]
+            flats = [flatten(r.config) for r in runs]
             keys = sorted({k for flat in flats for k in flat if not is_run_specific(k)})
             differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
             if differing:

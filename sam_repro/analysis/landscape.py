@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sam_repro.analysis.loading import evaluate
+from sam_repro.analysis.loading import evaluate_batches
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -61,21 +61,27 @@ def _displaced(model: nn.Module):
     """Yield a function that sets the parameters to w + sum_i c_i d_i; the weights are restored on exit."""
     params = list(model.parameters())
     originals = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def displace(coefficients: Sequence[float], directions: Sequence[Sequence[torch.Tensor]]) -> None:
-        for index, (param, weights) in enumerate(zip(params, originals)):
-            value = weights.clone()
-            for coefficient, direction in zip(coefficients, directions):
-                value.add_(direction[index], alpha=coefficient)
-            param.copy_(value)
-
     try:
-        yield displace
+        yield lambda coefficients, directions: _displace(params, originals, coefficients, directions)
     finally:
         with torch.no_grad():
             for param, weights in zip(params, originals):
                 param.copy_(weights)
+
+
+@torch.no_grad()
+def _displace(
+    params: Sequence[torch.Tensor],
+    originals: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    directions: Sequence[Sequence[torch.Tensor]],
+) -> None:
+    """Set `params` to their `originals` + sum_i coefficients[i] * directions[i]."""
+    for index, (param, weights) in enumerate(zip(params, originals)):
+        value = weights.clone()
+        for coefficient, direction in zip(coefficients, directions):
+            value.add_(direction[index], alpha=coefficient)
+        param.copy_(value)
 
 
 @contextmanager
@@ -107,7 +113,7 @@ def loss_curve(
     with _eval_mode(model), _displaced(model) as displace:
         for alpha in tqdm(alphas, desc="landscape 1d", disable=not progress, leave=False):
             displace([alpha], [direction])
-            result = evaluate(model, batches, criterion)
+            result = evaluate_batches(model, batches, criterion)
             losses.append(result.loss)
             errors.append(result.top1_error)
     return {"alpha": list(alphas), "loss": losses, "error": errors}
@@ -131,7 +137,7 @@ def loss_surface(
         for i, beta in enumerate(betas):
             for j, alpha in enumerate(alphas):
                 displace([alpha, beta], directions)
-                result = evaluate(model, batches, criterion)
+                result = evaluate_batches(model, batches, criterion)
                 losses[i][j], errors[i][j] = result.loss, result.top1_error
                 bar.update()
     bar.close()
@@ -168,7 +174,7 @@ def interpolation_curve(
             weight = alpha if key in parameters else min(max(alpha, 0.0), 1.0)
             mixed[key] = torch.lerp(value, state_b[key].to(value.device), weight)
         probe.load_state_dict(mixed)
-        result = evaluate(probe, batches, criterion)
+        result = evaluate_batches(probe, batches, criterion)
         losses.append(result.loss)
         errors.append(result.top1_error)
     return {"alpha": list(alphas), "loss": losses, "error": errors}

@@ -1,14 +1,14 @@
 """Inputs and outputs of the analysis commands (`sam-analyze`, `sam-eval`).
 
 Owns four things the analyses share, so that each of them is only its mathematics:
-  * `open_run` / `load_run`: a trained network back from a run directory (`<run>/checkpoints/last.pt`, where
+  * `open_run` / `load_trained_model`: a trained network back from a run directory (`<run>/checkpoints/last.pt`, where
     sam-train writes it: docs/training.md, "Outputs") or a `.pt` checkpoint written by `sam-train`, rebuilt with
     `hydra.utils.instantiate(cfg.model)` from the config stored in the checkpoint itself (so the weights and the
     architecture always come from the same file);
   * `load_split`: the images of a dataset split (the test split, or the training set exactly as the run saw it) as
     uint8, normalized batch by batch, optionally a seeded subset (the fixed sample the Hessian, m-sharpness and
     landscapes are computed on);
-  * `evaluate`: mean loss, top-1 and top-5 error in percent, over the trainer's evaluation loop
+  * `evaluate_batches`: mean loss, top-1 and top-5 error in percent, over the trainer's evaluation loop
     (`engine.evaluation.evaluation_sums`);
   * `write_json`: result files written atomically (`sam_repro.files`); their plots go through the one figure
     writer, `analysis.plots.save_figure`, with the provenance record in their text chunks.
@@ -38,11 +38,10 @@ from sam_repro.data.augment import normalize
 from sam_repro.data.noise import corrupt_labels
 from sam_repro.engine.checkpoint import FORMAT, load_checkpoint
 from sam_repro.engine.evaluation import evaluation_sums
+from sam_repro.engine.rundir import RunFiles
 from sam_repro.errors import CheckpointError, ConfigError, DataError
 from sam_repro.files import atomic_write_json
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
-CHECKPOINT_FORMAT = FORMAT
 # Prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) put on state-dict keys. sam-train saves the
 # unwrapped model's state dict; stripping them anyway lets a hand-saved checkpoint load too.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -96,7 +95,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A run directory -> its `checkpoints/last.pt`; a file -> itself. CheckpointError when there is none."""
     path = Path(path).expanduser()
     if path.is_dir():
-        checkpoint = path / CHECKPOINT
+        checkpoint = RunFiles(path).checkpoint
         if not checkpoint.is_file():
             raise CheckpointError(
                 f"{checkpoint} not found: {path} holds no checkpoint yet (pass a run directory written by sam-train "
@@ -113,9 +112,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     payload = load_checkpoint(path, sam_repro_format=False)  # the one safe loader (weights_only, CPU)
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), Mapping):
         raise CheckpointError(f"{path} has no 'model' state dict: not a checkpoint written by sam-train")
-    if payload.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+    if payload.get("format", FORMAT) != FORMAT:
         raise CheckpointError(
-            f"{path} has checkpoint format {payload.get('format')!r}; this version reads format {CHECKPOINT_FORMAT}"
+            f"{path} has checkpoint format {payload.get('format')!r}; this version reads format {FORMAT}"
         )
     return payload
 
@@ -124,7 +123,7 @@ def _run_config(payload: Mapping[str, Any], checkpoint: Path) -> DictConfig:
     """The config saved with the weights; the run directory's config.yaml for checkpoints that lack one."""
     if payload.get("config") is not None:
         return OmegaConf.create(payload["config"])
-    config_yaml = checkpoint.parent.parent / "config.yaml"
+    config_yaml = RunFiles.of_checkpoint(checkpoint).config
     if config_yaml.is_file():
         return OmegaConf.load(config_yaml)
     raise CheckpointError(f"{checkpoint} carries no config and {config_yaml} does not exist: cannot rebuild the model")
@@ -156,7 +155,7 @@ def open_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Run
     return Run(model=model, cfg=cfg, checkpoint=checkpoint, epoch=payload.get("epoch"), step=payload.get("step"))
 
 
-def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig]:
+def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, DictConfig]:
     """(model, cfg) of a run directory or `.pt` checkpoint; the model in eval mode on `device`."""
     run = open_run(path, device)
     return run.model, run.cfg
@@ -294,7 +293,7 @@ class Evaluation:
     num_examples: int
 
 
-def evaluate(
+def evaluate_batches(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     criterion=F.cross_entropy,
@@ -338,8 +337,8 @@ def file_stem(path: str | os.PathLike) -> str:
     """
     path = Path(path).expanduser().resolve()
     if path.is_file():
-        if path.parent.name == CHECKPOINT.parent.name:
-            parts = [*path.parent.parent.parts[-3:], *([] if path.name == CHECKPOINT.name else [path.stem])]
+        if RunFiles.in_checkpoints(path):
+            parts = [*path.parent.parent.parts[-3:], *([] if path.name == RunFiles.CHECKPOINT else [path.stem])]
         else:
             parts = [*path.parent.parts[-2:], path.stem]
     else:

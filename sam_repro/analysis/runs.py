@@ -20,13 +20,9 @@ from typing import Any
 
 import yaml
 
+from sam_repro.engine.rundir import RunFiles
 from sam_repro.errors import DataError
 from sam_repro.paper import config_value, run_epochs
-from sam_repro.run_keys import flatten as flatten_config  # noqa: F401 -- re-exported: the tables flatten with it
-
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
 
 FINISHED = "finished"
 STOPPED = "stopped"  # the trainer's status of a run that trainer.max_steps stopped short of its schedule
@@ -97,7 +93,7 @@ def find_run_dirs(roots: Iterable[str | os.PathLike]) -> list[Path]:
         if not root_path.is_dir():
             raise DataError(f"{root}: no such directory (pass run directories or folders that contain them)")
         for current, subdirs, files in os.walk(root_path):
-            if CONFIG_FILE in files:
+            if RunFiles.CONFIG in files:
                 found.setdefault(Path(current).resolve(), Path(current))
                 subdirs.clear()
             else:
@@ -127,8 +123,9 @@ def _read_summary(path: Path) -> Mapping[str, Any]:
 
 def load_run(directory: Path) -> RunRecord:
     """Read one run directory. A missing summary.json gives status "no-summary" (the run never wrote one)."""
-    config = _read_yaml(directory / CONFIG_FILE)
-    summary_path = directory / SUMMARY_FILE
+    files = RunFiles(directory)
+    config = _read_yaml(files.config)
+    summary_path = files.summary
     if not summary_path.exists():
         return RunRecord(directory.as_posix(), config, {}, NO_SUMMARY, "no summary.json", directory)
     summary = _read_summary(summary_path)
@@ -142,7 +139,7 @@ def load_runs(roots: Iterable[str | os.PathLike]) -> list[RunRecord]:
     directories = find_run_dirs(roots)
     if not directories:
         shown = " ".join(str(r) for r in roots)
-        raise DataError(f"no runs found under {shown} (a run directory holds {CONFIG_FILE} and {SUMMARY_FILE})")
+        raise DataError(f"no runs found under {shown} (a run directory holds {RunFiles.CONFIG} and {RunFiles.SUMMARY})")
     return [load_run(d) for d in directories]
 
 
@@ -152,7 +149,7 @@ def load_metrics(directory: Path) -> list[dict[str, Any]]:
     A run killed while writing leaves a truncated last line; it is dropped rather than failing the whole report.
     A corrupt line anywhere else is a DataError.
     """
-    path = directory / METRICS_FILE
+    path = RunFiles(directory).metrics
     if not path.exists():
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]

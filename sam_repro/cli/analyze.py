@@ -60,6 +60,7 @@ from sam_repro.engine.compat import set_tf32
 from sam_repro.engine.distributed import resolve_device
 from sam_repro.engine.loggers import progress_mode
 from sam_repro.engine.provenance import provenance
+from sam_repro.engine.rundir import RunFiles
 from sam_repro.errors import CheckpointError, ConfigError, SamReproError
 
 
@@ -144,9 +145,8 @@ def beside_run(path: str) -> Path:
     `checkpoints/`, else the folder holding the file), never a shared folder where runs overwrite each other."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return path / "analysis"
-    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return folder / "analysis"
+        return RunFiles(path).analysis
+    return (RunFiles.of_checkpoint(path) if RunFiles.in_checkpoints(path) else RunFiles(path.parent)).analysis
 
 
 def _number(value: float) -> str:

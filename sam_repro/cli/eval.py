@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sam_repro.analysis.loading import evaluate, load_split, open_run
+from sam_repro.analysis.loading import evaluate_batches, load_split, open_run
 from sam_repro.engine.compat import set_tf32
 from sam_repro.engine.distributed import resolve_device
 from sam_repro.engine.loggers import PROGRESS_MODES, progress_mode
@@ -57,7 +57,7 @@ def evaluate_run(
         leave=False,
     )
     with torch.inference_mode():
-        result = evaluate(run.model, batches)
+        result = evaluate_batches(run.model, batches)
     return {
         "run": str(path),
         "checkpoint": str(run.checkpoint),

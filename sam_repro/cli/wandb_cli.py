@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sam_repro.errors import ConfigError, DataError, SamReproError
+from sam_repro.files import atomic_write_text
 from sam_repro.paper import TABLE_IDS
 
 SYNC_COMMAND_ENV = "SAM_WANDB_SYNC_COMMAND"
@@ -100,7 +101,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.dry_run:
         text = json.dumps(spec, indent=1, ensure_ascii=False) + "\n"
         if args.out:
-            Path(args.out).write_text(text)
+            atomic_write_text(args.out, text)
             print(f"wrote {args.out}: {cells}, {len(spec['other_runs'])} other runs left out", file=sys.stderr)
         else:
             sys.stdout.write(text)

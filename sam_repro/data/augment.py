@@ -110,16 +110,15 @@ class Draws:
     def stack(draws: Sequence[Draws], device: torch.device) -> Draws:
         """The draws of several batches as one Draws with a leading batch dimension, on `device` (one copy per
         field); index it with `[i]`. Pinned first for a GPU, so the copies do not block."""
-
-        def field(values):
-            return None if not draws or values[0] is None else host_to_device(torch.stack(values), device)
-
-        return Draws(
-            field([d.offsets for d in draws]), field([d.flips for d in draws]), field([d.centres for d in draws])
-        )
+        return Draws(*(_stacked([getattr(d, name) for d in draws], device) for name in ("offsets", "flips", "centres")))
 
     def __getitem__(self, i: int) -> Draws:
         return Draws(*(None if t is None else t[i] for t in (self.offsets, self.flips, self.centres)))
+
+
+def _stacked(values: list[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
+    """One field of several batches' draws stacked on `device` (None for no batches or a field not drawn)."""
+    return None if not values or values[0] is None else host_to_device(torch.stack(values), device)
 
 
 class BatchAugment:

@@ -59,38 +59,40 @@ def download_url(url: str, dest: Path, md5: str | None, *, timeout: float = CONN
     Raises Unreachable when the host cannot be reached, DataError (naming the file, which is deleted) when the
     bytes that arrived do not have the expected MD5.
     """
-    from tqdm import tqdm  # imported here: only a real download needs it
-
-    digest = hashlib.md5()
-
-    def fetch(out) -> None:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc=dest.name,
-                leave=False,
-                disable=total is not None and total < PROGRESS_MIN_BYTES,
-            ) as bar:
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if md5 is not None and digest.hexdigest() != md5:  # raised inside the write: the partial file is deleted
-            raise DataError(
-                f"{dest.name} downloaded from {url} has MD5 {digest.hexdigest()}, expected {md5}; "
-                "the corrupt download was deleted: run again, or put a good copy at " + str(dest)
-            )
-
     try:
-        atomic_write_bytes(dest, fetch)
+        atomic_write_bytes(dest, lambda out: _fetch(url, out, dest, md5, timeout))
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
         raise Unreachable(f"{url}: {reason}") from exc
     log.info("downloaded %s -> %s", url, dest)
     return dest
+
+
+def _fetch(url: str, out, dest: Path, md5: str | None, timeout: float) -> None:
+    """Write what `url` serves into the file object `out` (the temporary file of `dest`), with a progress bar for
+    a large file; DataError when its MD5 is not `md5` (raised inside the write: the partial file is deleted)."""
+    from tqdm import tqdm  # imported here: only a real download needs it
+
+    digest = hashlib.md5()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=dest.name,
+            leave=False,
+            disable=total is not None and total < PROGRESS_MIN_BYTES,
+        ) as bar:
+            while chunk := response.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    if md5 is not None and digest.hexdigest() != md5:
+        raise DataError(
+            f"{dest.name} downloaded from {url} has MD5 {digest.hexdigest()}, expected {md5}; "
+            "the corrupt download was deleted: run again, or put a good copy at " + str(dest)
+        )
 
 
 def npm_pack(spec: str, dest_dir: Path, *, timeout: float = 900.0) -> Path:

@@ -113,18 +113,27 @@ class TrainLoader:
         cpu_augment, cpu_images = self.cpu_augment, self.cpu_images
         if cpu_augment is None or cpu_images is None or not len(cpu_indices):
             return
-
-        def augment(i: int) -> torch.Tensor:
-            images = cpu_augment(cpu_images[cpu_indices[i]], generators[i])
-            return images.pin_memory() if pinned else images
-
+        planned = [(cpu_augment, cpu_images, cpu_indices[i], generators[i], pinned) for i in range(len(cpu_indices))]
         with ThreadPoolExecutor(max_workers=1) as pool:
-            ahead = pool.submit(augment, 0)
-            for i in range(len(cpu_indices)):
+            ahead = pool.submit(_augmented, *planned[0])
+            for i in range(len(planned)):
                 images = ahead.result()
-                if i + 1 < len(cpu_indices):
-                    ahead = pool.submit(augment, i + 1)
+                if i + 1 < len(planned):
+                    ahead = pool.submit(_augmented, *planned[i + 1])
                 yield images.to(self.images.device, non_blocking=True)
+
+
+def _augmented(
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    generator: torch.Generator,
+    pinned: bool,
+) -> torch.Tensor:
+    """AutoAugment's `augment` of one batch (`images[indices]`, uint8 on the CPU), pinned for the copy to a GPU if
+    `pinned`; run in the loader's thread."""
+    out = augment(images[indices], generator)
+    return out.pin_memory() if pinned else out
 
 
 class EvalLoader:

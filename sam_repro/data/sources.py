@@ -129,13 +129,11 @@ def _read_fashion_mnist_debian() -> Splits:
     return fashion_mnist.read_fashion_mnist(folder)
 
 
-def _svhn_reader(*train: str, test: str) -> Callable[[Path], Splits]:
-    def read(folder: Path) -> Splits:
-        train_images, train_labels = svhn.read_svhn_mats([folder / name for name in train])
-        test_images, test_labels = svhn.read_svhn_mats([folder / test])
-        return Splits(train_images, train_labels, test_images, test_labels)
-
-    return read
+def _read_svhn(folder: Path, train: tuple[str, ...], test: str) -> Splits:
+    """SVHN's training files `train` (one, or train and extra) and its test file, in `folder`."""
+    train_images, train_labels = svhn.read_svhn_mats([folder / name for name in train])
+    test_images, test_labels = svhn.read_svhn_mats([folder / test])
+    return Splits(train_images, train_labels, test_images, test_labels)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -160,7 +158,7 @@ DATASETS: dict[str, DatasetSpec] = {
         10,
         "svhn",
         (_SVHN_TRAIN, _SVHN_TEST),
-        read=_svhn_reader(_SVHN_TRAIN.filename, test=_SVHN_TEST.filename),
+        read=lambda folder: _read_svhn(folder, (_SVHN_TRAIN.filename,), _SVHN_TEST.filename),
     ),
     # The paper's SVHN results train on train + extra (73,257 + 531,131 images) [docs/paper_reference.md 2.1].
     "svhn_extra": DatasetSpec(
@@ -168,7 +166,7 @@ DATASETS: dict[str, DatasetSpec] = {
         10,
         "svhn",
         (_SVHN_TRAIN, _SVHN_EXTRA, _SVHN_TEST),
-        read=_svhn_reader(_SVHN_TRAIN.filename, _SVHN_EXTRA.filename, test=_SVHN_TEST.filename),
+        read=lambda folder: _read_svhn(folder, (_SVHN_TRAIN.filename, _SVHN_EXTRA.filename), _SVHN_TEST.filename),
     ),
     "fashion_mnist": DatasetSpec(
         "fashion_mnist",

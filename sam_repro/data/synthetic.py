@@ -24,16 +24,17 @@ def synthetic_arrays(
     rng = np.random.default_rng(image_seed)
     shape = (image_size, image_size, in_channels)
     prototypes = rng.integers(0, 256, size=(num_classes, *shape), dtype=np.uint8)
-
-    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = rng.integers(0, num_classes, size=n, dtype=np.int64)
-        noise = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
-        images = (prototypes[labels] >> 1) + (noise >> 1)  # at most 127 + 127: no overflow
-        return images, labels
-
-    train_images, train_labels = split(train_size)
-    test_images, test_labels = split(test_size)
+    train_images, train_labels = _split(rng, prototypes, train_size)
+    test_images, test_labels = _split(rng, prototypes, test_size)
     return DatasetArrays(NAME, num_classes, train_images, train_labels, test_images, test_labels)
+
+
+def _split(rng: np.random.Generator, prototypes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images, each its class's prototype plus noise (half of each), drawn from `rng`."""
+    labels = rng.integers(0, len(prototypes), size=n, dtype=np.int64)
+    noise = rng.integers(0, 256, size=(n, *prototypes.shape[1:]), dtype=np.uint8)
+    images = (prototypes[labels] >> 1) + (noise >> 1)  # at most 127 + 127: no overflow
+    return images, labels
 
 
 def from_config(ds) -> DatasetArrays:

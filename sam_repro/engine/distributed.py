@@ -24,9 +24,10 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -160,6 +161,38 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def slurm_master_port(job_id: str) -> int:
     """The port every rank of a SLURM job agrees on without talking: derived from the job id."""
     return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+# ---- ranks on this machine (tests, benchmarks, the GPU check) --------------------------------------------------
+
+LOCALHOST = "127.0.0.1"
+
+
+def free_port(candidates: Iterable[int] | None = None) -> int:
+    """A TCP port on this machine that nobody listens on: one the kernel picks, or the first of `candidates` that
+    binds (e.g. ports a SLURM job id can derive). Free when asked: the caller's rendezvous binds it soon after."""
+    for port in [0] if candidates is None else candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOCALHOST, port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("none of the candidate ports is free")
+
+
+def torchrun_command(ranks: int, *args: str) -> list[str]:
+    """`python -m torch.distributed.run` with `ranks` processes on this machine, meeting at a free port of
+    127.0.0.1, then `args`: torchrun's own options, then what each rank runs (`-m sam_repro.train ...`, a script)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        f"--master_addr={LOCALHOST}",
+        f"--master_port={free_port()}",
+        *args,
+    ]
 
 
 # ---- reading the launcher's environment ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What the trainer measures on held-out and training data at an evaluated epoch.
 
   * `evaluation_sums`: the one evaluation loop (summed loss, top-1 and top-5 hits, count), also behind sam-eval and
-    the analyses (`analysis.loading.evaluate`);
+    the analyses (`analysis.loading.evaluate_batches`);
   * `evaluate`: exact top-1 / top-5 error and mean loss over a whole split, summed over ranks;
   * `memorization`: for runs with label noise, how much of the *corrupted* training labels the network has learnt
     (the paper's label-noise mechanism, section 3.3: plain SGD memorises the flipped labels, SAM does not).
@@ -31,7 +31,8 @@ def evaluation_sums(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor | None, int | None]:
-    """The one evaluation loop (the trainer's `evaluate`, sam-eval's and the analyses' `analysis.loading.evaluate`).
+    """The one evaluation loop (the trainer's `evaluate`, and `analysis.loading.evaluate_batches` for sam-eval and
+    the analyses).
 
     Runs the model as it is (the caller sets eval mode) over `batches` of (inputs, targets) and returns
     `(sums, num_classes)`: `sums` is [summed loss, top-1 correct, top-5 correct, examples] as float64 on `device`

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_repro.engine.checkpoint import atomic_write_bytes
 from sam_repro.engine.distributed import all_reduce_sum
 from sam_repro.engine.provenance import redact
+from sam_repro.engine.rundir import RunFiles
 from sam_repro.paper import paper_value_of_preset, run_group
 
 log = logging.getLogger("sam_repro")
@@ -100,7 +101,7 @@ class MetricsLogger:
         resume_step: int = 0,
     ):
         self.cfg, self.run_dir, self.enabled = cfg, run_dir, env.is_main
-        self.path, self.steps_path = run_dir / "metrics.jsonl", run_dir / "steps.jsonl"
+        self.path, self.steps_path = RunFiles(run_dir).metrics, RunFiles(run_dir).steps
         self.rows: list[dict] = []
         self.step_rows: list[dict] = []
         self.wandb_run = None

@@ -8,6 +8,9 @@ of the name; an explicit `hydra.run.dir=...` always wins. The runs root is `$SAM
 derives the same path outside Hydra, for the scripts, the demo and (`python -m sam_repro.engine.rundir`) the shell
 scripts.
 
+The files in a run directory are named in one place, `RunFiles`: every reader and writer of a run directory (the
+trainer, sam-train, the loggers, the analyses, the acceptance run, the scripts) takes its paths from there.
+
 Run identity: the directory's `config.yaml` records the configuration that defines its training. Every start
 compares the composed configuration with it (`config_changes`) and, on any difference in a training key, stops
 before any work unless `trainer.resume=force` (recorded in summary.json). A key that the record lacks (a run
@@ -24,7 +27,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sam_repro.run_keys import IDENTITY_NEUTRAL, RUN_NAME_NEUTRAL, flatten, matches
 
@@ -32,9 +35,75 @@ MAX_NAME = 180
 RUNS_DIR_ENV = "SAM_RUNS_DIR"  # read by the root config's `run_root` too
 DEFAULT_RUNS_ROOT = "runs"
 DEFAULT_SEED = 0  # the root config's `seed`
-CONFIG_FILE = "config.yaml"
-LOCK_FILE = ".lock"
 log = logging.getLogger("sam_repro")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The layout of one run directory: `RunFiles(run_dir).summary` is `<run_dir>/summary.json`, and so on. The
+    names (class attributes) are for code that matches files rather than opening one (`find_run_dirs`)."""
+
+    root: Path
+
+    CONFIG: ClassVar[str] = "config.yaml"  # the resolved configuration the run trains with (its identity)
+    SUMMARY: ClassVar[str] = "summary.json"  # status, final numbers, errors, provenance
+    METRICS: ClassVar[str] = "metrics.jsonl"  # one row per epoch
+    STEPS: ClassVar[str] = "steps.jsonl"  # a row every logger.log_every_steps optimizer steps
+    CHECKPOINTS: ClassVar[str] = "checkpoints"  # the folder of the checkpoint
+    CHECKPOINT: ClassVar[str] = "last.pt"  # the one checkpoint, in CHECKPOINTS
+    LOG: ClassVar[str] = "train.log"  # written by Hydra's logging (configs/hydra/job_logging/sam.yaml names it too)
+    HYDRA_RECORD: ClassVar[str] = ".hydra"  # Hydra's record of the run, written by sam-train
+    LOCK: ClassVar[str] = ".lock"  # `RunDirLock`'s file
+    ANALYSIS: ClassVar[str] = "analysis"  # sam-analyze's default output folder
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | os.PathLike) -> RunFiles:
+        """The run directory a checkpoint lies in as `<run>/checkpoints/<file>` (for any file: its grandparent)."""
+        return cls(Path(checkpoint).parent.parent)
+
+    @classmethod
+    def in_checkpoints(cls, path: str | os.PathLike) -> bool:
+        """Whether `path` lies in a folder named as a run's checkpoint folder."""
+        return Path(path).parent.name == cls.CHECKPOINTS
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def summary(self) -> Path:
+        return self.root / self.SUMMARY
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def steps(self) -> Path:
+        return self.root / self.STEPS
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / self.CHECKPOINTS / self.CHECKPOINT
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / self.LOG
+
+    @property
+    def hydra_record(self) -> Path:
+        return self.root / self.HYDRA_RECORD
+
+    @property
+    def lock(self) -> Path:
+        return self.root / self.LOCK
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / self.ANALYSIS
 
 
 def override_key(override: str) -> str:
@@ -174,7 +243,7 @@ def read_recorded_config(run_dir: Path) -> dict | None:
 
     from sam_repro.errors import ConfigError
 
-    path = Path(run_dir) / CONFIG_FILE
+    path = RunFiles(run_dir).config
     if not path.exists():
         return None
     try:
@@ -217,7 +286,7 @@ class RunDirLock:
         from sam_repro.errors import ConfigError
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.run_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held until __exit__
+        self.handle = open(RunFiles(self.run_dir).lock, "a+")  # noqa: SIM115 -- held until __exit__
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -44,7 +44,7 @@ from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorizatio
 from sam_repro.engine.loggers import MetricsLogger, Progress, StallWatch, StepCurves, paper_summary
 from sam_repro.engine.preemption import StopSignal, holding, requeue_after_lost_rank
 from sam_repro.engine.provenance import provenance
-from sam_repro.engine.rundir import CONFIG_FILE
+from sam_repro.engine.rundir import RunFiles
 from sam_repro.engine.step import StepContext, step_function
 from sam_repro.errors import CheckpointError, SamReproError
 from sam_repro.files import atomic_write_text
@@ -52,9 +52,6 @@ from sam_repro.models import convert_sync_batchnorm
 from sam_repro.optim.factory import build_optimizer, build_sam_schedule, build_schedule
 
 log = logging.getLogger("sam_repro")
-
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 
 
 class NonFiniteLoss(SamReproError):
@@ -152,12 +149,16 @@ class _Run:
     reason: str | None = None
 
     @property
+    def files(self) -> RunFiles:
+        return RunFiles(self.run_dir)
+
+    @property
     def summary_path(self) -> Path:
-        return self.run_dir / SUMMARY_FILE
+        return self.files.summary
 
     @property
     def ckpt_path(self) -> Path:
-        return self.run_dir / CHECKPOINT_FILE
+        return self.files.checkpoint
 
     def wall_time(self) -> float:
         return self.wall_before + time.time() - self.start_time
@@ -172,7 +173,7 @@ def stopped_reason(max_steps: int, step: int, planned: int) -> str:
 
 def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, forced: list[dict]) -> dict:
     start_time = time.time()
-    previous = _previous_summary(run_dir / SUMMARY_FILE, env, forced)
+    previous = _previous_summary(RunFiles(run_dir).summary, env, forced)
     if previous.get("status") == "finished":
         log.info(
             "run already finished: %s (test error %.2f%%); delete the directory to train again",
@@ -341,7 +342,7 @@ def _open_outputs(run: _Run, previous: dict) -> None:
         run.summary["resume_forced"] = previous["resume_forced"]
     if env.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run.files.config, OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_json(run.summary_path, run.summary)
     run.stop = StopSignal(env)
     log.info(

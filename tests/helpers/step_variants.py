@@ -5,12 +5,11 @@ precision (fp32, bf16, fp16)."""
 from __future__ import annotations
 
 import contextlib
-from types import SimpleNamespace
 
 import torch
 
 from sam_repro.engine.step import StepContext, looksam_step, msam_step, sam_step, sgd_step, step_function
-from sam_repro.optim.factory import build_optimizer
+from sam_repro.optim.factory import create_optimizer
 from sam_repro.optim.sam_schedule import SamSchedule
 
 OPTIMIZERS = ("sgd", "sam", "looksam", "asam", "gsam", "msam", "sam_every2")
@@ -29,27 +28,20 @@ STEPS["sam_every2"] = step_function("sam", SamSchedule(every=2))  # a SAM step, 
 def optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The paper's recipe (Nesterov SGD, L2 weight decay) for `name`, through the project's factory; LookSAM with
     k = 2, so that a few steps take both of its kinds of step."""
-    cfg = SimpleNamespace(
-        name="sam" if name == "sam_every2" else name,
-        base="sgd",
-        lr=0.1,
+    rho = {"asam": 0.5, "msam": 3.0}.get(name, 0.05)
+    options = dict(k=2, alpha=0.7) if name == "looksam" else dict(rho_max=0.05, rho_min=0.0, alpha=0.01, lr_min=0.0)
+    return create_optimizer(
+        model,
+        "sam" if name == "sam_every2" else name,
+        0.1,
         momentum=0.9,
         nesterov=True,
         weight_decay=5e-4,
-        weight_decay_mode="l2",
-        rho=0.5 if name == "asam" else 0.05,
+        rho=rho,
         adaptive=name == "asam",
         eta=0.01 if name == "asam" else 0.0,
-        p=2,
-        k=2,
-        alpha=0.01 if name == "gsam" else 0.7,
-        rho_max=0.05,
-        rho_min=0.0,
-        lr_min=0.0,
+        **options,
     )
-    if name == "msam":
-        cfg.rho = 3.0
-    return build_optimizer(cfg, model)
 
 
 def context(precision: str, device: torch.device, group_size: int, grad_clip: float | None = 5.0) -> StepContext:
