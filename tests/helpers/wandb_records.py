@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,21 @@ class OfflineRun:
     exit_code: int | None = None
 
 
+HANG_GUARD_S = 120.0  # W&B's core process writes the file after `finish()` returns: wait for its exit record
+
+
 def read_offline_run(path: Path) -> OfflineRun:
+    """The run as W&B recorded it, once the file is complete: `wandb.finish()` returns before W&B's core process has
+    flushed the file, so this waits for the exit record (progress, not a time; the guard only stops a hang)."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while True:
+        run = _read(path)
+        if run.exit_code is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.1)
+
+
+def _read(path: Path) -> OfflineRun:
     out = OfflineRun()
     for record in records(path):
         kind = record.WhichOneof("record_type")
