@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from sam_repro.data import Data, build_data
 from sam_repro.engine import backends
 from sam_repro.engine.checkpoint import atomic_write_json, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from sam_repro.engine.config import validate
 from sam_repro.engine.distributed import (
     DistEnv,
     all_reduce_mean_,
@@ -238,8 +237,8 @@ def _previous_summary(summary_path: Path, env: DistEnv, forced: list[dict]) -> d
 
 
 def _setup(cfg: DictConfig, run_dir: Path, env: DistEnv, start_time: float) -> _Run:
-    """Validate the config, seed, and build the data, model, optimizer, schedule and step context."""
-    validate(cfg, env)
+    """Seed, and build the data, model, optimizer, schedule and step context. `cfg` was checked where the run was
+    started (`sam-train`: `sam_repro.train.checked_config`; in-process callers: `engine.config.validate`)."""
     _set_threads(cfg)
     device = env.device
     torch.manual_seed(cfg.seed)
