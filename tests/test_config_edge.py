@@ -1,6 +1,6 @@
 """A start resolves its config once and checks it once, at sam-train's edge (`sam_repro.train.checked_config`), and
-the trainer and the builders it calls check nothing again. In-process `sam-train` starts on generated data
-(seconds)."""
+the trainer and the builders it calls check nothing again; the fault tests' hook lives outside the config
+(SAM_REPRO_FAULT, `sam_repro.engine.faults`). In-process `sam-train` starts on generated data (seconds)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ from collections import Counter
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 import sam_repro.engine.config as config_module
 from sam_repro import train as train_cli
 from sam_repro.engine.config import validate, validate_config
 from sam_repro.engine.distributed import DistEnv
-from sam_repro.engine.rundir import register_resolvers
+from sam_repro.engine.faults import FAULT_ENV, Faults, read_faults
+from sam_repro.engine.overrides import check_overrides
+from sam_repro.engine.rundir import config_changes, register_resolvers
 from sam_repro.errors import ConfigError
+from sam_repro.run_keys import NEUTRAL_KEYS, RETIRED_KEYS, matches
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
 # ResNet-8 on 256 generated images, batch 64: one epoch of 4 steps.
@@ -37,6 +42,7 @@ def start(monkeypatch, tmp_path):
     """`start(*overrides)`: `sam-train <overrides>` in this process, runs under tmp_path/runs; its exit status
     (0 when it returned). Hydra's logging set-up and global state are put back afterwards."""
     monkeypatch.setenv("SAM_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv(FAULT_ENV, raising=False)
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     sam_logger = logging.getLogger("sam_repro")
@@ -144,3 +150,88 @@ def test_imagenet_s_unsupported_keys_are_refused_by_the_config_check(override, m
     with pytest.raises(ConfigError) as refused:
         validate(compose_train("dataset=imagenet", override), CPU)
     assert str(refused.value) == message
+
+
+# ---- the fault hook: an environment variable, not a config key ------------------------------------------------
+
+
+def test_the_fault_hooks_are_no_config_keys():
+    cfg = compose_train()
+    assert not [key for key in OmegaConf.to_container(cfg.trainer) if "inject" in key or "fault" in key]
+    for key in RETIRED_KEYS:
+        with pytest.raises(ConfigError, match=f"^unknown key {key}: the trainer group has no such setting"):
+            check_overrides([f"{key}=4"])
+
+
+@pytest.mark.parametrize(
+    "value, faults",
+    [
+        ("", Faults()),
+        ("nonfinite_at_step=4", Faults(4, None)),
+        ("nonfinite_at_step=4,nonfinite_rank=1", Faults(4, 1)),
+        (" nonfinite_rank = 0 , nonfinite_at_step = 7 ", Faults(7, 0)),
+    ],
+)
+def test_sam_repro_fault_is_read(value, faults):
+    assert read_faults(2, {FAULT_ENV: value}) == faults
+    assert read_faults(2, {}) == Faults() and not Faults()
+
+
+def test_a_fault_hits_its_step_on_its_rank_only():
+    everywhere, one = Faults(4, None), Faults(4, 1)
+    assert [everywhere.nonfinite(s, r) for s in (3, 4, 5) for r in (0, 1)] == [0, 0, 1, 1, 0, 0]
+    assert [one.nonfinite(s, r) for s in (3, 4, 5) for r in (0, 1)] == [0, 0, 0, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("nonfinite_at_step=-3", "SAM_REPRO_FAULT: nonfinite_at_step must be >= 1 (got -3)"),
+        ("nonfinite_at_step=four", "SAM_REPRO_FAULT: nonfinite_at_step must be an integer (got 'four')"),
+        ("nonfinite_at_step=4,nonfinite_rank=2", "SAM_REPRO_FAULT: nonfinite_rank (2) must be a rank below 2"),
+        ("crash=3", "SAM_REPRO_FAULT='crash=3': expected nonfinite_at_step=N[,nonfinite_rank=R]"),
+        ("nonfinite_rank=1", "SAM_REPRO_FAULT='nonfinite_rank=1': expected nonfinite_at_step=N[,nonfinite_rank=R]"),
+    ],
+)
+def test_a_bad_sam_repro_fault_is_one_line(value, message):
+    with pytest.raises(ConfigError) as refused:
+        read_faults(2, {FAULT_ENV: value})
+    assert str(refused.value) == message
+
+
+def test_sam_repro_fault_makes_the_loss_non_finite_at_its_step(start, monkeypatch, tmp_path, capsys):
+    """The hook end to end, in one process: step 3 of 4 (checks every 2 steps and at the epoch's end) fails the run
+    at its end-of-epoch check; config.yaml records no trace of the hook."""
+    monkeypatch.setenv(FAULT_ENV, "nonfinite_at_step=3")
+    assert start(*RUN, "trainer.log_every=2") == 2
+    run_dir = the_run_dir(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite by step 4" in summary["reason"]
+    assert "SAM_REPRO_FAULT (a test hook): the training loss is made non-finite at step 3" in capsys.readouterr().out
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert not [key for key in recorded["trainer"] if "inject" in key]
+
+
+# ---- run directories written before: they still record the retired keys -------------------------------------
+
+
+def test_the_retired_keys_change_no_run_identity():
+    assert all(matches(key, NEUTRAL_KEYS) for key in RETIRED_KEYS)
+    current = OmegaConf.to_container(compose_train("dataset=synthetic"), resolve=True)
+    recorded = json.loads(json.dumps(current))
+    recorded["trainer"].update({"inject_nonfinite_at_step": None, "inject_nonfinite_rank": None})
+    assert config_changes(recorded, current, lambda keys: {}) == []
+
+
+def test_a_run_directory_that_records_the_retired_keys_is_still_the_same_run(start, tmp_path, capsys):
+    """A run directory written before the keys were removed records them (results/ has such runs): the same
+    command finds it finished, instead of refusing it as another configuration."""
+    assert start(*RUN) == 0
+    run_dir = the_run_dir(tmp_path)
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    recorded["trainer"].update({"inject_nonfinite_at_step": None, "inject_nonfinite_rank": None})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    capsys.readouterr()
+    assert start(*RUN) == 0
+    out = capsys.readouterr().out
+    assert "already finished: test error" in out and "error:" not in out

@@ -63,7 +63,6 @@ def test_defaults_validate():
         ("optimizer.momentum=0", "optimizer.nesterov"),
         ("dataset.mean=[0.5]", "dataset.mean"),
         ("trainer.tf32=maybe", "trainer.tf32"),
-        ("trainer.inject_nonfinite_rank=1", "trainer.inject_nonfinite_rank"),
     ],
 )
 def test_invalid_values_name_their_key(override, key):

@@ -187,8 +187,6 @@ RULES: dict[str, Rule] = {
     "trainer.dist_timeout_s": number(positive=True),
     "trainer.on_corrupt_checkpoint": one_of("error", "restart"),
     "trainer.resume": one_of("auto", "force"),
-    "trainer.inject_nonfinite_at_step": integer(positive=True, null=True),
-    "trainer.inject_nonfinite_rank": integer(min=0, null=True),
     "trainer.stall_epochs": integer(min=0),
     # ---- optimizer: sgd, then what the SAM family adds -----------------------------------------------------------
     "optimizer.name": one_of("sgd", *SAM_FAMILY),
@@ -407,10 +405,6 @@ def check_relations(cfg: DictConfig, world_size: int, device_type: str) -> None:
     if ds.name == "imagenet":
         for key in IMAGENET_UNSUPPORTED:
             _require(not ds.get(key), f"dataset.{key} is not supported for imagenet (got {ds.get(key)})")
-    rank = tr.inject_nonfinite_rank
-    _require(
-        rank is None or rank < world_size, f"trainer.inject_nonfinite_rank ({rank}) must be a rank below {world_size}"
-    )
     _require(
         tr.batch_size % world_size == 0,
         f"trainer.batch_size ({tr.batch_size}) must divide evenly over {world_size} ranks",
