@@ -14,7 +14,10 @@ progress, evaluates, is placed and executed, and checkpoints:
     experiment: a run may resume compiled after starting eager, or on another device. (`trainer.tf32` is not
     among them: like `trainer.precision` it sets how precisely every matmul and convolution is computed);
   * the checkpoint policy and resume: `trainer.on_corrupt_checkpoint`, `trainer.resume`;
-  * test hooks: `trainer.inject_nonfinite_at_step`, `trainer.inject_nonfinite_rank` (fault tests);
+  * retired keys (`RETIRED_KEYS`): keys the config no longer has, which run directories written before their
+    removal still record: `trainer.inject_nonfinite_at_step`, `trainer.inject_nonfinite_rank` (the fault tests'
+    hooks, now the SAM_REPRO_FAULT environment variable, sam_repro/engine/faults.py). Such a run resumes, and is
+    averaged with runs that lack them, as if they were absent;
   * warnings: `trainer.stall_epochs` (when SAM's stall at the chance plateau is reported; it never changes training).
 
 Every other key is a training key. Each use adds named keys to the base list:
@@ -33,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+RETIRED_KEYS = ("trainer.inject_nonfinite_at_step", "trainer.inject_nonfinite_rank")
 NEUTRAL_KEYS = (
     "logger",
     "hydra",
@@ -50,9 +54,8 @@ NEUTRAL_KEYS = (
     "trainer.deterministic",
     "trainer.on_corrupt_checkpoint",
     "trainer.resume",
-    "trainer.inject_nonfinite_at_step",
-    "trainer.inject_nonfinite_rank",
     "trainer.stall_epochs",
+    *RETIRED_KEYS,
 )
 RUN_NAME_NEUTRAL = NEUTRAL_KEYS + ("seed", "experiment")
 IDENTITY_NEUTRAL = NEUTRAL_KEYS

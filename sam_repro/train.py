@@ -6,13 +6,14 @@
 
 The command line is checked before Hydra composes it (`sam_repro.engine.overrides`): an option or key that does
 not exist, or a key of another option of its group (`optimizer.rho` with `optimizer=sgd`), stops with one line.
-Bad values and unknown keys stop before any work with one line naming the key (`error: trainer.epochs must be
->= 1 (got 0)`; the rules are `sam_repro.engine.config.RULES`), and a start with a configuration other than the
-one its run directory was started with stops with one line per changed key (`sam_repro.engine.rundir`); a new run
-directory is then removed again. In a multirun, a job that fails is recorded as failed and the sweep goes on; the
-sweep ends with a tally and exits 1 when any job failed. Every run ends with one line: its status, final and best
-test error, epochs and directory. Exit codes: 0 done, 1 a sweep with failed jobs (or an unexpected error), 2 a
-refused command or a failed run.
+The composed config is resolved and checked once, here (`checked_config`), before the run directory is looked at:
+bad values, unknown keys and constraints between keys or with the machine stop before any work with one line
+naming the key (`error: trainer.epochs must be >= 1 (got 0)`; the rules are `sam_repro.engine.config.RULES`); the
+trainer checks nothing again. A start with a configuration other than the one its run directory was started with
+stops with one line per changed key (`sam_repro.engine.rundir`); a new run directory is then removed again. In a
+multirun, a job that fails is recorded as failed and the sweep goes on; the sweep ends with a tally and exits 1
+when any job failed. Every run ends with one line: its status, final and best test error, epochs and directory.
+Exit codes: 0 done, 1 a sweep with failed jobs (or an unexpected error), 2 a refused command or a failed run.
 
 Hydra's own record of a run (`.hydra/`) is written here, after those checks (`hydra.output_subdir` is null in the
 root config), so a refused start leaves the run directory as it was.
@@ -35,8 +36,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sam_repro.engine.config import resolve_config, validate_config
-from sam_repro.engine.distributed import read_launch_env
+from sam_repro.engine.config import check_relations, check_schema, resolve_config
+from sam_repro.engine.distributed import read_launch_env, resolve_device
 from sam_repro.engine.overrides import check_overrides, config_groups, shown_options
 from sam_repro.engine.provenance import redact
 from sam_repro.engine.rundir import (
@@ -143,12 +144,22 @@ def _rank() -> int:
         return 0  # init_distributed raises the same error inside the app, which reports it in one line
 
 
-def resolved_config(cfg: DictConfig) -> DictConfig:
-    """The composed config with every interpolation resolved (what the run trains with and records) and credentials
-    redacted (`engine.provenance.redact`). An interpolation that cannot be resolved is a ConfigError naming the key
-    (`engine.config.resolve_config`: `dataset.label_noise must be set ...` for a preset's required value)."""
-    resolved = OmegaConf.create(redact(resolve_config(cfg)))
+def checked_config(cfg: DictConfig) -> DictConfig:
+    """The config a start trains with: the composed config resolved once and checked once, here at the edge,
+    before the run directory is looked at; the trainer checks nothing again (`engine.config`).
+
+    Every interpolation is resolved (`engine.config.resolve_config`; one that cannot be resolved is a ConfigError
+    naming the key: `dataset.label_noise must be set ...` for a preset's required value), every leaf is checked
+    against its rule (`check_schema`), credentials are redacted (`engine.provenance.redact`), and the constraints
+    between keys and with this process's machine are checked (`check_relations`: the world size of its launch,
+    the device `trainer.device` names here, as `init_distributed` will pick it)."""
+    tree = resolve_config(cfg)
+    check_schema(tree)
+    resolved = OmegaConf.create(redact(tree))
     OmegaConf.set_struct(resolved, True)
+    launch = read_launch_env()
+    device = resolve_device(resolved.trainer.device, launch.local_rank, launch.launcher)
+    check_relations(resolved, launch.world_size, device.type)
     return resolved
 
 
@@ -295,8 +306,7 @@ def _app(cfg: DictConfig) -> float | None:
     try:
         # Rank 0 holds the run directory while it trains (the other ranks of a job share it).
         with RunDirLock(run_dir) if _rank() == 0 else contextlib.nullcontext() as lock:
-            cfg = resolved_config(cfg)
-            validate_config(cfg)  # types, ranges and unknown keys, before the run directory is compared
+            cfg = checked_config(cfg)  # resolved and checked once, before the run directory is compared
             _check_data_root(cfg)
             forced = check_run_identity(cfg, run_dir, list(hc.overrides.task))
             if _rank() == 0:

@@ -17,8 +17,8 @@ uninterrupted reference run of the same command. The faults, and what "recovered
     (one error naming it and the `sam-data` fix), in the soak's own SAM_DATA_DIR with Fashion-MNIST from the
     Debian package `dataset-fashion-mnist` (skipped, and said so, where it is not installed);
   * W&B failing in the middle of a run: a warning, and the run ends with the reference metrics;
-  * a non-finite loss at a chosen step (`trainer.inject_nonfinite_at_step`): status failed, exit status 2, the
-    last good checkpoint kept;
+  * a non-finite loss at a chosen step (`SAM_REPRO_FAULT=nonfinite_at_step=N`, sam_repro/engine/faults.py): status
+    failed, exit status 2, the last good checkpoint kept;
   * a dead rank: the same run on 2 ranks under `torchrun --max-restarts=1`, rank 1 killed by SIGKILL after a
     random number of steps, and again while rank 0 is half-way through writing a checkpoint. The surviving rank
     stops with one line naming rank 1, torchrun starts both ranks again, they resume from the last checkpoint and
@@ -334,7 +334,7 @@ class Soak:
 
         runs = self.work / "nonfinite"
         step = 6  # in the second epoch (4 steps an epoch): the checkpoint of epoch 1 is the last good one
-        rc, out = self.run(runs, [f"trainer.inject_nonfinite_at_step={step}"])
+        rc, out = self.run(runs, env={"SAM_REPRO_FAULT": f"nonfinite_at_step={step}"})
         fault = Fault("non-finite loss", f"step {step}")
         run_dir = self.run_dir(runs)
         summary = json.loads(RunFiles(run_dir).summary.read_text())

@@ -63,7 +63,6 @@ def test_defaults_validate():
         ("optimizer.momentum=0", "optimizer.nesterov"),
         ("dataset.mean=[0.5]", "dataset.mean"),
         ("trainer.tf32=maybe", "trainer.tf32"),
-        ("trainer.inject_nonfinite_rank=1", "trainer.inject_nonfinite_rank"),
     ],
 )
 def test_invalid_values_name_their_key(override, key):
@@ -188,11 +187,13 @@ def test_debug_tiny_and_preset_as_documented():
 
 
 # Every preset but Table 3's, which fine-tunes the pretrained weights it requires (model.pretrained_path): debug=tiny's
-# ResNet-8 cannot take them; `debug=preset` tries that preset with its own model.
+# ResNet-8 cannot take them; `debug=preset` tries that preset with its own model. Nor Table 2's: ImageNet streams
+# from its folders, which takes no subset (the config's check refuses debug=tiny's dataset.train_subset there);
+# tests/test_preset_smoke.py trains one with the subsets lifted.
 PRESETS = sorted(
     str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
     for p in (CONFIGS / "experiment").rglob("*.yaml")
-    if "recipe" not in p.parts and p.parent.name != "table3"
+    if "recipe" not in p.parts and p.parent.name not in ("table2", "table3")
 )
 
 

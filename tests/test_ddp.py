@@ -46,10 +46,10 @@ def command(ranks: int, *torchrun_options: str) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(run_dir: Path, ranks: int, *overrides: str) -> subprocess.CompletedProcess:
+def launch(run_dir: Path, ranks: int, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     run_dir.mkdir(parents=True)
     cmd = [*command(ranks), *BASE, *overrides]
-    return subprocess.run(cmd, cwd=run_dir, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=run_dir, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
 
 
 def run(run_dir: Path, ranks: int, *overrides: str) -> tuple[list[dict], dict]:
@@ -132,15 +132,9 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # 3 steps per epoch; rank 1 alone sees a NaN loss at step 4. The check at the next log point (every 2 steps)
     # sums the loss over ranks, so both ranks stop at step 4 instead of rank 0 waiting in the next all-reduce.
     run_dir = tmp_path / "run"
+    fault = {"SAM_REPRO_FAULT": "nonfinite_at_step=4,nonfinite_rank=1"}  # the test hook (engine/faults.py)
     proc = launch(
-        run_dir,
-        2,
-        "model=resnet8",
-        "trainer.batch_size=64",
-        "optimizer=sgd",
-        "trainer.log_every=2",
-        "trainer.inject_nonfinite_at_step=4",
-        "trainer.inject_nonfinite_rank=1",
+        run_dir, 2, "model=resnet8", "trainer.batch_size=64", "optimizer=sgd", "trainer.log_every=2", env=fault
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output

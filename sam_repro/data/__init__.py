@@ -16,6 +16,9 @@ images (`synthetic`, no files).
      `dataset.noise_seed`, the same for every optimizer and seed).
 `dataset.export=FILE` (CIFAR-10) reads a `sam-data --export-subset` file instead of the prepared cache, on a machine
 that has only the extract (a GPU node): its training images are the export's, the steps above apply to them.
+
+The config's values were checked where it was started (`sam_repro.engine.config`); what is checked here depends on
+the data: a subset or a batch larger than the split it is taken from.
 """
 
 from __future__ import annotations
@@ -48,9 +51,8 @@ class Data:
 def select_train_indices(
     n_total: int, val_fraction: float, train_subset: int | None, subset_seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, validation indices) of the official training set, as described in the module docstring."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"dataset.val_fraction must be in [0, 1) (got {val_fraction})")
+    """(train indices, validation indices) of the official training set, as described in the module docstring.
+    `val_fraction` lies in [0, 1) (the schema's `dataset.val_fraction`); `train_subset` must fit the split."""
     n_val = int(round(n_total * val_fraction))
     train_idx, val_idx = np.arange(n_total - n_val), np.arange(n_total - n_val, n_total)
     if train_subset is not None:
@@ -157,10 +159,7 @@ def _build_imagenet(cfg, device: torch.device, rank: int, world_size: int) -> Da
     training, resize + centre crop for evaluation), batches stream to the device."""
     from sam_repro.data.imagenet import StreamingEvalLoader, StreamingTrainLoader, build_imagenet_loader
 
-    ds, tr = cfg.dataset, cfg.trainer
-    for key in ("train_subset", "label_noise", "val_fraction", "test_subset"):
-        if ds.get(key):
-            raise ConfigError(f"dataset.{key} is not supported for imagenet (got {ds.get(key)})")
+    ds, tr = cfg.dataset, cfg.trainer  # subsets, label noise and a validation split: refused by the config's check
     common = dict(
         root=ds.root,
         rank=rank,

@@ -1,14 +1,21 @@
 """Checks of the composed config before any work starts: one ConfigError naming the key, no traceback.
 
-Two layers:
+A start resolves its config once and checks it once, at the edge: `sam-train` (`sam_repro.train.checked_config`)
+resolves it (`resolve_config`), checks the schema (`check_schema`) and the constraints (`check_relations`), all
+before it looks at the run directory, and hands the trainer the resolved config; the trainer checks nothing again.
+The builders it calls (`optim.factory`, `data`) trust the values, except where a bound depends on the data (a
+subset larger than the training set) or where a class is public on its own (`SAM(...)` checks its arguments).
+
   * `RULES`, the schema: one rule per leaf of the trainer, optimizer, schedule, dataset, augment and logger groups
-    (type, range, null or not, choices). `validate_config(cfg)` resolves the config (`resolve_config`: an
-    interpolation that does not resolve, such as a preset's required value, names its key), checks every leaf of
-    those groups against its rule, and refuses a leaf without one (`unknown key trainer.foo`, e.g. from
-    `+trainer.foo=1`) and a missing one. It needs nothing but the config: tests call it on a composed config,
-    `sam-train` before it looks at the run directory.
-  * `validate(cfg, env)`: the schema, then the constraints between keys and with the machine (`trainer.m` divides
-    the per-rank micro-batch, `trainer.sync_bn` needs GPUs, ...). The trainer calls it after `init_distributed`.
+    (type, range, null or not, choices). `check_schema(tree)` checks every leaf of those groups of a resolved
+    config against its rule, and refuses a leaf without one (`unknown key trainer.foo`, e.g. from
+    `+trainer.foo=1`) and a missing one. `validate_config(cfg)` resolves a composed config first (`resolve_config`:
+    an interpolation that does not resolve, such as a preset's required value, names its key). They need nothing
+    but the config.
+  * `check_relations(cfg, world_size, device_type)`: the constraints between keys and with the machine
+    (`trainer.m` divides the per-rank micro-batch, `trainer.sync_bn` needs GPUs, ...), on a config the schema
+    accepted. `validate(cfg, env)` is both, for a composed config and a DistEnv (tests, and callers of the
+    trainer other than `sam-train`).
 
 A new key in one of the groups needs its rule in `RULES`, one line; tests/test_configs.py fails for any leaf of
 any option without one.
@@ -180,8 +187,6 @@ RULES: dict[str, Rule] = {
     "trainer.dist_timeout_s": number(positive=True),
     "trainer.on_corrupt_checkpoint": one_of("error", "restart"),
     "trainer.resume": one_of("auto", "force"),
-    "trainer.inject_nonfinite_at_step": integer(positive=True, null=True),
-    "trainer.inject_nonfinite_rank": integer(min=0, null=True),
     "trainer.stall_epochs": integer(min=0),
     # ---- optimizer: sgd, then what the SAM family adds -----------------------------------------------------------
     "optimizer.name": one_of("sgd", *SAM_FAMILY),
@@ -333,10 +338,9 @@ def _check(node: dict, prefix: str, present: set[str]) -> None:
             raise ConfigError(_unknown(key))
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Every leaf of SCHEMA_GROUPS, and the top-level keys with a rule, against their rules: present unless
-    optional, and no leaf without a rule. The config resolves first (`resolve_config`)."""
-    tree = resolve_config(cfg)
+def check_schema(tree: dict) -> None:
+    """Every leaf of SCHEMA_GROUPS, and the top-level keys with a rule, of a resolved config (plain containers, as
+    `resolve_config` returns them) against their rules: present unless optional, and no leaf without a rule."""
     present = {key for key in RULES if "." not in key and key in tree}
     for key in present:
         _refuse(RULES[key].error(key, tree[key]))
@@ -350,9 +354,23 @@ def validate_config(cfg: DictConfig) -> None:
         _require(key in present or rule.optional, f"{key} is missing; give it a value (+{key}=...)")
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """`check_schema` of a composed config, which resolves first (`resolve_config`)."""
+    check_schema(resolve_config(cfg))
+
+
 def validate(cfg: DictConfig, env) -> None:
     """`validate_config`, then what depends on several keys or on the machine (`env`: a DistEnv)."""
     validate_config(cfg)
+    check_relations(cfg, env.world_size, env.device.type)
+
+
+IMAGENET_UNSUPPORTED = ("train_subset", "label_noise", "val_fraction", "test_subset")  # streamed from folders
+
+
+def check_relations(cfg: DictConfig, world_size: int, device_type: str) -> None:
+    """What depends on several keys, or on the machine: `world_size` ranks, each on a device of `device_type`
+    ("cpu", "cuda"). `cfg` passed `check_schema`."""
     tr, opt, ds = cfg.trainer, cfg.optimizer, cfg.dataset
     _require(
         not (opt.base == "sgd" and opt.nesterov) or opt.momentum > 0,
@@ -384,11 +402,14 @@ def validate(cfg: DictConfig, env) -> None:
             f"dataset.{stat} must have one value per channel "
             f"(dataset.in_channels={ds.in_channels}; got {show(list(ds[stat]))})",
         )
-    world = env.world_size
-    rank = tr.inject_nonfinite_rank
-    _require(rank is None or rank < world, f"trainer.inject_nonfinite_rank ({rank}) must be a rank below {world}")
-    _require(tr.batch_size % world == 0, f"trainer.batch_size ({tr.batch_size}) must divide evenly over {world} ranks")
-    per_rank = tr.batch_size // world
+    if ds.name == "imagenet":
+        for key in IMAGENET_UNSUPPORTED:
+            _require(not ds.get(key), f"dataset.{key} is not supported for imagenet (got {ds.get(key)})")
+    _require(
+        tr.batch_size % world_size == 0,
+        f"trainer.batch_size ({tr.batch_size}) must divide evenly over {world_size} ranks",
+    )
+    per_rank = tr.batch_size // world_size
     _require(
         per_rank % tr.accumulate == 0,
         f"trainer.accumulate ({tr.accumulate}) must divide the per-rank batch ({per_rank})",
@@ -408,7 +429,7 @@ def validate(cfg: DictConfig, env) -> None:
         )
     if tr.sync_bn:
         _require(
-            env.device.type == "cuda",
+            device_type == "cuda",
             "trainer.sync_bn=true needs GPUs (PyTorch's SyncBatchNorm refuses CPU "
             "tensors); on CPU keep the default per-device statistics",
         )

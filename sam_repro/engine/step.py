@@ -1,20 +1,20 @@
 """One optimizer step: plain SGD, or SAM as in the paper's Algorithm 1, over groups of m examples.
 
-The per-rank batch is cut into groups of `m` examples ("virtual devices"). For every optimizer:
-  * BatchNorm normalizes each group with that group's own statistics (ghost batch, as on the paper's 8 GPUs), and
-    the running statistics become the average of the groups' updates (the paper averages per-device statistics).
-    SGD (and LookSAM between its full steps) does this in one forward-backward per micro-batch
-    (`GhostBatchNorm`: torch's batch_norm kernel per contiguous group, the rest over the whole batch), equal to a
-    pass per group; `ctx.micro_batch` (`trainer.accumulate`) only cuts the batch into passes to save memory.
-    Models that draw noise per group (dropout, Shake-Shake, ShakeDrop) or synchronise BatchNorm across ranks keep
-    a pass per group;
+The per-rank batch is cut into groups of `m` examples ("virtual devices"). For every optimizer, BatchNorm
+normalizes each group with that group's own statistics (ghost batch, as on the paper's 8 GPUs), and the running
+statistics become the average of the groups' updates (the paper averages per-device statistics). SGD (and LookSAM
+between its full steps) does this in one forward-backward per micro-batch (`GhostBatchNorm`: torch's batch_norm
+kernel per contiguous group, the rest over the whole batch), equal to a pass per group; `ctx.micro_batch`
+(`trainer.accumulate`) only cuts the batch into passes to save memory. Models that draw noise per group (dropout,
+Shake-Shake, ShakeDrop) or synchronise BatchNorm across ranks keep a pass per group.
+
 For SAM, additionally, each group gets its own perturbation (m-sharpness, paper section 4):
 
     for each group B_i (weight n_i / n):
         g_i    = grad L_Bi(w)                    clean pass: updates BN running stats, no all-reduce
         eps_i  = rho * g_i / ||g_i||             optimizer.first_step(grads=g_i): w <- w + eps_i
         g_s   += n_i/n * grad L_Bi(w + eps_i)    perturbed pass into .grad: same RNG draws, BN running stats frozen
-        w      = w                               optimizer.restore()
+        w + eps_i -> w                           optimizer.restore(): the saved copy of w, bit for bit
     average g_s over ranks (one all-reduce); optimizer.second_step(): unscale, clip, base optimizer step at w.
 
 The clean gradient g_i is taken with torch.autograd.grad, so it never touches `.grad`, where the perturbed

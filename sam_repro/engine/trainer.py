@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from sam_repro.data import Data, build_data
 from sam_repro.engine import backends
 from sam_repro.engine.checkpoint import atomic_write_json, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from sam_repro.engine.config import validate
 from sam_repro.engine.distributed import (
     DistEnv,
     all_reduce_mean_,
@@ -41,6 +40,7 @@ from sam_repro.engine.distributed import (
     note_step,
 )
 from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorization
+from sam_repro.engine.faults import Faults, read_faults
 from sam_repro.engine.loggers import MetricsLogger, Progress, StallWatch, StepCurves, paper_summary
 from sam_repro.engine.preemption import StopSignal, holding, requeue_after_lost_rank
 from sam_repro.engine.provenance import provenance
@@ -131,6 +131,7 @@ class _Run:
     steps_per_epoch: int
     per_rank: int
     train_model: torch.nn.Module | None = None  # the model the steps call: `model`, compiled with trainer.compile
+    faults: Faults = Faults()  # test-only fault injection (SAM_REPRO_FAULT, engine/faults.py): none by default
     # Counters: where the run stands (the checkpoint's, on resume).
     epoch: int = 0
     step: int = 0
@@ -239,8 +240,11 @@ def _previous_summary(summary_path: Path, env: DistEnv, forced: list[dict]) -> d
 
 
 def _setup(cfg: DictConfig, run_dir: Path, env: DistEnv, start_time: float) -> _Run:
-    """Validate the config, seed, and build the data, model, optimizer, schedule and step context."""
-    validate(cfg, env)
+    """Seed, and build the data, model, optimizer, schedule and step context. `cfg` was checked where the run was
+    started (`sam-train`: `sam_repro.train.checked_config`; in-process callers: `engine.config.validate`)."""
+    faults = read_faults(env.world_size)
+    if faults and env.is_main:
+        log.warning("SAM_REPRO_FAULT (a test hook): %s", faults.describe())
     _set_threads(cfg)
     device = env.device
     torch.manual_seed(cfg.seed)
@@ -286,6 +290,7 @@ def _setup(cfg: DictConfig, run_dir: Path, env: DistEnv, start_time: float) -> _
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         per_rank=per_rank,
+        faults=faults,
     )
 
 
@@ -380,10 +385,7 @@ def _train_epoch(run: _Run) -> tuple[_EpochTotals, bool, bool]:
         if run.passes is not None:
             run.passes += stats.passes
         note_step(run.step)  # what another rank's explain_lost_rank compares with, should this one stall
-        if run.step == cfg.trainer.inject_nonfinite_at_step and cfg.trainer.get("inject_nonfinite_rank") in (
-            None,
-            env.rank,
-        ):  # fault tests only (keys left out of run identity)
+        if run.faults.nonfinite(run.step, env.rank):  # fault tests only (SAM_REPRO_FAULT)
             stats.loss_sum = stats.loss_sum + float("nan")
         totals.add(stats)
         progress.update(totals, run.optimizer)

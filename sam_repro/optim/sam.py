@@ -105,6 +105,27 @@ def _abs_plus(weights: TensorList, eta: float) -> TensorList:
 
 
 class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization around a base optimizer: one step is Algorithm 1 of Foret et al. (ICLR 2021).
+
+    With g = grad L_B(w), the gradient of the batch loss at the current weights w (in `.grad`, from the caller's
+    first forward-backward), Algorithm 1's lines map to the methods as follows (eps_hat is the paper's ε̂(w)):
+
+        eps_hat(w) = rho * g / ||g||_2      equation 2 with p = 2. `first_step()`: keeps a copy of w and sets
+                                            w <- w + eps_hat (no epsilon in the denominator: g = 0 gives eps_hat = 0)
+        g_sam = grad L_B(w)|w+eps_hat       equation 3: the caller's second forward-backward, at w + eps_hat,
+                                            into `.grad` (`step(closure)` calls the closure for it)
+        w <- w - eta * g_sam                `second_step()`: puts back the saved w (bit for bit), then the base
+                                            optimizer steps from w with g_sam (eta: its learning rate; the paper's
+                                            runs use SGD with momentum, whose update replaces eta * g_sam)
+
+    `step(closure)` is the three in one. `rho` is the paper's rho (the radius of the neighbourhood); `p=inf` is its
+    p = infinity ablation, eps_hat = rho * sign(g). `weight_decay_mode="l2"` (default) puts the official code's
+    L2 term in the loss, so g and g_sam include wd * w and wd * (w + eps_hat); `"base_optimizer"` leaves weight
+    decay to the base optimizer, at w. `adaptive=True` with `eta` is ASAM (module docstring). `base_kwargs` (lr,
+    momentum, ...) go to `base_optimizer`, which shares SAM's parameter groups. A negative `rho`, a `p` other than
+    2 and inf, or an unknown `weight_decay_mode` is a ValueError.
+    """
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict],
