@@ -20,7 +20,7 @@ def tensor(value):
     return None if value is None else torch.tensor(value, dtype=torch.float64)
 
 
-def step_stats(loss_sum, correct, count, perturbed=None, grad_norm=None, eps_norm=None):
+def step_stats(loss_sum, correct, count, perturbed=None, grad_norm=None, perturbation_norm=None):
     """One step's sums as `step.StepStats` carries them (0-dim tensors; None: a plain step)."""
     return types.SimpleNamespace(
         loss_sum=tensor(loss_sum),
@@ -28,7 +28,7 @@ def step_stats(loss_sum, correct, count, perturbed=None, grad_norm=None, eps_nor
         count=count,
         perturbed_loss_sum=tensor(perturbed),
         grad_norm=tensor(grad_norm),
-        perturbation_norm=tensor(eps_norm),
+        perturbation_norm=tensor(perturbation_norm),
     )
 
 
@@ -43,7 +43,7 @@ def test_sums_become_means_and_error_rates():
         perturbed=36.0,
         sam_loss=24.0,
         grad_norm=6.0,
-        eps_norm=0.15,
+        perturbation_norm=0.15,
         sam_count=16.0,
         sam_steps=3.0,
     )
@@ -68,16 +68,16 @@ def test_no_sam_metrics_without_sam_steps_kept():
 def test_a_vector_of_sums_is_read_by_name():
     sums = EpochSums.of([float(i) for i in range(10)])
     assert [getattr(sums, k) for k in (*DEVICE_SUMS, *HOST_SUMS)] == list(range(10))
-    assert (sums.loss, sums.eps_norm, sums.count, sums.steps) == (0.0, 5.0, 8.0, 9.0)
+    assert (sums.loss, sums.perturbation_norm, sums.count, sums.steps) == (0.0, 5.0, 8.0, 9.0)
     with pytest.raises(ValueError):
         EpochSums.of([0.0] * 9)  # a sum short: refused, never shifted
 
 
 def test_epoch_totals_leave_non_finite_sam_steps_out_of_the_sam_metrics():
     totals = EpochTotals(CPU)
-    totals.add(step_stats(8.0, 6, 10, perturbed=9.0, grad_norm=2.0, eps_norm=0.05))
-    totals.add(step_stats(4.0, 7, 10, perturbed=float("inf"), grad_norm=float("nan"), eps_norm=float("inf")))
-    totals.add(step_stats(6.0, 8, 10, perturbed=8.0, grad_norm=4.0, eps_norm=0.05))
+    totals.add(step_stats(8.0, 6, 10, perturbed=9.0, grad_norm=2.0, perturbation_norm=0.05))
+    totals.add(step_stats(4.0, 7, 10, perturbed=float("inf"), grad_norm=float("nan"), perturbation_norm=float("inf")))
+    totals.add(step_stats(6.0, 8, 10, perturbed=8.0, grad_norm=4.0, perturbation_norm=0.05))
     totals.add(step_stats(2.0, 9, 10))  # a plain step (SAM's schedule skipped it)
     local = totals.local()
     assert (local.loss, local.correct, local.count, local.steps) == (20.0, 30.0, 40, 4)
@@ -94,15 +94,18 @@ def test_epoch_totals_leave_non_finite_sam_steps_out_of_the_sam_metrics():
 
 
 def test_older_checkpoints_and_other_world_sizes_resume_to_the_same_sums():
-    # before the masking of non-finite SAM steps a checkpoint kept every step: the SAM sums are the clean ones
+    # before the masking of non-finite SAM steps a checkpoint kept every step: the SAM sums are the clean ones; and
+    # ||eps|| was saved as "eps_norm"
     old = {"loss": 6.0, "correct": 3.0, "perturbed": 9.0, "grad_norm": 2.0, "eps_norm": 0.1, "count": 4, "steps": 2}
     old |= {"sam": True, "elapsed": 1.0}
     sums = EpochTotals(CPU, old).local()
-    assert (sums.sam_loss, sums.sam_count, sums.sam_steps) == (6.0, 4.0, 2.0)
+    assert (sums.sam_loss, sums.sam_count, sums.sam_steps, sums.perturbation_norm) == (6.0, 4.0, 2.0, 0.1)
+    assert "eps_norm" not in EpochTotals(CPU, old).state_dict()  # saved again under today's name
     # two ranks' sums resumed by one: added (the metrics are sums over ranks)
     other = EpochTotals(CPU, old).state_dict() | {"sam": False, "elapsed": 3.0}
     merged = EpochTotals.merge([old, other])
     assert merged["loss"] == 12.0 and merged["count"] == 8 and merged["sam_steps"] == 4.0
+    assert merged["perturbation_norm"] == pytest.approx(0.2)  # the old name's 0.1 and today's 0.1
     assert merged["sam"] is True and merged["elapsed"] == 3.0
     assert EpochTotals(CPU, merged).metrics()["perturbed_loss"] == 2.25  # 18 / 8
 

@@ -15,7 +15,7 @@ import torch
 from sam_repro.engine.distributed import DistEnv, all_reduce_sum
 from sam_repro.errors import SamReproError
 
-DEVICE_SUMS = ("loss", "correct", "perturbed", "sam_loss", "grad_norm", "eps_norm", "sam_count", "sam_steps")
+DEVICE_SUMS = ("loss", "correct", "perturbed", "sam_loss", "grad_norm", "perturbation_norm", "sam_count", "sam_steps")
 HOST_SUMS = ("count", "steps")  # counted on the host: no device read for them
 
 
@@ -34,7 +34,7 @@ class EpochSums:
     perturbed: float = 0.0  # SAM's perturbed loss, summed over the examples of the SAM steps kept
     sam_loss: float = 0.0  # the clean loss of those same examples
     grad_norm: float = 0.0  # ||g||, summed over the SAM steps kept
-    eps_norm: float = 0.0  # ||eps||, summed over the SAM steps kept
+    perturbation_norm: float = 0.0  # ||eps||, summed over the SAM steps kept
     sam_count: float = 0.0  # examples of the SAM steps kept
     sam_steps: float = 0.0  # SAM steps kept
 
@@ -56,7 +56,7 @@ def training_metrics(sums: EpochSums, sam: bool) -> dict[str, float]:
                 "perturbed_loss": sums.perturbed / sums.sam_count,
                 "sharpness": (sums.perturbed - sums.sam_loss) / sums.sam_count,
                 "grad_norm": sums.grad_norm / sums.sam_steps,
-                "perturbation_norm": sums.eps_norm / sums.sam_steps,
+                "perturbation_norm": sums.perturbation_norm / sums.sam_steps,
             }
         )
     return out
@@ -86,10 +86,12 @@ class EpochTotals:
     perturbed: torch.Tensor
     sam_loss: torch.Tensor
     grad_norm: torch.Tensor
-    eps_norm: torch.Tensor
+    perturbation_norm: torch.Tensor
     sam_count: torch.Tensor
     sam_steps: torch.Tensor
-    _BEFORE_MASKING = {"sam_loss": "loss", "sam_count": "count", "sam_steps": "steps"}  # older checkpoints
+    # Older checkpoints' sums: before the masking of non-finite SAM steps the SAM-kept sums were the clean ones, and
+    # ||eps|| was saved as "eps_norm".
+    _OLDER = {"sam_loss": "loss", "sam_count": "count", "sam_steps": "steps", "perturbation_norm": "eps_norm"}
 
     def __init__(self, device: torch.device, saved: dict | None = None) -> None:
         saved = self.complete(saved or {})
@@ -100,8 +102,8 @@ class EpochTotals:
 
     @classmethod
     def complete(cls, saved: dict) -> dict:
-        """A checkpoint's sums with the SAM-kept ones filled in (older checkpoints kept every step)."""
-        return {**{k: saved[old] for k, old in cls._BEFORE_MASKING.items() if old in saved}, **saved}
+        """A checkpoint's sums under today's names, those an older checkpoint lacks filled in (`_OLDER`)."""
+        return {**{k: saved[old] for k, old in cls._OLDER.items() if old in saved}, **saved}
 
     @classmethod
     def merge(cls, saved: list[dict]) -> dict:
@@ -132,7 +134,7 @@ class EpochTotals:
             self.perturbed += torch.where(kept, s.perturbed_loss_sum, 0.0)
             self.sam_loss += torch.where(kept, s.loss_sum, 0.0)
             self.grad_norm += torch.where(kept, s.grad_norm, 0.0)
-            self.eps_norm += torch.where(kept, s.perturbation_norm, 0.0)
+            self.perturbation_norm += torch.where(kept, s.perturbation_norm, 0.0)
             self.sam_count += kept * s.count
             self.sam_steps += kept
 
