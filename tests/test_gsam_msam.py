@@ -225,7 +225,7 @@ def test_msam_perturbs_against_the_momentum_buffer():
     x, y = batch()
     opt = make_msam(model, rho=0.5)
     opt.first_step()
-    assert not opt.is_perturbed and float(opt.last_perturbation_norm) == 0  # no buffer yet: a plain step
+    assert not opt.is_perturbed and float(opt.perturbation_norm) == 0  # no buffer yet: a plain step
     msam_step(model, opt, x, y, StepContext(group_size=8))
     w = [p.detach().clone() for p in model.parameters()]
     v = [opt.base_optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
@@ -233,7 +233,7 @@ def test_msam_perturbs_against_the_momentum_buffer():
     norm = torch.sqrt(dot(v, v))
     for p, w0, b in zip(model.parameters(), w, v):
         torch.testing.assert_close(p.detach(), w0 - 0.5 * b / norm, rtol=0, atol=1e-15)
-    assert float(opt.last_perturbation_norm) == pytest.approx(0.5)
+    assert float(opt.perturbation_norm) == pytest.approx(0.5)
     opt.restore()
     assert all(torch.equal(p, w0) for p, w0 in zip(model.parameters(), w))
 
@@ -410,7 +410,7 @@ def test_a_step_never_reads_a_tensor_value_on_the_host(name, precision):
             ctx.step = step
             (sam_step if name == "gsam" else msam_step)(model, opt, x.float(), y, ctx)
     assert reads.count == (2 if precision == "fp16" else 0)  # the GradScaler's own overflow check, once a step
-    assert math.isfinite(float(opt.last_perturbation_norm))
+    assert math.isfinite(float(opt.perturbation_norm))
 
 
 # ---- configs -------------------------------------------------------------------------------------------------------

@@ -98,14 +98,14 @@ def test_fused_first_step_restore_and_l2_equal_the_loop(p, adaptive, grad_scale)
     model[4].bias.grad = None  # a parameter without a gradient: left out of eps and the norm
     opt = make(model, p, adaptive, wd=5e-3)
     start = [q.detach().clone() for q in model.parameters()]
-    expected, norm, eps_norm = loop_first_step(opt, scale)
+    expected, norm, perturbation_norm = loop_first_step(opt, scale)
 
     opt.first_step(grad_scale=scale)
     for q in model.parameters():
         close(q.detach(), expected.get(q, q).detach())
     assert torch.equal(model[4].bias.detach(), start[-1])
     close(opt.last_grad_norm, norm)
-    close(opt.last_perturbation_norm, eps_norm)
+    close(opt.perturbation_norm, perturbation_norm)
 
     nn.functional.cross_entropy(model(x), y).backward()  # the perturbed gradient accumulates
     for weight in (0.5, torch.tensor(0.25, dtype=torch.float64)):

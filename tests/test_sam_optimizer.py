@@ -39,7 +39,7 @@ def test_one_step_matches_closed_form():
     expected = w0 - lr * a @ (w0 + rho * g / g.norm())
     torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-12)
     assert float(opt.last_grad_norm) == pytest.approx(float(g.norm()))
-    assert float(opt.last_perturbation_norm) == pytest.approx(rho)
+    assert float(opt.perturbation_norm) == pytest.approx(rho)
 
 
 def test_closure_api_equals_two_steps():

@@ -247,8 +247,7 @@ def test_a_step_never_reads_a_tensor_value_on_the_host(kind, precision):
 
 
 def test_fp16_steps_whose_first_pass_overflowed_are_left_out_of_the_sam_metrics():
-    from sam_repro.engine.distributed import DistEnv
-    from sam_repro.engine.trainer import _EpochTotals
+    from sam_repro.engine.metrics import EpochTotals
 
     model = tiny_bn_net()
     x, y = batch()
@@ -263,11 +262,10 @@ def test_fp16_steps_whose_first_pass_overflowed_are_left_out_of_the_sam_metrics(
     handle.remove()
     assert not torch.isfinite(skipped.perturbed_loss_sum) and not torch.isfinite(skipped.grad_norm)
     kept = sam_step(model, opt, x, y, ctx)
-    totals = _EpochTotals(torch.device("cpu"))
+    totals = EpochTotals(torch.device("cpu"))
     totals.add(skipped)
     totals.add(kept)
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
-    out = totals.summary(env)
+    out = totals.metrics()
     assert out["perturbed_loss"] == pytest.approx(float(kept.perturbed_loss_sum) / 8, rel=1e-6)
     assert out["sharpness"] == pytest.approx(float(kept.perturbed_loss_sum - kept.loss_sum) / 8, rel=1e-5)
     assert out["grad_norm"] == pytest.approx(float(kept.grad_norm), rel=1e-6)
@@ -275,7 +273,7 @@ def test_fp16_steps_whose_first_pass_overflowed_are_left_out_of_the_sam_metrics(
     # the clean training loss keeps every step (a non-finite one stops the run)
     assert out["train_loss"] == pytest.approx(float(skipped.loss_sum + kept.loss_sum) / 16, rel=1e-6)
     # a checkpoint of these sums resumes to the same metrics
-    assert _EpochTotals(torch.device("cpu"), totals.state_dict()).summary(env) == out
+    assert EpochTotals(torch.device("cpu"), totals.state_dict()).metrics() == out
 
 
 def test_bf16_autocast_step_is_close_to_fp32():

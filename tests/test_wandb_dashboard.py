@@ -237,9 +237,9 @@ class CountingTotals:
     def __init__(self):
         import torch
 
-        from sam_repro.engine.trainer import _EpochTotals
+        from sam_repro.engine.metrics import EpochTotals
 
-        self.inner = _EpochTotals(torch.device("cpu"))
+        self.inner = EpochTotals(torch.device("cpu"))
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

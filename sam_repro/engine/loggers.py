@@ -21,11 +21,10 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sam_repro.engine.checkpoint import atomic_write_bytes
-from sam_repro.engine.distributed import all_reduce_sum
+from sam_repro.engine.metrics import EpochTotals, reduce_sums, training_metrics
 from sam_repro.engine.provenance import redact
 from sam_repro.engine.rundir import RunFiles
 from sam_repro.paper import paper_value_of_preset, run_group
@@ -326,13 +325,13 @@ class StepCurves:
         self.mark = None  # the same, of this epoch's totals at the interval's start
 
     @staticmethod
-    def _read(totals) -> tuple:
+    def _read(totals: EpochTotals) -> tuple:
         return totals.sums(), [totals.count, totals.steps, totals.seconds()]
 
-    def start_epoch(self, totals) -> None:
+    def start_epoch(self, totals: EpochTotals) -> None:
         self.mark = self._read(totals)  # (a resumed epoch's totals start from the checkpoint's sums)
 
-    def end_epoch(self, totals) -> None:
+    def end_epoch(self, totals: EpochTotals) -> None:
         self.carry = self._since_mark(self._read(totals))
 
     def _since_mark(self, now: tuple) -> tuple:
@@ -343,32 +342,23 @@ class StepCurves:
             sums, host = sums + self.carry[0], [a + b for a, b in zip(host, self.carry[1])]
         return sums, host
 
-    def update(self, step: int, totals, optimizer) -> None:
+    def update(self, step: int, totals: EpochTotals, optimizer) -> None:
         if step % self.every:
             return
         now = self._read(totals)
         sums, (count, steps, seconds) = self._since_mark(now)
         self.mark, self.carry = now, None
-        extra = torch.tensor([float(count), float(steps)], dtype=sums.dtype, device=sums.device)
-        values = all_reduce_sum(torch.cat([sums, extra])).tolist()  # every rank: the same step, one collective
-        loss, correct, perturbed, sam_loss, gnorm, enorm, sam_n, sam_steps, n, _ = values
+        interval = reduce_sums(sums, count, steps)  # every rank: the same step, one collective
+        train = training_metrics(interval, totals.sam)
         row = {
             "step": step,
             "epoch": round(step / self.steps_per_epoch, 4),
-            "train_loss": loss / max(n, 1),
-            "train_error": 100.0 * (1 - correct / max(n, 1)),
+            "train_loss": train.pop("train_loss"),
+            "train_error": train.pop("train_error"),
             "lr": float(optimizer.param_groups[0]["lr"]),
-            "images_per_second": n / max(seconds, 1e-9),
+            "images_per_second": interval.count / max(seconds, 1e-9),
+            **train,  # SAM's, after the learning rate and images/s
         }
-        if totals.sam and sam_steps > 0:
-            row.update(
-                {
-                    "perturbed_loss": perturbed / sam_n,
-                    "sharpness": (perturbed - sam_loss) / sam_n,
-                    "grad_norm": gnorm / sam_steps,
-                    "perturbation_norm": enorm / sam_steps,
-                }
-            )
         self.metrics.log_step(row)
 
 
@@ -401,7 +391,7 @@ class Progress:
 
             self.bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
 
-    def update(self, totals, optimizer) -> None:
+    def update(self, totals: EpochTotals, optimizer) -> None:
         self.done += 1
         if self.mode == "off":
             return
@@ -423,12 +413,12 @@ class Progress:
                 s["img/s"],
             )
 
-    def _stats(self, totals) -> dict:
-        n = max(totals.count, 1)
+    def _stats(self, totals: EpochTotals) -> dict:
+        metrics = training_metrics(totals.local(), sam=False)  # this rank's loss and error (one device read)
         rate = totals.count / max(totals.seconds(), 1e-9)
         return {
-            "loss": f"{float(totals.loss) / n:.4f}",
-            "err": f"{100 * (1 - float(totals.correct) / n):.2f}%",
+            "loss": f"{metrics['train_loss']:.4f}",
+            "err": f"{metrics['train_error']:.2f}%",
             "img/s": f"{rate:.0f}",
         }
 

@@ -358,7 +358,7 @@ def sam_step(
     groups = list(zip(x.split(ctx.group_size), y.split(ctx.group_size)))
     bn = RunningStatsAverage(model, len(groups))
     zero = torch.zeros((), device=x.device)
-    loss_sum, perturbed_sum, grad_norm, eps_norm = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    loss_sum, perturbed_sum, grad_norm, perturbation_norm = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     loss_scale = _loss_scale(ctx, x.device)
     for i, (xg, yg) in enumerate(groups):
@@ -387,7 +387,7 @@ def sam_step(
         perturbed_sum += perturbed_loss.detach() * len(xg)
         correct += (logits.argmax(1) == yg).sum()
         grad_norm += cast(torch.Tensor, optimizer.last_grad_norm).to(zero) * weight  # set by first_step
-        eps_norm += cast(torch.Tensor, optimizer.last_perturbation_norm).to(zero) * weight
+        perturbation_norm += cast(torch.Tensor, optimizer.perturbation_norm).to(zero) * weight
     bn.finish()
     average_over_ranks(params)  # the paper's pmean of the per-device SAM gradients
 
@@ -396,7 +396,7 @@ def sam_step(
         _base_step, optimizer.base_optimizer, params, ctx, loss_scale, add_l2=False, after_unscale=after_unscale
     )
     optimizer.second_step(base_step=base_step)
-    return StepStats(loss_sum, correct, len(x), perturbed_sum, grad_norm, eps_norm, passes=2)
+    return StepStats(loss_sum, correct, len(x), perturbed_sum, grad_norm, perturbation_norm, passes=2)
 
 
 def looksam_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepStats:

@@ -3,7 +3,8 @@ optimizer, schedule, step context), `_resume` (the checkpoint's weights, counter
 `_open_outputs` (loggers, config.yaml, summary.json, the stop signal), then per epoch `_train_epoch` (the steps),
 `_evaluate_and_log` and `_checkpoint`, and `_finish` (the final summary). Each piece takes the run's state, one
 `_Run`, explicitly. One SAM step is `step.sam_step` (`_train_epoch` calls it, or `sgd_step` or `looksam_step`, as
-`run.take_step`); everything here is plumbing around it.
+`run.take_step`); everything here is plumbing around it. An epoch's running sums, and the training metrics made
+of them, are `metrics.EpochTotals`.
 
 Outputs in the run directory (the current working directory's `run_dir` argument):
   config.yaml (atomic), metrics.jsonl (one line per epoch), steps.jsonl (one line every logger.log_every_steps
@@ -32,7 +33,6 @@ from sam_repro.engine.checkpoint import atomic_write_json, load_checkpoint, remo
 from sam_repro.engine.distributed import (
     DistEnv,
     all_reduce_mean_,
-    all_reduce_sum,
     barrier,
     cleanup_distributed,
     explain_lost_rank,
@@ -42,6 +42,7 @@ from sam_repro.engine.distributed import (
 from sam_repro.engine.evaluation import MEMORIZATION_KEYS, evaluate, memorization
 from sam_repro.engine.faults import Faults, read_faults
 from sam_repro.engine.loggers import MetricsLogger, Progress, StallWatch, StepCurves, paper_summary
+from sam_repro.engine.metrics import EpochTotals, NonFiniteLoss
 from sam_repro.engine.preemption import StopSignal, holding, requeue_after_lost_rank
 from sam_repro.engine.provenance import provenance
 from sam_repro.engine.rundir import RunFiles
@@ -52,10 +53,6 @@ from sam_repro.models import convert_sync_batchnorm
 from sam_repro.optim.factory import build_optimizer, build_sam_schedule, build_schedule
 
 log = logging.getLogger("sam_repro")
-
-
-class NonFiniteLoss(SamReproError):
-    pass
 
 
 def _set_threads(cfg: DictConfig) -> None:
@@ -367,12 +364,12 @@ def _open_outputs(run: _Run, previous: dict) -> None:
     )
 
 
-def _train_epoch(run: _Run) -> tuple[_EpochTotals, bool, bool]:
+def _train_epoch(run: _Run) -> tuple[EpochTotals, bool, bool]:
     """The steps of one epoch (the rest of it, when resumed mid-epoch): its running sums, and whether a stop
     signal (`stopped`) or trainer.max_steps (`capped`) ended it early."""
     cfg, env = run.cfg, run.env
     run.train_model.train()
-    totals = _EpochTotals(env.device, _rank_totals(run.resumed_totals, env))
+    totals = EpochTotals(env.device, _rank_totals(run.resumed_totals, env))
     run.resumed_totals = None  # partial-epoch totals apply to the first (resumed) epoch only
     progress = Progress(cfg, env, run.epoch + 1, run.epochs, run.steps_per_epoch, start=run.data.train.position)
     run.curves.start_epoch(totals)
@@ -402,7 +399,7 @@ def _train_epoch(run: _Run) -> tuple[_EpochTotals, bool, bool]:
     return totals, stopped, capped
 
 
-def _evaluate_and_log(run: _Run, totals: _EpochTotals, capped: bool) -> None:
+def _evaluate_and_log(run: _Run, totals: EpochTotals, capped: bool) -> None:
     """The finished epoch's row of metrics.jsonl: its training metrics and, every trainer.eval_every epochs (and
     after the last, or a capped one), the test (and validation, and memorization) metrics."""
     env, data = run.env, run.data
@@ -410,7 +407,7 @@ def _evaluate_and_log(run: _Run, totals: _EpochTotals, capped: bool) -> None:
     row = {
         "epoch": run.epoch,
         "step": run.step,
-        **totals.summary(env),
+        **totals.metrics(),
         "lr": run.optimizer.param_groups[0]["lr"],
         "images_per_second": totals.images_per_second(env),
         "epoch_time_s": totals.seconds(),
@@ -433,7 +430,7 @@ def _evaluate_and_log(run: _Run, totals: _EpochTotals, capped: bool) -> None:
         run.summary["stall_warning"] = stall
 
 
-def _checkpoint(run: _Run, partial_epoch: _EpochTotals | None = None) -> None:
+def _checkpoint(run: _Run, partial_epoch: EpochTotals | None = None) -> None:
     """checkpoints/last.pt (rank 0, atomically): everything a resume needs. `partial_epoch`: a mid-epoch stop's
     running sums, every rank's own (an epoch's training metrics are summed over ranks only at its end)."""
     env = run.env
@@ -548,96 +545,7 @@ def _rank_totals(saved: list[dict] | dict | None, env: DistEnv) -> dict | None:
         return saved[env.rank]
     if not env.is_main:
         return None
-    saved = [_EpochTotals.complete(s) for s in saved]
-    merged = {k: sum(s[k] for s in saved) for k in (*_EpochTotals.KEYS, "count", "steps")}
-    return merged | {"sam": any(s["sam"] for s in saved), "elapsed": max(s["elapsed"] for s in saved)}
-
-
-class _EpochTotals:
-    """Running sums of a training epoch, on the device; read (and synchronised) only at log points. Saved in a
-    mid-epoch checkpoint so a resumed epoch reports the same training metrics as an uninterrupted one.
-
-    SAM's metrics (perturbed loss, sharpness, ||g||, ||eps||) leave out the steps whose values are non-finite: an
-    fp16 step whose first pass overflowed is skipped by the scaler, but its eps, perturbed loss and ||g|| are inf
-    or NaN. `sam_loss`, `sam_count` and `sam_steps` are the clean loss, examples and steps of the steps kept, so the
-    sharpness compares the same examples. The clean training loss keeps every step: a non-finite one stops the run.
-    """
-
-    KEYS = ("loss", "correct", "perturbed", "sam_loss", "grad_norm", "eps_norm", "sam_count", "sam_steps")
-    _BEFORE_MASKING = {"sam_loss": "loss", "sam_count": "count", "sam_steps": "steps"}  # older checkpoints
-
-    def __init__(self, device: torch.device, saved: dict | None = None) -> None:
-        saved = self.complete(saved or {})
-        for k in self.KEYS:
-            setattr(self, k, torch.tensor(saved.get(k, 0.0), device=device, dtype=torch.float64))
-        self.count, self.steps, self.sam = saved.get("count", 0), saved.get("steps", 0), saved.get("sam", False)
-        self._elapsed, self._start = saved.get("elapsed", 0.0), time.time()
-
-    @classmethod
-    def complete(cls, saved: dict) -> dict:
-        """A checkpoint's sums with the SAM-kept ones filled in (older checkpoints kept every step)."""
-        return {**{k: saved[old] for k, old in cls._BEFORE_MASKING.items() if old in saved}, **saved}
-
-    def state_dict(self) -> dict:
-        return {
-            **{k: float(getattr(self, k)) for k in self.KEYS},
-            "count": self.count,
-            "steps": self.steps,
-            "sam": self.sam,
-            "elapsed": self.seconds(),
-        }
-
-    def add(self, s) -> None:
-        self.loss += s.loss_sum
-        self.correct += s.correct
-        self.count += s.count
-        self.steps += 1
-        if s.perturbed_loss_sum is not None:
-            self.sam = True
-            kept = (
-                torch.isfinite(s.perturbed_loss_sum) & torch.isfinite(s.grad_norm) & torch.isfinite(s.perturbation_norm)
-            )
-            self.perturbed += torch.where(kept, s.perturbed_loss_sum, 0.0)
-            self.sam_loss += torch.where(kept, s.loss_sum, 0.0)
-            self.grad_norm += torch.where(kept, s.grad_norm, 0.0)
-            self.eps_norm += torch.where(kept, s.perturbation_norm, 0.0)
-            self.sam_count += kept * s.count
-            self.sam_steps += kept
-
-    def seconds(self) -> float:
-        return self._elapsed + time.time() - self._start
-
-    def images_per_second(self, env: DistEnv) -> float:
-        return self.count * env.world_size / max(self.seconds(), 1e-9)
-
-    def check_finite(self, step: int) -> None:
-        """NonFiniteLoss on every rank at once when the loss is non-finite on any: the loss sums are summed over
-        ranks (one all-reduce), so all ranks decide on the same number at the same step."""
-        if self.count and not math.isfinite(float(all_reduce_sum(self.loss))):
-            raise NonFiniteLoss(
-                f"training loss became non-finite by step {step}: lower optimizer.lr, set "
-                f"trainer.grad_clip, or use trainer.precision=fp32"
-            )
-
-    def sums(self) -> torch.Tensor:
-        """The running sums of KEYS as one device tensor (no synchronisation)."""
-        return torch.stack([getattr(self, k) for k in self.KEYS])
-
-    def summary(self, env: DistEnv) -> dict:
-        extra = torch.tensor([float(self.count), float(self.steps)], device=self.loss.device, dtype=torch.float64)
-        sums = torch.cat([self.sums(), extra])
-        loss, correct, perturbed, sam_loss, gnorm, enorm, sam_n, sam_steps, n, steps = all_reduce_sum(sums).tolist()
-        out = {"train_loss": loss / n, "train_error": 100.0 * (1 - correct / n)}
-        if self.sam and sam_steps > 0:  # (none kept: every SAM step of the epoch overflowed, nothing to report)
-            out.update(
-                {
-                    "perturbed_loss": perturbed / sam_n,
-                    "sharpness": (perturbed - sam_loss) / sam_n,
-                    "grad_norm": gnorm / sam_steps,
-                    "perturbation_norm": enorm / sam_steps,
-                }
-            )
-        return out
+    return EpochTotals.merge(saved)
 
 
 def _finish_summary(

@@ -57,15 +57,17 @@ class MSAM(SAM):
         norms = [n for _, params in pairs for n in torch._foreach_norm(self._momenta(params), 2)]
         device = self.param_groups[0]["params"][0].device
         norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])) if norms else None
-        eps_norms: list[torch.Tensor] = []
+        perturbation_norms: list[torch.Tensor] = []
         if norm is not None:
             inv_norm = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
             for group, params in pairs:
                 eps = _foreach_scale(self._momenta(params), -group["rho"] * inv_norm)
-                eps_norms.extend(n.to(norm) for n in self._perturb(params, eps))
+                perturbation_norms.extend(n.to(norm) for n in self._perturb(params, eps))
         self.last_grad_norm = norm if norm is not None else torch.zeros((), device=device)  # ||v||
-        self.last_perturbation_norm = (
-            torch.linalg.vector_norm(torch.stack(eps_norms)) if eps_norms else torch.zeros((), device=device)
+        self.perturbation_norm = (
+            torch.linalg.vector_norm(torch.stack(perturbation_norms))
+            if perturbation_norms
+            else torch.zeros((), device=device)
         )
         if zero_grad:
             self.zero_grad(set_to_none=True)

@@ -159,7 +159,7 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.last_grad_norm: torch.Tensor | None = None  # ||g|| of the last first_step (a 0-dim tensor)
-        self.last_perturbation_norm: torch.Tensor | None = None  # ||eps||
+        self.perturbation_norm: torch.Tensor | None = None  # ||eps|| of the last first_step
         self._weight_buffers: dict[torch.Tensor, torch.Tensor] = {}  # the saved copy of w, reused every step
 
     # ------------------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ class SAM(torch.optim.Optimizer):
         ascent = self._ascent_gradients(grad_scale, grads)
         norm = self._ascent_norm(ascent)
         inv_norm = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
-        eps_norms: list[torch.Tensor] = []
+        perturbation_norms: list[torch.Tensor] = []
         # One fused (foreach) kernel per operation and parameter group instead of one small kernel per tensor.
         for group, params in self._groups_with_ascent(ascent):
             gradient = [ascent[p] for p in params]
@@ -196,10 +196,12 @@ class SAM(torch.optim.Optimizer):
                 eps = torch._foreach_mul(torch._foreach_sign(gradient), group["rho"])
                 if group["adaptive"]:
                     eps = torch._foreach_mul(eps, _abs_plus(weights, group["eta"]))
-            eps_norms.extend(n.to(norm) for n in self._perturb(params, eps))
+            perturbation_norms.extend(n.to(norm) for n in self._perturb(params, eps))
         self.last_grad_norm = norm.detach()
-        self.last_perturbation_norm = (
-            torch.linalg.vector_norm(torch.stack(eps_norms), 2) if eps_norms else torch.zeros_like(norm)
+        self.perturbation_norm = (
+            torch.linalg.vector_norm(torch.stack(perturbation_norms), 2)
+            if perturbation_norms
+            else torch.zeros_like(norm)
         )
         if zero_grad:
             self.zero_grad(set_to_none=True)
