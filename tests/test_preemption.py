@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.environ import clean_environ, drop_launch_vars
 from sam_repro.engine import preemption
 from sam_repro.engine.distributed import free_port, torchrun_command
 from sam_repro.engine.preemption import HANDLED_SIGNALS, StopSignal, exit_code
@@ -20,15 +21,12 @@ from sam_repro.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 DDP_CHECK = REPO / "scripts" / "slurm" / "ddp_check.py"
 HANG_GUARD_S = 900  # only against a hung rank: every wait here ends on what the ranks do
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SAM_REQUEUE")
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
     """No SLURM job, no launcher: the defaults a laptop has. Records scontrol calls instead of making them."""
-    for name in list(os.environ):
-        if name.startswith("SLURM_") or name in LAUNCH_VARS:
-            monkeypatch.delenv(name)
+    drop_launch_vars(monkeypatch)
     calls = []
 
     def fake_run(argv, **kwargs):
@@ -187,11 +185,6 @@ def test_unknown_requeue_mode(clean_env, saved_handlers, monkeypatch):
 
 
 # ---- two ranks over gloo, in child processes -------------------------------------------------------------------
-
-
-def clean_environ() -> dict[str, str]:
-    """os.environ without any launcher's variables, so that the children are the only ranks they know of."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
 
 
 def read_events(path: Path) -> list[dict]:
