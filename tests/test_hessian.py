@@ -93,7 +93,7 @@ def test_least_squares_in_chunks_float32():
         torch.testing.assert_close(as64(report["eigenvalues"]), expected, rtol=2e-4, atol=0, msg=method)
 
 
-def tiny_bn_net() -> nn.Module:
+def tiny_bn_convnet() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
     with torch.no_grad():
@@ -116,7 +116,7 @@ def dense_hessian(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
 
 
 def test_convnet_with_batchnorm_matches_dense_hessian():
-    model = tiny_bn_net().train()  # hessian_spectrum must switch to eval mode itself, then switch back
+    model = tiny_bn_convnet().train()  # hessian_spectrum must switch to eval mode itself, then switch back
     generator = torch.Generator().manual_seed(6)
     inputs = torch.randn(20, 1, 5, 5, generator=generator, dtype=torch.float64)
     targets = torch.randint(0, 3, (20,), generator=generator)
