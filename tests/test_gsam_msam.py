@@ -317,7 +317,8 @@ def test_a_resume_mid_run_equals_the_uninterrupted_run(name, m):
 FP16 = dict(autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
 
 
-def run_steps(name, ctx, steps):
+def weights_after_steps(name, ctx, steps):
+    """The float32 tiny network's weights after `steps` GSAM or Momentum-SAM steps (`name`) with `ctx`."""
     x, y = batch(dtype=torch.float64)
     model = tiny_bn_mlp()
     opt = make_gsam(model) if name == "gsam" else make_msam(model)
@@ -331,19 +332,23 @@ def run_steps(name, ctx, steps):
 def test_fp16_loss_scaling_changes_nothing(name):
     # The per-group decomposition runs on loss-scaled gradients: with a power-of-two scale it must give what fp16
     # autocast gives without a scaler, up to float32 rounding.
-    scaled = run_steps(
+    scaled = weights_after_steps(
         name, StepContext(group_size=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10), **FP16), 3
     )
-    unscaled = run_steps(name, StepContext(group_size=4, **FP16), 3)
+    unscaled = weights_after_steps(name, StepContext(group_size=4, **FP16), 3)
     for a, b in zip(scaled, unscaled):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["gsam", "msam"])
 def test_fp16_and_bf16_steps_are_close_to_fp32(name):
-    fp32 = run_steps(name, StepContext(group_size=4), 1)
-    fp16 = run_steps(name, StepContext(group_size=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10), **FP16), 1)
-    bf16 = run_steps(name, StepContext(group_size=4, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16)), 1)
+    fp32 = weights_after_steps(name, StepContext(group_size=4), 1)
+    fp16 = weights_after_steps(
+        name, StepContext(group_size=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10), **FP16), 1
+    )
+    bf16 = weights_after_steps(
+        name, StepContext(group_size=4, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16)), 1
+    )
     for other, tol in ((fp16, 2e-3), (bf16, 3e-2)):
         for a, b in zip(fp32, other):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)

@@ -41,7 +41,8 @@ def optimizer_cfg(name: str, **extra):
     return OmegaConf.create({**cfg, **extra})
 
 
-def run_steps(step, model, optimizer, steps: int, m: int = 4) -> list:
+def take_steps(step, model, optimizer, steps: int, m: int = 4) -> list:
+    """`steps` steps of the step function `step` on `batches(steps)`, in groups of `m`; their StepStats."""
     ctx = StepContext(group_size=m, grad_clip=1.0)
     out = []
     for t, (x, y) in enumerate(batches(steps)):
@@ -90,8 +91,8 @@ def test_the_paper_schedule_is_the_sam_step_itself():
 def test_sam_start_0_equals_sam_bit_for_bit():
     a, b = tiny_bn_mlp().double(), tiny_bn_mlp().double()
     opt_a, opt_b = build_optimizer(optimizer_cfg("sam"), a), build_optimizer(optimizer_cfg("sam"), b)
-    run_steps(sam_step, a, opt_a, 4)
-    run_steps(ScheduledStep(sam_step, SamSchedule(start=0)), b, opt_b, 4)
+    take_steps(sam_step, a, opt_a, 4)
+    take_steps(ScheduledStep(sam_step, SamSchedule(start=0)), b, opt_b, 4)
     assert_bitwise(state(a, opt_a), state(b, opt_b))
 
 
@@ -101,8 +102,8 @@ def test_steps_before_the_start_are_sgd_steps_bit_for_bit(name):
     sgd = build_optimizer(optimizer_cfg("sgd"), sgd_model)
     sam = build_optimizer(optimizer_cfg(name), sam_model)
     step = step_function(name, SamSchedule(start=3))
-    plain = run_steps(step, sam_model, sam, 3)
-    run_steps(sgd_step, sgd_model, sgd, 3)
+    plain = take_steps(step, sam_model, sam, 3)
+    take_steps(sgd_step, sgd_model, sgd, 3)
     assert_bitwise(state(sgd_model, sgd), state(sam_model, sam))
     assert all(s.passes == 1 and s.perturbed_loss_sum is None for s in plain)
     if name == "looksam":
@@ -112,7 +113,7 @@ def test_steps_before_the_start_are_sgd_steps_bit_for_bit(name):
 def test_sam_every_k_alternates_and_the_passes_are_counted():
     model = tiny_bn_mlp().double()
     opt = build_optimizer(optimizer_cfg("sam"), model)
-    stats = run_steps(step_function("sam", SamSchedule(start=1, every=2)), model, opt, 7)
+    stats = take_steps(step_function("sam", SamSchedule(start=1, every=2)), model, opt, 7)
     assert [s.passes for s in stats] == [1, 2, 1, 2, 1, 2, 1]
     assert [s.perturbed_loss_sum is not None for s in stats] == [p == 2 for p in (1, 2, 1, 2, 1, 2, 1)]
 
