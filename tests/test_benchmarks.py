@@ -5,29 +5,20 @@ Tiny settings (ResNet-8, one round): the numbers are not the point here, the lin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers.scripts import load_file
 
 
 def test_sam_overhead_prints_sam_ratio_first_then_sgd_m32(tmp_path, monkeypatch, capsys):
     out = tmp_path / "sam_overhead.json"
     argv = ["sam_overhead.py", "--model", "resnet8", "--batch", "64", "--repeats", "1", "--max-repeats", "1"]
     monkeypatch.setattr(sys, "argv", [*argv, "--steps", "1", "--device", "cpu", "--out", str(out)])
-    assert load("sam_overhead").main() == 0
+    assert load_file("benchmarks/sam_overhead.py", "bench_sam_overhead").main() == 0
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"sam ratio \d+\.\d\d", lines[0])
     assert re.fullmatch(r"sgd_m32 ratio \d+\.\d\d", lines[1])
@@ -56,7 +47,7 @@ def test_sam_overhead_prints_sam_ratio_first_then_sgd_m32(tmp_path, monkeypatch,
 
 def test_compile_speedup_reports_each_variant_and_the_graphs_the_trainer_test_expects(tmp_path, capsys):
     out = tmp_path / "compile_speedup.json"
-    bench = load("compile_speedup")
+    bench = load_file("benchmarks/compile_speedup.py", "bench_compile_speedup")
     argv = ["--model", "resnet8", "--batch", "64", "--rounds", "1", "--steps", "1", "--backend", "eager"]
     assert bench.main([*argv, "--device", "cpu", "--out", str(out)]) == 0
     printed = dict(

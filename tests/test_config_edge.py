@@ -12,29 +12,23 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import sam_repro.engine.config as config_module
+from helpers.training import compose_config, only_run_dir
 from sam_repro import train as train_cli
 from sam_repro.engine.config import validate, validate_config
 from sam_repro.engine.distributed import DistEnv
 from sam_repro.engine.faults import FAULT_ENV, Faults, read_faults
 from sam_repro.engine.overrides import check_overrides
-from sam_repro.engine.rundir import config_changes, register_resolvers
+from sam_repro.engine.rundir import config_changes
 from sam_repro.errors import ConfigError
 from sam_repro.run_keys import NEUTRAL_KEYS, RETIRED_KEYS, matches
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
 # ResNet-8 on 256 generated images, batch 64: one epoch of 4 steps.
 RUN = ["dataset=synthetic", "debug=tiny", "logger=none", "trainer.epochs=1", "trainer.progress=off"]
-
-
-def compose_train(*overrides):
-    register_resolvers()
-    with initialize_config_module("sam_repro.configs", version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 @pytest.fixture
@@ -64,11 +58,6 @@ def start(monkeypatch, tmp_path):
         return 0
 
     return run
-
-
-def the_run_dir(tmp_path):
-    [run_dir] = [p.parent for p in (tmp_path / "runs").rglob("config.yaml") if p.parent.name.startswith("seed")]
-    return run_dir
 
 
 def spy_on_checks(monkeypatch) -> Counter:
@@ -105,7 +94,7 @@ def spy_on_checks(monkeypatch) -> Counter:
 def test_a_start_resolves_and_checks_its_config_once(start, monkeypatch, tmp_path):
     counts = spy_on_checks(monkeypatch)
     assert start(*RUN) == 0
-    summary = json.loads((the_run_dir(tmp_path) / "summary.json").read_text())
+    summary = json.loads((only_run_dir(tmp_path / "runs") / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["epochs"] == 1  # a whole start, trainer included
     assert dict(counts) == {"resolved": 1, "schema": 1, "relations": 1}
 
@@ -129,7 +118,7 @@ def test_the_trainer_and_the_data_check_no_config_value_again(monkeypatch):
 
     assert not hasattr(trainer, "validate") and not hasattr(trainer, "validate_config")
     with pytest.raises(ConfigError, match=r"^dataset\.val_fraction must be in \[0, 1\) \(got 1\.0\)$"):
-        validate_config(compose_train("dataset=synthetic", "dataset.val_fraction=1.0"))
+        validate_config(compose_config("dataset=synthetic", "dataset.val_fraction=1.0"))
     train, val = select_train_indices(10, 0.2, None, 0)
     assert (len(train), len(val)) == (8, 2)
 
@@ -146,9 +135,9 @@ def test_the_trainer_and_the_data_check_no_config_value_again(monkeypatch):
 def test_imagenet_s_unsupported_keys_are_refused_by_the_config_check(override, message):
     """The one check of these keys was in the ImageNet loader's builder; it moved into the config's constraints,
     with its message."""
-    validate(compose_train("dataset=imagenet"), CPU)
+    validate(compose_config("dataset=imagenet"), CPU)
     with pytest.raises(ConfigError) as refused:
-        validate(compose_train("dataset=imagenet", override), CPU)
+        validate(compose_config("dataset=imagenet", override), CPU)
     assert str(refused.value) == message
 
 
@@ -156,7 +145,7 @@ def test_imagenet_s_unsupported_keys_are_refused_by_the_config_check(override, m
 
 
 def test_the_fault_hooks_are_no_config_keys():
-    cfg = compose_train()
+    cfg = compose_config()
     assert not [key for key in OmegaConf.to_container(cfg.trainer) if "inject" in key or "fault" in key]
     for key in RETIRED_KEYS:
         with pytest.raises(ConfigError, match=f"^unknown key {key}: the trainer group has no such setting"):
@@ -204,7 +193,7 @@ def test_sam_repro_fault_makes_the_loss_non_finite_at_its_step(start, monkeypatc
     at its end-of-epoch check; config.yaml records no trace of the hook."""
     monkeypatch.setenv(FAULT_ENV, "nonfinite_at_step=3")
     assert start(*RUN, "trainer.log_every=2") == 2
-    run_dir = the_run_dir(tmp_path)
+    run_dir = only_run_dir(tmp_path / "runs")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "non-finite by step 4" in summary["reason"]
     assert "SAM_REPRO_FAULT (a test hook): the training loss is made non-finite at step 3" in capsys.readouterr().out
@@ -217,7 +206,7 @@ def test_sam_repro_fault_makes_the_loss_non_finite_at_its_step(start, monkeypatc
 
 def test_the_retired_keys_change_no_run_identity():
     assert all(matches(key, NEUTRAL_KEYS) for key in RETIRED_KEYS)
-    current = OmegaConf.to_container(compose_train("dataset=synthetic"), resolve=True)
+    current = OmegaConf.to_container(compose_config("dataset=synthetic"), resolve=True)
     recorded = json.loads(json.dumps(current))
     recorded["trainer"].update({"inject_nonfinite_at_step": None, "inject_nonfinite_rank": None})
     assert config_changes(recorded, current, lambda keys: {}) == []
@@ -227,7 +216,7 @@ def test_a_run_directory_that_records_the_retired_keys_is_still_the_same_run(sta
     """A run directory written before the keys were removed records them (results/ has such runs): the same
     command finds it finished, instead of refusing it as another configuration."""
     assert start(*RUN) == 0
-    run_dir = the_run_dir(tmp_path)
+    run_dir = only_run_dir(tmp_path / "runs")
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
     recorded["trainer"].update({"inject_nonfinite_at_step": None, "inject_nonfinite_rank": None})
     (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from helpers.training import compose_config
 from sam_repro.engine.config import AUTOAUGMENT_POLICIES, RULES, SCHEMA_GROUPS, validate, validate_config
 from sam_repro.engine.distributed import DistEnv
-from sam_repro.engine.rundir import register_resolvers, run_name
+from sam_repro.engine.rundir import run_name
 from sam_repro.errors import ConfigError
 from sam_repro.run_keys import flatten
 
@@ -31,21 +31,15 @@ REQUIRED_BY_PRESET = {
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="single")
 
 
-def compose_train(*overrides):
-    register_resolvers()
-    with initialize_config_module("sam_repro.configs", version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes_with_a_name(group, option):
-    cfg = compose_train(f"{group}={option}")
+    cfg = compose_config(f"{group}={option}")
     assert cfg[group].name == option or group == "trainer"
     OmegaConf.to_container(cfg[group], resolve=True)
 
 
 def test_defaults_validate():
-    validate(compose_train(), CPU)
+    validate(compose_config(), CPU)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +61,7 @@ def test_defaults_validate():
 )
 def test_invalid_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose_train(override), CPU)
+        validate(compose_config(override), CPU)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +99,7 @@ def test_invalid_values_name_their_key(override, key):
 )
 def test_schema_refusals_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as refused:
-        validate_config(compose_train(*overrides))
+        validate_config(compose_config(*overrides))
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
 
 
@@ -116,14 +110,14 @@ def _group_leaves(cfg, group) -> list[str]:
 def test_every_leaf_of_every_option_has_a_rule():
     # A key added to an option file (or to a preset) without its rule in sam_repro/engine/config.py fails here.
     without = {
-        f"{group}={option}": [k for k in _group_leaves(compose_train(f"{group}={option}"), group) if k not in RULES]
+        f"{group}={option}": [k for k in _group_leaves(compose_config(f"{group}={option}"), group) if k not in RULES]
         for group, option in SCHEMA_OPTIONS
     }
     assert not {o: keys for o, keys in without.items() if keys}, "add a rule per key to RULES"
 
 
 def test_every_rule_is_a_leaf_of_its_options():
-    leaves = {(g, o): set(_group_leaves(compose_train(f"{g}={o}"), g)) for g, o in SCHEMA_OPTIONS}
+    leaves = {(g, o): set(_group_leaves(compose_config(f"{g}={o}"), g)) for g, o in SCHEMA_OPTIONS}
     for key, rule in RULES.items():
         group = key.split(".")[0]
         if group not in SCHEMA_GROUPS:
@@ -138,7 +132,7 @@ def test_every_rule_is_a_leaf_of_its_options():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_passes_the_schema(preset):
-    validate_config(compose_train(preset, *REQUIRED_BY_PRESET.get(preset, [])))
+    validate_config(compose_config(preset, *REQUIRED_BY_PRESET.get(preset, [])))
 
 
 def test_autoaugment_choices_are_the_policies_torchvision_has():
@@ -163,7 +157,7 @@ DEBUG_OPTIONS = sorted(f.stem for f in (CONFIGS / "debug").glob("*.yaml"))
 
 @pytest.mark.parametrize("debug", DEBUG_OPTIONS)
 def test_debug_options_shrink_any_preset_to_a_valid_quiet_run(debug):
-    cfg = compose_train("experiment=table1/wrn28_10_200ep", "dataset=cifar100", "optimizer=sam", f"debug={debug}")
+    cfg = compose_config("experiment=table1/wrn28_10_200ep", "dataset=cifar100", "optimizer=sam", f"debug={debug}")
     validate(cfg, CPU)
     assert (cfg.trainer.threads, cfg.logger.mode) == (1, "disabled")
     assert cfg.dataset.train_subset <= 256 and cfg.dataset.test_subset <= 500
@@ -172,16 +166,16 @@ def test_debug_options_shrink_any_preset_to_a_valid_quiet_run(debug):
 
 def test_debug_tiny_and_preset_as_documented():
     assert set(DEBUG_OPTIONS) == {"tiny", "preset"}
-    tiny = compose_train("debug=tiny")
+    tiny = compose_config("debug=tiny")
     assert (tiny.model.name, tiny.dataset.train_subset, tiny.dataset.test_subset, tiny.trainer.batch_size) == (
         "resnet8", 256, 500, 64)  # fmt: skip
     # The command line wins over the debug option; without one nothing changes.
-    assert compose_train("debug=tiny", "model=wrn16_4", "trainer.batch_size=32").model.name == "wrn16_4"
-    assert compose_train("debug=tiny", "trainer.batch_size=32").trainer.batch_size == 32
-    default = compose_train()
+    assert compose_config("debug=tiny", "model=wrn16_4", "trainer.batch_size=32").model.name == "wrn16_4"
+    assert compose_config("debug=tiny", "trainer.batch_size=32").trainer.batch_size == 32
+    default = compose_config()
     assert "debug" not in default and default.dataset.train_subset is None and default.model.name == "resnet20"
     # debug=preset keeps the preset's model and recipe: one step, batch 8 in groups of 4.
-    preset = compose_train("experiment=table1/pyramidnet272_shakedrop", "dataset=cifar10", "debug=preset")
+    preset = compose_config("experiment=table1/pyramidnet272_shakedrop", "dataset=cifar10", "debug=preset")
     assert (preset.model.name, preset.trainer.grad_clip, preset.trainer.max_steps, preset.trainer.batch_size,
             preset.trainer.m) == ("pyramidnet272_shakedrop", 5.0, 1, 8, 4)  # fmt: skip
 
@@ -202,7 +196,7 @@ def test_debug_tiny_shrinks_every_preset_to_a_run_of_seconds(preset):
     """debug/tiny.yaml promises a run of seconds for any preset: the preset's m (demo's 128) adapted to the batch of
     64, a few epochs whatever the preset's epochs and epoch_scale, and the preset's optimizer settings kept."""
     for optimizer in ("sgd", "sam"):
-        cfg = compose_train(f"experiment={preset}", f"optimizer={optimizer}", "dataset.label_noise=0.2", "debug=tiny")
+        cfg = compose_config(f"experiment={preset}", f"optimizer={optimizer}", "dataset.label_noise=0.2", "debug=tiny")
         validate(cfg, CPU)  # trainer.m divides the micro-batch, and every other rule holds
         epochs = cfg.trainer.epochs * cfg.trainer.epoch_scale
         assert 1 <= epochs <= 3 and cfg.trainer.batch_size == 64 and cfg.model.name == "resnet8"

@@ -3,7 +3,6 @@ GPU profile's preset and its code path at toy size on this CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,13 +15,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from helpers.scripts import load_file
 from sam_repro.acceptance.throughput import flops_per_image
 from sam_repro.data.sources import cache_path
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
-demo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(demo)
+demo = load_file("scripts/demo.py", "demo")
 
 
 def run_demo_script(profile: str, overrides: list[str], runs: Path) -> subprocess.CompletedProcess:

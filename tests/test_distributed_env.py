@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from helpers.environ import clean_environ, drop_launch_vars
 from sam_repro.engine import distributed
 from sam_repro.engine.distributed import (
     all_reduce_mean_,
@@ -31,19 +32,11 @@ from sam_repro.errors import ConfigError, RankLost
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_CHECK = REPO / "scripts" / "slurm" / "ddp_check.py"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def clean_environ() -> dict[str, str]:
-    """os.environ without any launcher's variables, so that tests behave the same inside a SLURM job or torchrun."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
 
 
 @pytest.fixture
 def no_launcher(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("SLURM_") or name in LAUNCH_VARS:
-            monkeypatch.delenv(name)
+    drop_launch_vars(monkeypatch)
     return monkeypatch
 
 

@@ -34,7 +34,9 @@ def off_device(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stats) 
     return [name for name, t in named if isinstance(t, torch.Tensor) and t.device != DEVICE]
 
 
-def run_steps(model_name: str, optimizer: str, precision: str, steps: int = 3, channels_last: bool = False, **arch):
+def steps_on_fake_cuda(
+    model_name: str, optimizer: str, precision: str, steps: int = 3, channels_last: bool = False, **arch
+):
     """`steps` steps of one variant on fake CUDA; returns the host reads of each step and what was left off the
     device."""
     torch.manual_seed(0)
@@ -58,7 +60,7 @@ def run_steps(model_name: str, optimizer: str, precision: str, steps: int = 3, c
 @pytest.mark.parametrize("precision", step_variants.PRECISIONS)
 @pytest.mark.parametrize("optimizer", step_variants.OPTIMIZERS)
 def test_step_variants_stay_on_the_device(optimizer, precision):
-    reads, off = run_steps("resnet8", optimizer, precision)
+    reads, off = steps_on_fake_cuda("resnet8", optimizer, precision)
     expected = [("_local_scalar_dense", "cuda:0")] if precision == "fp16" else []  # GradScaler.step's found_inf
     assert reads == [expected] * 3
     assert off == []
@@ -73,7 +75,7 @@ def test_step_variants_stay_on_the_device(optimizer, precision):
     ],
 )
 def test_channels_last_and_stochastic_layers_stay_on_the_device(model_name, arch):
-    reads, off = run_steps(model_name, "sam", "bf16", steps=2, channels_last=True, **arch)
+    reads, off = steps_on_fake_cuda(model_name, "sam", "bf16", steps=2, channels_last=True, **arch)
     assert reads == [[], []] and off == []
 
 
@@ -120,7 +122,7 @@ def test_a_tensor_made_on_the_cpu_in_the_step_raises(monkeypatch):
     real = step_module._loss
     monkeypatch.setattr(step_module, "_loss", lambda model, x, y, ctx: _mix(real(model, x, y, ctx), y))
     with pytest.raises(RuntimeError, match="cpu"):
-        run_steps("resnet8", "sam", "fp32", steps=1)
+        steps_on_fake_cuda("resnet8", "sam", "fp32", steps=1)
 
 
 def _mix(result, y):
@@ -137,5 +139,5 @@ def test_a_copy_to_the_host_in_the_step_is_counted(monkeypatch):
         return loss, logits
 
     monkeypatch.setattr(step_module, "_loss", copying)
-    reads, _ = run_steps("resnet8", "sgd", "fp32", steps=1)
+    reads, _ = steps_on_fake_cuda("resnet8", "sgd", "fp32", steps=1)
     assert reads == [[("_to_copy", "cuda:0")]]

@@ -24,16 +24,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_bundle  # noqa: E402
 import torch_envs  # noqa: E402
 
+from helpers.environ import node_shell_env  # noqa: E402
 from sam_repro.acceptance.checks import CHECKS  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.data]
-
-
-def clean_env(**extra: str) -> dict:
-    """A shell on the node: nothing pointing at this checkout, this venv or this machine's package sources."""
-    drop = ("PYTHONPATH", "VIRTUAL_ENV", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    return {**env, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ def test_an_incomplete_closure_is_refused_here(monkeypatch, tmp_path):
 
 def test_run_sh_smoke_on_a_simulated_node(node, bundle, tmp_path):
     out, venv = tmp_path / "out", tmp_path / "venv"
-    env = clean_env(
+    env = node_shell_env(
         PATH=f"{node / 'bin'}{os.pathsep}{os.environ['PATH']}",
         OUT=str(out),
         SAM_BUNDLE_VENV=str(venv),
@@ -90,7 +84,11 @@ def test_run_sh_smoke_on_a_simulated_node(node, bundle, tmp_path):
     )
     where = json.loads(
         subprocess.run(
-            [str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
+            [str(venv / "bin" / "python"), "-c", probe],
+            cwd=tmp_path,
+            env=node_shell_env(),
+            capture_output=True,
+            text=True,
         ).stdout
     )
     assert Path(where[0]).is_relative_to(node) and where[3]
@@ -114,7 +112,7 @@ def test_run_sh_smoke_on_a_simulated_node(node, bundle, tmp_path):
     train = subprocess.run(
         [str(venv / "bin" / "sam-train"), "debug=tiny", "trainer.epochs=1"],
         cwd=tmp_path,
-        env=clean_env(SAM_RUNS_DIR=str(runs)),
+        env=node_shell_env(SAM_RUNS_DIR=str(runs)),
         capture_output=True,
         text=True,
         timeout=900,

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers.tiny_net import batch, tiny_bn_mlp
 from helpers.training import TINY, comparable, compose_config, read_metrics
+from sam_repro.engine.host_reads import HostReads
 from sam_repro.engine.step import StepContext, msam_step, sam_step, sgd_step
 from sam_repro.optim import SAM
 from sam_repro.optim.gsam import GSAM
@@ -21,16 +22,6 @@ from sam_repro.optim.msam import MSAM
 
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-2
 FACTORS = [0.1, 0.6, 1.0, 0.7, 0.3]  # lr / peak per step: a warm-up from below lr_min, then a decay
-
-
-def tiny_bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).double()
-
-
-def batch(n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
 def schedule(opt):
@@ -128,8 +119,8 @@ def make_msam(model, rho=0.5, nesterov=True):
 @pytest.mark.parametrize("m", [8, 4, 2])
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_gsam_equals_the_papers_update_over_several_steps(m, nesterov):
-    model = tiny_bn_net()
-    x, y = batch()
+    model = tiny_bn_mlp().double()
+    x, y = batch(dtype=torch.float64)
     expected = hand_gsam(model, x, y, m, 5, rho_max=0.2, rho_min=0.05, alpha=0.3, lr_min=0.02, nesterov=nesterov)
     opt = make_gsam(model, nesterov=nesterov)
     sched = schedule(opt)
@@ -148,8 +139,8 @@ def test_gsam_equals_the_papers_update_over_several_steps(m, nesterov):
 def test_gsam_moves_against_the_orthogonal_part_of_the_clean_gradient():
     # The sign: GSAM's direction is g_s - alpha g_perp, so alpha > 0 lowers its inner product with g (f ascends
     # along g_perp while the descent on f_p is unchanged: the component along g_s is SAM's).
-    model = tiny_bn_net()
-    x, y = batch()
+    model = tiny_bn_mlp().double()
+    x, y = batch(dtype=torch.float64)
     directions = {}
     for alpha in (0.0, 0.5):
         net = copy.deepcopy(model)
@@ -168,8 +159,8 @@ def test_gsam_moves_against_the_orthogonal_part_of_the_clean_gradient():
 @pytest.mark.parametrize("m", [8, 2])
 @pytest.mark.parametrize("mode", ["l2", "base_optimizer"])
 def test_gsam_with_a_constant_rho_and_alpha_0_is_sam_bit_for_bit(m, mode):
-    x, y = batch()
-    a, b = tiny_bn_net().float(), tiny_bn_net().float()
+    x, y = batch(dtype=torch.float64)
+    a, b = tiny_bn_mlp(), tiny_bn_mlp()
     kw = dict(lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD, weight_decay_mode=mode)
     sam = SAM(a.parameters(), torch.optim.SGD, rho=0.1, **kw)
     gsam = GSAM(b.parameters(), torch.optim.SGD, rho_max=0.1, rho_min=0.1, alpha=0.0, lr_min=0.0, **kw)
@@ -186,17 +177,17 @@ def test_gsam_with_a_constant_rho_and_alpha_0_is_sam_bit_for_bit(m, mode):
 
 
 def test_gsam_rho_follows_the_learning_rate():
-    opt = make_gsam(tiny_bn_net(), rho_max=0.2, rho_min=0.05, lr_min=0.02)
+    opt = make_gsam(tiny_bn_mlp().double(), rho_max=0.2, rho_min=0.05, lr_min=0.02)
     assert opt.rho_at(LR) == 0.2 and opt.rho_at(0.02) == 0.05
     assert opt.rho_at(0.06) == pytest.approx(0.125)
     assert opt.rho_at(0.0) == 0.05 and opt.rho_at(1.0) == 0.2  # clamped below lr_min and above the peak
     with pytest.raises(ValueError, match="rho_min <= rho_max"):
-        make_gsam(tiny_bn_net(), rho_max=0.1, rho_min=0.2)
+        make_gsam(tiny_bn_mlp().double(), rho_max=0.1, rho_min=0.2)
 
 
 def test_gsam_clips_its_final_direction():
-    x, y = batch()
-    model = tiny_bn_net()
+    x, y = batch(dtype=torch.float64)
+    model = tiny_bn_mlp().double()
     start = [p.detach().clone() for p in model.parameters()]
     opt = GSAM(model.parameters(), torch.optim.SGD, rho_max=0.2, rho_min=0.2, alpha=0.5, lr=1.0)
     sam_step(model, opt, x, y, StepContext(group_size=4, grad_clip=0.05))
@@ -210,8 +201,8 @@ def test_gsam_clips_its_final_direction():
 @pytest.mark.parametrize("m", [8, 4, 2])
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_msam_equals_the_papers_update_over_several_steps(m, nesterov):
-    model = tiny_bn_net()
-    x, y = batch()
+    model = tiny_bn_mlp().double()
+    x, y = batch(dtype=torch.float64)
     expected = hand_msam(model, x, y, m, 4, rho=0.5, nesterov=nesterov)
     opt = make_msam(model, rho=0.5, nesterov=nesterov)
     for step in range(4):
@@ -221,8 +212,8 @@ def test_msam_equals_the_papers_update_over_several_steps(m, nesterov):
 
 
 def test_msam_perturbs_against_the_momentum_buffer():
-    model = tiny_bn_net()
-    x, y = batch()
+    model = tiny_bn_mlp().double()
+    x, y = batch(dtype=torch.float64)
     opt = make_msam(model, rho=0.5)
     opt.first_step()
     assert not opt.is_perturbed and float(opt.perturbation_norm) == 0  # no buffer yet: a plain step
@@ -239,8 +230,8 @@ def test_msam_perturbs_against_the_momentum_buffer():
 
 
 def test_msam_closure_step_equals_the_engine_step():
-    x, y = batch()
-    a, b = tiny_bn_net(), tiny_bn_net()
+    x, y = batch(dtype=torch.float64)
+    a, b = tiny_bn_mlp().double(), tiny_bn_mlp().double()
     oa, ob = make_msam(a), make_msam(b)
     for step in range(3):
         msam_step(a, oa, x, y, StepContext(group_size=8, step=step))
@@ -269,9 +260,9 @@ def count_passes(model, step, opt, x, y, m):
 
 @pytest.mark.parametrize("m", [8, 4])
 def test_passes_per_step(m):
-    x, y = batch()
+    x, y = batch(dtype=torch.float64)
     for _ in range(2):  # MSAM's first step (no buffer yet) and a perturbed one
-        model = tiny_bn_net()
+        model = tiny_bn_mlp().double()
         msam = make_msam(model)
         assert [count_passes(model, msam_step, msam, x, y, m) for _ in range(2)] == [1, 1]
         gsam = make_gsam(model)
@@ -290,7 +281,7 @@ def round_trip(state):
 @pytest.mark.parametrize("name", ["gsam", "msam"])
 @pytest.mark.parametrize("m", [8, 4])
 def test_a_resume_mid_run_equals_the_uninterrupted_run(name, m):
-    x, y = batch()
+    x, y = batch(dtype=torch.float64)
     build = (lambda net: make_gsam(net)) if name == "gsam" else (lambda net: make_msam(net))
     take = sam_step if name == "gsam" else msam_step
 
@@ -299,17 +290,17 @@ def test_a_resume_mid_run_equals_the_uninterrupted_run(name, m):
             take(model, opt, x, y, StepContext(group_size=m, step=step))
             sched.step()
 
-    model = tiny_bn_net()
+    model = tiny_bn_mlp().double()
     opt = build(model)
     sched = schedule(opt)
     run(model, opt, sched, range(5))
 
-    first = tiny_bn_net()
+    first = tiny_bn_mlp().double()
     opt1 = build(first)
     sched1 = schedule(opt1)
     run(first, opt1, sched1, range(2))
     saved = round_trip({"model": first.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict()})
-    resumed = tiny_bn_net()
+    resumed = tiny_bn_mlp().double()
     with torch.no_grad():
         for p in resumed.parameters():
             p.add_(1.0)  # anything: the checkpoint decides
@@ -326,9 +317,10 @@ def test_a_resume_mid_run_equals_the_uninterrupted_run(name, m):
 FP16 = dict(autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
 
 
-def run_steps(name, ctx, steps):
-    x, y = batch()
-    model = tiny_bn_net().float()
+def weights_after_steps(name, ctx, steps):
+    """The float32 tiny network's weights after `steps` GSAM or Momentum-SAM steps (`name`) with `ctx`."""
+    x, y = batch(dtype=torch.float64)
+    model = tiny_bn_mlp()
     opt = make_gsam(model) if name == "gsam" else make_msam(model)
     for step in range(steps):
         ctx.step = step
@@ -340,27 +332,31 @@ def run_steps(name, ctx, steps):
 def test_fp16_loss_scaling_changes_nothing(name):
     # The per-group decomposition runs on loss-scaled gradients: with a power-of-two scale it must give what fp16
     # autocast gives without a scaler, up to float32 rounding.
-    scaled = run_steps(
+    scaled = weights_after_steps(
         name, StepContext(group_size=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10), **FP16), 3
     )
-    unscaled = run_steps(name, StepContext(group_size=4, **FP16), 3)
+    unscaled = weights_after_steps(name, StepContext(group_size=4, **FP16), 3)
     for a, b in zip(scaled, unscaled):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["gsam", "msam"])
 def test_fp16_and_bf16_steps_are_close_to_fp32(name):
-    fp32 = run_steps(name, StepContext(group_size=4), 1)
-    fp16 = run_steps(name, StepContext(group_size=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10), **FP16), 1)
-    bf16 = run_steps(name, StepContext(group_size=4, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16)), 1)
+    fp32 = weights_after_steps(name, StepContext(group_size=4), 1)
+    fp16 = weights_after_steps(
+        name, StepContext(group_size=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10), **FP16), 1
+    )
+    bf16 = weights_after_steps(
+        name, StepContext(group_size=4, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16)), 1
+    )
     for other, tol in ((fp16, 2e-3), (bf16, 3e-2)):
         for a, b in zip(fp32, other):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_fp16_gsam_overflow_skips_the_step():
-    x, y = batch()
-    model = tiny_bn_net().float()
+    x, y = batch(dtype=torch.float64)
+    model = tiny_bn_mlp()
     opt = make_gsam(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     before = [p.detach().clone() for p in model.parameters()]
@@ -380,23 +376,11 @@ def test_fp16_gsam_overflow_skips_the_step():
     assert any(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
-class HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value by the host (`aten._local_scalar_dense`: `.item()`, `float()`, ...)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("name", ["gsam", "msam"])
 def test_a_step_never_reads_a_tensor_value_on_the_host(name, precision):
-    x, y = batch()
-    model = tiny_bn_net().float()
+    x, y = batch(dtype=torch.float64)
+    model = tiny_bn_mlp()
     opt = make_gsam(model) if name == "gsam" else make_msam(model)
     ctx = StepContext(
         group_size=4,
@@ -405,11 +389,11 @@ def test_a_step_never_reads_a_tensor_value_on_the_host(name, precision):
         autocast=FP16["autocast"] if precision == "fp16" else contextlib.nullcontext,
         scaler=torch.amp.GradScaler("cpu") if precision == "fp16" else None,
     )
-    with HostReads() as reads:
+    with HostReads(count_cpu=True) as reads:  # on the CPU, every tensor's value is on the host
         for step in range(2):
             ctx.step = step
             (sam_step if name == "gsam" else msam_step)(model, opt, x.float(), y, ctx)
-    assert reads.count == (2 if precision == "fp16" else 0)  # the GradScaler's own overflow check, once a step
+    assert len(reads.reads) == (2 if precision == "fp16" else 0)  # the GradScaler's own overflow check, once a step
     assert math.isfinite(float(opt.perturbation_norm))
 
 
@@ -430,13 +414,13 @@ def test_configs_build_the_optimizers_with_their_hyperparameters():
 
     gsam_cfg = compose_config("optimizer=gsam", "schedule.min_lr=0.001")
     validate_on_cpu(gsam_cfg)
-    opt = build_optimizer(gsam_cfg.optimizer, tiny_bn_net())
+    opt = build_optimizer(gsam_cfg.optimizer, tiny_bn_mlp().double())
     assert isinstance(opt, GSAM) and gsam_cfg.optimizer.rho == gsam_cfg.optimizer.rho_max
     assert (opt.rho_max, opt.rho_min, opt.alpha) == (0.05, 0.0, 0.01)
     assert (opt.lr_max, opt.lr_min) == (gsam_cfg.optimizer.lr, 0.001)  # rho_min is reached at the schedule's floor
     msam_cfg = compose_config("optimizer=msam")
     validate_on_cpu(msam_cfg)
-    opt = build_optimizer(msam_cfg.optimizer, tiny_bn_net())
+    opt = build_optimizer(msam_cfg.optimizer, tiny_bn_mlp().double())
     assert isinstance(opt, MSAM) and opt.param_groups[0]["rho"] == 3.0
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from helpers.checkpoints import MEAN, STD, write_run
-from helpers.quadratic import TOP, Quadratic, chosen_spectrum_matrix, half_mse, mean_output
+from helpers.quadratic import TOP, Quadratic, half_mse, mean_output, quadratic_problem
 from sam_repro.analysis.hessian import HessianOperator, hessian_spectrum, lanczos, power_iteration
 from sam_repro.analysis.loading import file_stem
 from sam_repro.cli.analyze import main as analyze
@@ -27,22 +27,22 @@ def as64(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-def quadratic_chunks(dim: int, n: int = 12, chunk: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    b = torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    return [(b[i : i + chunk], torch.zeros(b[i : i + chunk].shape[0])) for i in range(0, n, chunk)]
+def quadratic_in_chunks(chunk: int = 5) -> tuple[Quadratic, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The 60-dimensional quadratic and its 12 inputs, in chunks of `chunk` (the last one shorter)."""
+    model, b = quadratic_problem(dim=60, n=12, seed=2)
+    return model, [(b[i : i + chunk], torch.zeros(b[i : i + chunk].shape[0])) for i in range(0, len(b), chunk)]
 
 
 def test_operator_is_the_quadratic_matrix():
-    a, _ = chosen_spectrum_matrix()
-    operator = HessianOperator(Quadratic(a), quadratic_chunks(a.shape[0]), mean_output)
-    v = torch.randn(a.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(operator(v), a @ v, rtol=1e-12, atol=1e-12)
+    model, chunks = quadratic_in_chunks()
+    operator = HessianOperator(model, chunks, mean_output)
+    v = torch.randn(60, dtype=torch.float64)
+    torch.testing.assert_close(operator(v), model.a @ v, rtol=1e-12, atol=1e-12)
     assert operator.matvecs == 1
 
 
 def test_lanczos_quadratic_chosen_spectrum():
-    a, _ = chosen_spectrum_matrix()
-    report = hessian_spectrum(Quadratic(a), quadratic_chunks(a.shape[0]), k=5, criterion=mean_output)
+    report = hessian_spectrum(*quadratic_in_chunks(), k=5, criterion=mean_output)
     torch.testing.assert_close(as64(report["eigenvalues"]), as64(TOP), rtol=1e-9, atol=0)
     assert report["lambda_max"] == pytest.approx(40.0, rel=1e-9)
     assert report["lambda_max_over_lambda_5"] == pytest.approx(8.0, rel=1e-9)
@@ -51,9 +51,8 @@ def test_lanczos_quadratic_chosen_spectrum():
 
 
 def test_power_iteration_quadratic_chosen_spectrum():
-    a, _ = chosen_spectrum_matrix()
     report = hessian_spectrum(
-        Quadratic(a), quadratic_chunks(a.shape[0]), k=5, method="power", iterations=300, tol=1e-6, criterion=mean_output
+        *quadratic_in_chunks(), k=5, method="power", iterations=300, tol=1e-6, criterion=mean_output
     )
     torch.testing.assert_close(as64(report["eigenvalues"]), as64(TOP), rtol=1e-8, atol=0)
     assert report["method"] == "power_iteration"
@@ -93,7 +92,7 @@ def test_least_squares_in_chunks_float32():
         torch.testing.assert_close(as64(report["eigenvalues"]), expected, rtol=2e-4, atol=0, msg=method)
 
 
-def tiny_bn_net() -> nn.Module:
+def tiny_bn_convnet() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
     with torch.no_grad():
@@ -116,7 +115,7 @@ def dense_hessian(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
 
 
 def test_convnet_with_batchnorm_matches_dense_hessian():
-    model = tiny_bn_net().train()  # hessian_spectrum must switch to eval mode itself, then switch back
+    model = tiny_bn_convnet().train()  # hessian_spectrum must switch to eval mode itself, then switch back
     generator = torch.Generator().manual_seed(6)
     inputs = torch.randn(20, 1, 5, 5, generator=generator, dtype=torch.float64)
     targets = torch.randint(0, 3, (20,), generator=generator)

@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from helpers.training import BIN, TINY, comparable, env_for, read_metrics
+from sam_repro.engine import rundir
 from sam_repro.engine.checkpoint import load_checkpoint
-from sam_repro.engine.rundir import run_name
 
 pytestmark = pytest.mark.data
 
@@ -69,10 +69,6 @@ class Attempt:
     returncode: int
     left_temp_file: bool
     output: str
-
-
-def run_dir_of(runs: Path) -> Path:
-    return runs / run_name(None, ARGS) / "seed0"
 
 
 def sam_train(runs: Path, log: Path, hold_writes: bool = False) -> subprocess.Popen:
@@ -144,10 +140,10 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp_
     )
     assert reference.returncode == 0, reference.stdout + reference.stderr
     assert steps_logged_text(reference.stdout + reference.stderr) == STEPS
-    ref_dir = run_dir_of(tmp_path / "a")
+    ref_dir = rundir.run_dir(ARGS, root=tmp_path / "a")
 
     runs = tmp_path / "b"
-    run_dir = run_dir_of(runs)
+    run_dir = rundir.run_dir(ARGS, root=runs)
     ckpt = run_dir / "checkpoints" / "last.pt"
     rng = random.Random(0)
     attempts: list[Attempt] = []

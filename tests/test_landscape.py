@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from helpers.checkpoints import run_config, write_run
-from helpers.quadratic import Quadratic, chosen_spectrum_matrix, half_mse, mean_output
+from helpers.quadratic import half_mse, mean_output, quadratic_problem
 from sam_repro.analysis.landscape import (
     filter_normalized_direction,
     interpolation_curve,
@@ -62,9 +62,8 @@ def test_filter_normalization_is_seeded():
 
 
 def quadratic_setup():
-    a, _ = chosen_spectrum_matrix(dim=10)
-    model = Quadratic(a)
-    b = torch.randn(9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    model, b = quadratic_problem(dim=10, n=9, seed=8)
+    a = model.a
     batches = [(b[:4], torch.zeros(4)), (b[4:], torch.zeros(5))]
 
     def exact(w: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
+from helpers.environ import node_shell_env
 from sam_repro.data.sources import cache_path
 
 tomllib = pytest.importorskip("tomllib")
@@ -220,17 +221,6 @@ TINY = [
 ]
 
 
-def clean_env(**extra: str) -> dict:
-    """The environment of a user's shell on a node: nothing pointing at this checkout or this machine's wheels."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in ("PYTHONPATH", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT", "VIRTUAL_ENV")
-    }
-    return {**env, **extra}
-
-
 @pytest.fixture(scope="module")
 def wheelhouse() -> Path:
     """`make wheelhouse` for this Python, built once per constraints.txt and kept between runs (the project's own
@@ -313,10 +303,12 @@ def test_offline_install_beside_an_existing_pytorch_trains(wheelhouse, tmp_path)
     (site / "node-pytorch.pth").write_text(f"{exposed}\n")
     probe = "import json, torch; print(json.dumps([torch.__version__, torch.__file__]))"
     before = json.loads(
-        subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True, env=clean_env()).stdout
+        subprocess.run(
+            [str(python), "-c", probe], capture_output=True, text=True, check=True, env=node_shell_env()
+        ).stdout
     )
     assert before == [torch.__version__, str(exposed / "torch" / "__init__.py")]
-    assert subprocess.run([str(python), "-c", "import omegaconf"], capture_output=True, env=clean_env()).returncode
+    assert subprocess.run([str(python), "-c", "import omegaconf"], capture_output=True, env=node_shell_env()).returncode
 
     # The README's command, from a copy of the source, with pip told of no index and no other folder.
     source = tmp_path / "src"
@@ -338,14 +330,16 @@ def test_offline_install_beside_an_existing_pytorch_trains(wheelhouse, tmp_path)
         ],
         capture_output=True,
         text=True,
-        env=clean_env(**OFFLINE),
+        env=node_shell_env(**OFFLINE),
         timeout=1200,
     )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
 
     # PyTorch stayed where it was; the rest came from the wheelhouse into the venv.
     after = json.loads(
-        subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True, env=clean_env()).stdout
+        subprocess.run(
+            [str(python), "-c", probe], capture_output=True, text=True, check=True, env=node_shell_env()
+        ).stdout
     )
     assert after == before and not (site / "torch").exists()
     hydra_file = subprocess.run(
@@ -353,7 +347,7 @@ def test_offline_install_beside_an_existing_pytorch_trains(wheelhouse, tmp_path)
         capture_output=True,
         text=True,
         check=True,
-        env=clean_env(),
+        env=node_shell_env(),
     ).stdout.strip()
     assert Path(hydra_file).is_relative_to(site)
 
@@ -363,7 +357,7 @@ def test_offline_install_beside_an_existing_pytorch_trains(wheelhouse, tmp_path)
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env=clean_env(SAM_RUNS_DIR=str(runs)),
+        env=node_shell_env(SAM_RUNS_DIR=str(runs)),
         timeout=900,
     )
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]

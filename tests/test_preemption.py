@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.environ import clean_environ, drop_launch_vars
+from helpers.processes import wait_for_file
+from helpers.training import read_jsonl
 from sam_repro.engine import preemption
 from sam_repro.engine.distributed import free_port, torchrun_command
 from sam_repro.engine.preemption import HANDLED_SIGNALS, StopSignal, exit_code
@@ -20,15 +23,12 @@ from sam_repro.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 DDP_CHECK = REPO / "scripts" / "slurm" / "ddp_check.py"
 HANG_GUARD_S = 900  # only against a hung rank: every wait here ends on what the ranks do
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SAM_REQUEUE")
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
     """No SLURM job, no launcher: the defaults a laptop has. Records scontrol calls instead of making them."""
-    for name in list(os.environ):
-        if name.startswith("SLURM_") or name in LAUNCH_VARS:
-            monkeypatch.delenv(name)
+    drop_launch_vars(monkeypatch)
     calls = []
 
     def fake_run(argv, **kwargs):
@@ -189,26 +189,6 @@ def test_unknown_requeue_mode(clean_env, saved_handlers, monkeypatch):
 # ---- two ranks over gloo, in child processes -------------------------------------------------------------------
 
 
-def clean_environ() -> dict[str, str]:
-    """os.environ without any launcher's variables, so that the children are the only ranks they know of."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
-
-
-def read_events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def wait_for(path: Path, procs: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not path.exists():
-        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
-            logs = [p.communicate()[0] for p in procs]
-            pytest.fail(f"{path.name} never appeared; rank output: {logs}")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize(
     "sig, target_rank",
     [(signal.SIGTERM, 1), (signal.SIGUSR1, 0)],
@@ -236,13 +216,13 @@ def test_two_ranks_stop_after_the_same_step(sig, target_rank, tmp_path):
         argv = [sys.executable, str(DDP_CHECK), str(out), "--device", "cpu", "--steps", "100000"]
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 
-    wait_for(out / "progress.json", procs)  # both ranks have their handlers and are stepping
+    wait_for_file(out / "progress.json", procs, HANG_GUARD_S)  # both ranks have their handlers and are stepping
     signalled_at = json.loads((out / "progress.json").read_text())["step"]
     procs[target_rank].send_signal(sig)
     logs = [p.communicate(timeout=HANG_GUARD_S)[0] for p in procs]
 
     assert [p.returncode for p in procs] == [128 + sig.value] * 2, logs
-    stops = [[e for e in read_events(out / f"events-rank{r}.jsonl") if e["event"] == "stop"] for r in (0, 1)]
+    stops = [[e for e in read_jsonl(out / f"events-rank{r}.jsonl") if e["event"] == "stop"] for r in (0, 1)]
     assert len(stops[0]) == len(stops[1]) == 1, logs
     assert stops[0][0]["step"] == stops[1][0]["step"] >= signalled_at
     assert stops[0][0]["signal"] == stops[1][0]["signal"] == sig.name  # the rank that got nothing knows too
@@ -261,11 +241,11 @@ def test_torchrun_agent_forwards_usr1_to_its_workers(tmp_path):
     )  # fmt: skip
     env = clean_environ() | {"OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(out / "progress.json", [agent])
+    wait_for_file(out / "progress.json", [agent], HANG_GUARD_S)
     agent.send_signal(signal.SIGUSR1)
     log = agent.communicate(timeout=HANG_GUARD_S)[0]
     assert agent.returncode != 0, log  # the agent re-raises the signal after its workers are gone
-    stops = [[e for e in read_events(out / f"events-rank{r}.jsonl") if e["event"] == "stop"] for r in (0, 1)]
+    stops = [[e for e in read_jsonl(out / f"events-rank{r}.jsonl") if e["event"] == "stop"] for r in (0, 1)]
     assert len(stops[0]) == len(stops[1]) == 1, log
     assert stops[0][0]["step"] == stops[1][0]["step"]
     assert stops[0][0]["signal"] == stops[1][0]["signal"] == "SIGUSR1"

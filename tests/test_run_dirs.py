@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from helpers.scripts import load_file
 from sam_repro.engine.rundir import RunFiles, register_resolvers, run_dir, run_path, runs_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,15 +100,6 @@ def test_hydra_logs_to_the_run_files_log():
 # ---- the scripts name their runs with it -------------------------------------------------------------------------
 
 
-def load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def fake_sam_train(monkeypatch, module, files=("config.yaml", "metrics.jsonl", "summary.json")):
     """`subprocess.call` of sam-train replaced by writing a finished run where run_dir says sam-train trains."""
     summary = {
@@ -134,7 +126,7 @@ def fake_sam_train(monkeypatch, module, files=("config.yaml", "metrics.jsonl", "
 def test_demo_finds_its_runs_under_sam_runs_dir_inside_or_outside_the_repository(
     absolute, tmp_path, monkeypatch, capsys
 ):
-    demo = load_script("demo")
+    demo = load_file("scripts/demo.py", "demo")
     runs = tmp_path / "runs" if absolute else Path("runs") / f"test-run-dirs-{tmp_path.name}"
     monkeypatch.setenv("SAM_RUNS_DIR", str(runs))
     fake_sam_train(monkeypatch, demo)
@@ -151,7 +143,7 @@ def test_demo_finds_its_runs_under_sam_runs_dir_inside_or_outside_the_repository
 
 
 def test_run_cpu_scale_keeps_each_run_from_sam_runs_dir(tmp_path, monkeypatch):
-    script = load_script("run_cpu_scale")
+    script = load_file("scripts/run_cpu_scale.py", "run_cpu_scale")
     monkeypatch.setenv("SAM_RUNS_DIR", str(tmp_path / "elsewhere"))
     fake_sam_train(monkeypatch, script)
     overrides = ["dataset.label_noise=0.4", "optimizer=sam", "seed=1", "trainer.m=32"]
@@ -162,7 +154,7 @@ def test_run_cpu_scale_keeps_each_run_from_sam_runs_dir(tmp_path, monkeypatch):
 
 
 def test_run_cpu_scale_grid_takes_per_optimizer_overrides():
-    script = load_script("run_cpu_scale")
+    script = load_file("scripts/run_cpu_scale.py", "run_cpu_scale")
     jobs = script.grid([0], [0.4], ["sgd", "sgd,trainer.epochs=160", "sam,optimizer.sam_every=2"], ["x=1"])
     assert jobs == [
         ["dataset.label_noise=0.4", "optimizer=sam", "seed=0", "x=1", "optimizer.sam_every=2"],

@@ -9,7 +9,8 @@ import torch
 from sam_repro.optim import SAM
 
 
-def quadratic(n=5, seed=0):
+def spd_quadratic(n=5, seed=0):
+    """A random symmetric positive definite A (the Hessian of 0.5 w^T A w) and a starting point w0, float64."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, n, generator=g, dtype=torch.float64)
     a = q @ q.T + n * torch.eye(n, dtype=torch.float64)  # symmetric positive definite
@@ -30,7 +31,7 @@ def sam_step(opt, a, w):
 
 
 def test_one_step_matches_closed_form():
-    a, w0 = quadratic()
+    a, w0 = spd_quadratic()
     lr, rho = 0.01, 0.2
     w = w0.clone().requires_grad_()
     opt = SAM([w], torch.optim.SGD, rho=rho, lr=lr)
@@ -43,7 +44,7 @@ def test_one_step_matches_closed_form():
 
 
 def test_closure_api_equals_two_steps():
-    a, w0 = quadratic(seed=1)
+    a, w0 = spd_quadratic(seed=1)
     w1 = w0.clone().requires_grad_()
     w2 = w0.clone().requires_grad_()
     o1 = SAM([w1], torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9)
@@ -63,7 +64,7 @@ def test_closure_api_equals_two_steps():
 
 
 def test_p_inf_uses_sign():
-    a, w0 = quadratic(seed=2)
+    a, w0 = spd_quadratic(seed=2)
     lr, rho = 0.01, 0.1
     w = w0.clone().requires_grad_()
     opt = SAM([w], torch.optim.SGD, rho=rho, p=math.inf, lr=lr)
@@ -95,7 +96,7 @@ def test_rho_zero_is_bitwise_the_base_optimizer(nesterov, mode):
 
 
 def test_weight_decay_modes_differ_by_exactly_the_wd_terms():
-    a, w0 = quadratic(seed=3)
+    a, w0 = spd_quadratic(seed=3)
     lr, rho, wd = 0.01, 0.2, 0.1
     results = {}
     for mode in ("l2", "base_optimizer"):
@@ -119,7 +120,7 @@ def test_weight_decay_modes_differ_by_exactly_the_wd_terms():
 
 
 def test_asam_closed_form():
-    a, w0 = quadratic(seed=4)
+    a, w0 = spd_quadratic(seed=4)
     lr, rho, eta = 0.01, 0.5, 0.01
     w = w0.clone().requires_grad_()
     opt = SAM([w], torch.optim.SGD, rho=rho, adaptive=True, eta=eta, lr=lr)
@@ -131,7 +132,7 @@ def test_asam_closed_form():
 
 
 def test_per_group_rho():
-    a, w0 = quadratic(seed=5)
+    a, w0 = spd_quadratic(seed=5)
     w1 = w0[:2].clone().requires_grad_()
     w2 = w0[2:].clone().requires_grad_()
     opt = SAM([{"params": [w1], "rho": 0.3}, {"params": [w2]}], torch.optim.SGD, rho=0.0, lr=0.01)

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from helpers.tiny_net import tiny_bn_mlp
 from helpers.training import TINY, comparable, compose_config, read_metrics
 from sam_repro.engine import trainer as trainer_module
 from sam_repro.engine.checkpoint import load_checkpoint
@@ -21,11 +22,6 @@ from sam_repro.engine.step import ScheduledStep, StepContext, looksam_step, sam_
 from sam_repro.engine.trainer import train
 from sam_repro.optim.factory import build_optimizer, build_sam_schedule
 from sam_repro.optim.sam_schedule import SamSchedule, sam_schedule, uniform
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).double()
 
 
 def batches(steps: int, n: int = 8):
@@ -45,7 +41,8 @@ def optimizer_cfg(name: str, **extra):
     return OmegaConf.create({**cfg, **extra})
 
 
-def run_steps(step, model, optimizer, steps: int, m: int = 4) -> list:
+def take_steps(step, model, optimizer, steps: int, m: int = 4) -> list:
+    """`steps` steps of the step function `step` on `batches(steps)`, in groups of `m`; their StepStats."""
     ctx = StepContext(group_size=m, grad_clip=1.0)
     out = []
     for t, (x, y) in enumerate(batches(steps)):
@@ -92,21 +89,21 @@ def test_the_paper_schedule_is_the_sam_step_itself():
 
 
 def test_sam_start_0_equals_sam_bit_for_bit():
-    a, b = net(), net()
+    a, b = tiny_bn_mlp().double(), tiny_bn_mlp().double()
     opt_a, opt_b = build_optimizer(optimizer_cfg("sam"), a), build_optimizer(optimizer_cfg("sam"), b)
-    run_steps(sam_step, a, opt_a, 4)
-    run_steps(ScheduledStep(sam_step, SamSchedule(start=0)), b, opt_b, 4)
+    take_steps(sam_step, a, opt_a, 4)
+    take_steps(ScheduledStep(sam_step, SamSchedule(start=0)), b, opt_b, 4)
     assert_bitwise(state(a, opt_a), state(b, opt_b))
 
 
 @pytest.mark.parametrize("name", ["sam", "asam", "looksam"])
 def test_steps_before_the_start_are_sgd_steps_bit_for_bit(name):
-    sgd_model, sam_model = net(), net()
+    sgd_model, sam_model = tiny_bn_mlp().double(), tiny_bn_mlp().double()
     sgd = build_optimizer(optimizer_cfg("sgd"), sgd_model)
     sam = build_optimizer(optimizer_cfg(name), sam_model)
     step = step_function(name, SamSchedule(start=3))
-    plain = run_steps(step, sam_model, sam, 3)
-    run_steps(sgd_step, sgd_model, sgd, 3)
+    plain = take_steps(step, sam_model, sam, 3)
+    take_steps(sgd_step, sgd_model, sgd, 3)
     assert_bitwise(state(sgd_model, sgd), state(sam_model, sam))
     assert all(s.passes == 1 and s.perturbed_loss_sum is None for s in plain)
     if name == "looksam":
@@ -114,9 +111,9 @@ def test_steps_before_the_start_are_sgd_steps_bit_for_bit(name):
 
 
 def test_sam_every_k_alternates_and_the_passes_are_counted():
-    model = net()
+    model = tiny_bn_mlp().double()
     opt = build_optimizer(optimizer_cfg("sam"), model)
-    stats = run_steps(step_function("sam", SamSchedule(start=1, every=2)), model, opt, 7)
+    stats = take_steps(step_function("sam", SamSchedule(start=1, every=2)), model, opt, 7)
     assert [s.passes for s in stats] == [1, 2, 1, 2, 1, 2, 1]
     assert [s.perturbed_loss_sum is not None for s in stats] == [p == 2 for p in (1, 2, 1, 2, 1, 2, 1)]
 

@@ -6,26 +6,13 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers.tiny_net import batch, tiny_bn_mlp
+from sam_repro.engine.host_reads import HostReads
 from sam_repro.engine.step import StepContext, frozen_bn_stats, looksam_step, sam_step, sgd_step
 from sam_repro.models import ShakeDrop, shake
 from sam_repro.optim import SAM
 from sam_repro.optim.looksam import LookSAM
-
-
-def tiny_bn_net(dropout: float = 0.0) -> nn.Module:
-    torch.manual_seed(0)
-    layers = [nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU()]
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(16, 3))
-    return nn.Sequential(*layers)
-
-
-def batch(n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def make_sam(model, rho=0.1, wd=0.0, lr=0.1):
@@ -55,7 +42,7 @@ def hand_sam_update(model, x, y, m, rho, lr, wd):
 
 @pytest.mark.parametrize("m", [8, 4, 2])
 def test_grouped_sam_equals_hand_loop(m):
-    model = tiny_bn_net()
+    model = tiny_bn_mlp()
     x, y = batch()
     expected = hand_sam_update(model, x, y, m, rho=0.1, lr=0.1, wd=1e-2)
     opt = make_sam(model, rho=0.1, wd=1e-2)
@@ -66,7 +53,7 @@ def test_grouped_sam_equals_hand_loop(m):
 
 
 def test_bn_running_stats_come_from_the_clean_pass_only():
-    model = tiny_bn_net()
+    model = tiny_bn_mlp()
     x, y = batch()
     reference = copy.deepcopy(model).train()
     with torch.no_grad():
@@ -79,7 +66,7 @@ def test_bn_running_stats_come_from_the_clean_pass_only():
 
 
 def test_grouped_running_stats_are_the_average_of_per_group_updates():
-    model = tiny_bn_net()
+    model = tiny_bn_mlp()
     x, y = batch()
     start = copy.deepcopy(model[1])
     updates = []
@@ -98,7 +85,7 @@ def test_grouped_running_stats_are_the_average_of_per_group_updates():
 
 
 def test_frozen_bn_stats_still_normalizes_with_batch_statistics():
-    model = tiny_bn_net().train()
+    model = tiny_bn_mlp().train()
     x, _ = batch()
     before = model[1].running_mean.clone()
     with torch.no_grad(), frozen_bn_stats(model):
@@ -109,7 +96,7 @@ def test_frozen_bn_stats_still_normalizes_with_batch_statistics():
 
 
 def test_dropout_draws_are_replayed_in_the_perturbed_pass():
-    model = tiny_bn_net(dropout=0.5)
+    model = tiny_bn_mlp(dropout=0.5)
     x, y = batch()
     stats = sam_step(model, make_sam(model, rho=0.0), x, y, StepContext(group_size=8))
     # rho = 0: the perturbed pass is the clean pass again, identical only if the dropout masks are the same.
@@ -165,7 +152,7 @@ def test_sgd_step_with_groups_equals_full_batch_gradient_without_bn():
 
 
 def test_grad_clip_applies_to_the_sam_gradient():
-    model = tiny_bn_net()
+    model = tiny_bn_mlp()
     x, y = batch()
     unclipped = copy.deepcopy(model)
     sam_step(unclipped, make_sam(unclipped, lr=1.0), x, y, StepContext(group_size=8))
@@ -174,13 +161,13 @@ def test_grad_clip_applies_to_the_sam_gradient():
     clip = float(step_norm) / 4
     sam_step(model, make_sam(model, lr=1.0), x, y, StepContext(group_size=8, grad_clip=clip))
     with torch.no_grad():
-        pairs = zip(model.parameters(), tiny_bn_net().parameters())
+        pairs = zip(model.parameters(), tiny_bn_mlp().parameters())
         clipped_norm = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in pairs))
     assert float(clipped_norm) == pytest.approx(clip, rel=1e-4)
 
 
 def test_fp16_inf_in_first_pass_skips_the_step():
-    model = tiny_bn_net()
+    model = tiny_bn_mlp()
     x, y = batch()
     opt = make_sam(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
@@ -203,25 +190,12 @@ def test_fp16_inf_in_first_pass_skips_the_step():
     assert any(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
-class HostReads(TorchDispatchMode):
-    """Counts the reads of a tensor's value by the host (`.item()`, `float()`, `bool()`, `get_scale()`: all are
-    `aten._local_scalar_dense`). On a GPU each one waits for the device to catch up."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("kind", ["sgd", "sam", "sam_m4", "looksam"])
 def test_a_step_never_reads_a_tensor_value_on_the_host(kind, precision):
     # No synchronisation per step: the only read left is the GradScaler's own check for overflow before it lets the
     # optimizer step (`GradScaler.step` reads found_inf), once per fp16 step.
-    model = tiny_bn_net(dropout=0.1)
+    model = tiny_bn_mlp(dropout=0.1)
     x, y = batch()
     if kind == "sgd":
         opt, take = torch.optim.SGD(model.parameters(), lr=0.1), sgd_step
@@ -238,18 +212,18 @@ def test_a_step_never_reads_a_tensor_value_on_the_host(kind, precision):
         scaler=torch.amp.GradScaler("cpu") if precision == "fp16" else None,
     )
     steps = 2  # LookSAM: a full step and a cheap one
-    with HostReads() as reads:
+    with HostReads(count_cpu=True) as reads:  # on the CPU, every tensor's value is on the host
         for i in range(steps):
             ctx.step = i
             stats = take(model, opt, x, y, ctx)
-    assert reads.count == (steps if precision == "fp16" else 0)
+    assert len(reads.reads) == (steps if precision == "fp16" else 0)
     assert stats.count == 8
 
 
 def test_fp16_steps_whose_first_pass_overflowed_are_left_out_of_the_sam_metrics():
     from sam_repro.engine.metrics import EpochTotals
 
-    model = tiny_bn_net()
+    model = tiny_bn_mlp()
     x, y = batch()
     opt = make_sam(model, rho=0.1)
     ctx = StepContext(
@@ -280,7 +254,7 @@ def test_bf16_autocast_step_is_close_to_fp32():
     x, y = batch()
     results = []
     for autocast in (None, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
-        model = tiny_bn_net()
+        model = tiny_bn_mlp()
         ctx = StepContext(group_size=8) if autocast is None else StepContext(group_size=8, autocast=autocast)
         sam_step(model, make_sam(model), x, y, ctx)
         results.append([p.detach().clone() for p in model.parameters()])
@@ -315,7 +289,7 @@ class RecordingSAM(SAM):
 def test_the_engine_runs_one_algorithm_1_through_the_optimizer(m):
     """Item by item: each group's clean gradient goes to first_step explicitly, `.grad` keeps the perturbed
     gradients accumulated so far (nothing set aside and put back), and every step ends in SAM.second_step."""
-    model = tiny_bn_net().double()
+    model = tiny_bn_mlp().double()
     x, y = batch()
     x = x.double()
     expected = hand_sam_update(model, x, y, m, rho=0.1, lr=0.1, wd=1e-2)
@@ -337,7 +311,7 @@ def test_the_engine_runs_one_algorithm_1_through_the_optimizer(m):
 
 
 def test_second_step_takes_the_engines_base_step_and_restores_first():
-    model = tiny_bn_net().double()
+    model = tiny_bn_mlp().double()
     x, y = batch()
     opt = make_sam(model)
     nn.functional.cross_entropy(model(x.double()), y).backward()
@@ -353,7 +327,7 @@ def test_second_step_takes_the_engines_base_step_and_restores_first():
 
 
 def test_first_step_with_explicit_gradients_equals_first_step_from_grad():
-    model = tiny_bn_net().double()
+    model = tiny_bn_mlp().double()
     x, y = batch()
     loss = nn.functional.cross_entropy(model(x.double()), y)
     params = list(model.parameters())

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers.checkpoints import write_run
-from helpers.quadratic import Quadratic, chosen_spectrum_matrix, mean_output
+from helpers.quadratic import mean_output, quadratic_problem
 from sam_repro.analysis.loading import file_stem
 from sam_repro.analysis.sharpness import disjoint_subsets, group_sharpness, m_sharpness
 from sam_repro.cli.analyze import main as analyze
@@ -30,10 +30,7 @@ def closed_form(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rho: float) -
 
 @pytest.fixture
 def quadratic():
-    a, _ = chosen_spectrum_matrix(dim=20)
-    model = Quadratic(a)
-    b = torch.randn(24, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    return model, b
+    return quadratic_problem(dim=20, n=24, seed=7)
 
 
 @pytest.mark.parametrize("m", [1, 4, 6, 24])

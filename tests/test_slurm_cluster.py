@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.processes import wait_for_file
 from helpers.slurm import cluster_problem, job_env, scontrol_job
+from helpers.training import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_CHECK = REPO / "scripts" / "slurm" / "ddp_check.py"
@@ -31,20 +33,6 @@ HANG_GUARD_S = 1800  # only against a hung job or cluster: every wait here is on
 
 _problem = cluster_problem()
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_problem is not None, reason=_problem or "")]
-
-
-def read_events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def wait_for_file(path: Path, proc: subprocess.Popen) -> None:
-    """Wait until the job has written `path`; fail with sbatch's output if the job ends first."""
-    give_up = time.monotonic() + HANG_GUARD_S  # only against a hang
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > give_up:
-            proc.kill()
-            pytest.fail(f"{path} never appeared; sbatch said: {proc.communicate()[0]}")
-        time.sleep(0.1)
 
 
 def job_report(job: dict[str, str], log: str) -> str:
@@ -111,7 +99,7 @@ def test_train_sbatch_requeues_after_usr1_and_resumes(tmp_path):
         env=job_env(SAM_TRAIN_ENTRY=entry, SAM_VENV=str(VENV)), cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    wait_for_file(out / "progress.json", proc)
+    wait_for_file(out / "progress.json", [proc], HANG_GUARD_S)
     job_id = json.loads((out / "rank0.json").read_text())["slurm_job_id"]
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     sbatch_output = proc.communicate(timeout=HANG_GUARD_S)[0]
@@ -120,7 +108,7 @@ def test_train_sbatch_requeues_after_usr1_and_resumes(tmp_path):
 
     first, second = [], []
     for rank in (0, 1):
-        events = read_events(out / f"events-rank{rank}.jsonl")
+        events = read_jsonl(out / f"events-rank{rank}.jsonl")
         assert [(e["event"], e["restart"]) for e in events] == [("start", 0), ("stop", 0), ("start", 1), ("done", 1)]
         assert events[1]["signal"] == "SIGUSR1"
         first.append(events[1]["step"])
@@ -172,13 +160,13 @@ def test_submitit_launcher_preset_requeues_on_usr2(tmp_path):
         cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     out = tmp_path / "out" / "x7"
-    wait_for_file(out / "progress.json", proc)
+    wait_for_file(out / "progress.json", [proc], HANG_GUARD_S)
     job_id = json.loads((out / "rank0.json").read_text())["slurm_job_id"]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what submitit's job._interrupt() sends
     output = proc.communicate(timeout=HANG_GUARD_S)[0]
     assert proc.returncode == 0, output
 
-    events = read_events(out / "events-rank0.jsonl")
+    events = read_jsonl(out / "events-rank0.jsonl")
     assert [(e["event"], e["restart"]) for e in events] == [("start", 0), ("stop", 0), ("start", 1), ("done", 1)]
     assert events[1]["signal"] == "SIGUSR2" and events[2]["step"] == events[1]["step"]
     submission = (tmp_path / "multirun" / ".submitit" / job_id / f"{job_id}_submission.sh").read_text()

@@ -23,7 +23,7 @@ import torch
 from helpers.slurm import cluster_problem, job_env, scontrol_job
 from helpers.training import TINY, comparable, read_metrics
 from sam_repro.engine.checkpoint import load_checkpoint
-from sam_repro.engine.rundir import run_name
+from sam_repro.engine.rundir import run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = REPO / "scripts" / "slurm" / "train.sbatch"
@@ -51,11 +51,6 @@ TEST_KEYS = ("test_loss", "test_error", "test_error_top5")
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def run_dir(runs: Path, overrides: list[str]) -> Path:
-    """Where the trainer puts this run: derived from the overrides, as `sam-train` does."""
-    return runs / run_name(None, overrides) / "seed0"
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """`RUN` on 2 ranks under torchrun, never interrupted: the run directory every SLURM run is compared with."""
@@ -74,7 +69,7 @@ def reference(tmp_path_factory) -> Path:
         cmd, cwd=REPO, env=job_env(SAM_RUNS_DIR=str(runs)), capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return run_dir(runs, RUN)
+    return run_dir(RUN, root=runs)
 
 
 class Job:
@@ -89,7 +84,7 @@ class Job:
         )  # fmt: skip
         self.id = submitted.stdout.strip().split(";")[0]
         self.log_path = tmp_path / f"slurm-{self.id}.out"
-        self.dir = run_dir(runs, RUN)
+        self.dir = run_dir(RUN, root=runs)
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -191,7 +186,7 @@ def test_submitit_launcher_runs_the_sweep_in_the_derived_run_dirs(tmp_path):
     assert len(submissions) == 2, sweep.stdout + sweep.stderr  # two SLURM jobs (an array of two)
 
     for optimizer in ("sgd", "sam"):
-        job_dir = run_dir(runs, [*SWEEP, f"optimizer={optimizer}"])
+        job_dir = run_dir([*SWEEP, f"optimizer={optimizer}"], root=runs)
         summary = json.loads((job_dir / "summary.json").read_text())
         assert (summary["status"], summary["epochs"]) == ("finished", 2), job_dir
         assert f"name: {optimizer}" in (job_dir / "config.yaml").read_text()

@@ -2,7 +2,6 @@
 like), and the script runs end to end on random arrays, printing what it writes."""
 
 import copy
-import importlib.util
 import json
 import re
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.scripts import load_file
 from sam_repro.engine.step import StepContext, sam_step, sgd_step
 from sam_repro.models import create_model
 from sam_repro.optim.sam import SAM
@@ -20,14 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "vs_common_loop.py"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("vs_common_loop", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_file("benchmarks/vs_common_loop.py", "vs_common_loop")
 
 
 def batches(n_batches=2, n=8, seed=1):

@@ -28,6 +28,14 @@ class Quadratic(nn.Module):
         return 0.5 * self.w @ self.a @ self.w + b @ self.w
 
 
+def quadratic_problem(dim: int, n: int, seed: int) -> tuple[Quadratic, torch.Tensor]:
+    """`Quadratic(A)` with A = `chosen_spectrum_matrix(dim)` (the model's buffer `a`), and `n` inputs b_i (standard
+    normal, float64, drawn from `seed`): the loss of any mean over the b_i has Hessian A."""
+    a, _ = chosen_spectrum_matrix(dim)
+    b = torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return Quadratic(a), b
+
+
 def mean_output(outputs: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
     return outputs.mean()
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
+
+from helpers.environ import clean_environ
 
 
 def cluster_problem() -> str | None:
@@ -23,9 +24,7 @@ def cluster_problem() -> str | None:
 
 def job_env(**extra: str) -> dict[str, str]:
     """The submitting environment: no launcher variables that the job would inherit through --export=ALL."""
-    launch_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SAM_REQUEUE"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_")) and k not in launch_vars}
-    return env | {"OMP_NUM_THREADS": "1"} | extra
+    return clean_environ() | {"OMP_NUM_THREADS": "1"} | extra
 
 
 def scontrol_job(job_id: str) -> dict[str, str]:

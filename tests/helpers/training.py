@@ -39,8 +39,13 @@ def only_run_dir(runs: Path) -> Path:
     return dirs[0]
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """A JSON-lines file (metrics.jsonl, steps.jsonl, a rank's events), one dict a line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def read_config(run_dir: Path) -> dict:
