@@ -14,7 +14,7 @@ DEMO ?= auto
 WHEEL_PY ?= $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 WHEEL_PLATFORM ?= manylinux_2_28_x86_64
 
-.PHONY: help setup data demo test test-all lint format bench wheelhouse gpu-bundle gpu-check cluster-up cluster-down clean-runs
+.PHONY: help setup data demo test test-all test-versions lint format bench wheelhouse gpu-bundle gpu-check cluster-up cluster-down clean-runs
 
 help: ## this list
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z-]*:.*## / { printf "make %-13s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -47,6 +47,12 @@ test: $(STAMP) $(CIFAR10_READY) ## the fast tier: unit and in-process tests, one
 
 test-all: $(STAMP) $(CIFAR10_READY) ## every tier: processes, DDP, SLURM (when up), installs, slow tests included
 	$(BIN)/pytest -q $(DURATIONS); rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected"; rc=0; }; exit $$rc
+
+# Not part of `test` or `test-all`: the first run makes one environment per PyTorch (about 5 GB each, from the package
+# index) under ~/.cache/sam_repro/torch-tier; later runs reuse them. TORCH_VERSIONS="2.5" runs one.
+TORCH_VERSIONS ?=
+test-versions: ## the core tests on torch 2.5 (Python 3.11) and 2.11 (3.12), cached envs; results/torch_versions/
+	$(PY) scripts/torch_versions.py $(TORCH_VERSIONS)
 
 lint: $(STAMP) ## ruff (lint rules, formatting) and mypy (types), checked, nothing changed (settings in pyproject.toml)
 	$(BIN)/ruff check .
