@@ -105,6 +105,45 @@ def constraints_for_env(
     return torch_block + other, "installing the tested set of constraints.txt"
 
 
+def _requirement():
+    """packaging's Requirement: the installed one, else the copy pip vendors (this runs before anything is installed);
+    None where neither exists."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        try:
+            from pip._vendor.packaging.requirements import Requirement
+        except ImportError:
+            return None
+    return Requirement
+
+
+def keep_installed_pytorch(pins: list[str], dists: tuple[str, ...] = STUBBED) -> tuple[list[str], list[str]]:
+    """For an environment whose PyTorch stays: torch and torchvision pinned to the installed versions, so that pip
+    fails rather than replace them, and the other pins that their own requirements reject left out (torch 2.11
+    requires setuptools<82 where constraints.txt pins 84.2.1: pip would otherwise upgrade torch to satisfy both).
+    Returns the pins and one line per pin left out."""
+    requirement = _requirement()
+    by_name = dict(pin(line) for line in pins)
+    rejected: dict[str, str] = {}
+    installed = []
+    for dist in dists:
+        try:
+            version, requires = metadata.version(dist), metadata.requires(dist) or []
+        except metadata.PackageNotFoundError:
+            continue
+        installed.append(f"{dist}=={version.split('+')[0]}")  # == without a local label matches +cu130 builds
+        for line in requires if requirement is not None else []:
+            req = requirement(line)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            name = normalize(req.name)
+            if name in by_name and not req.specifier.contains(by_name[name], prereleases=True):
+                rejected[name] = f"leaving out {name}=={by_name[name]}: {dist} {version} requires {req}"
+    kept = [line for line in pins if pin(line)[0] not in rejected and pin(line)[0] not in dists]
+    return kept + installed, list(rejected.values())
+
+
 # ---- the wheelhouse ---------------------------------------------------------------------------------------------
 
 
@@ -311,9 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "constraints":
-            pins, note = constraints_for_env(installed_torch(), sys.version_info[:2])
+            torch_version = installed_torch()
+            pins, note = constraints_for_env(torch_version, sys.version_info[:2])
+            left_out = []
+            if pins and not any(pin(line)[0] == "torch" for line in pins):  # this environment's PyTorch stays
+                pins, left_out = keep_installed_pytorch(pins)
             args.out.write_text("\n".join(pins) + "\n")
-            print(f"setup: {note}", file=sys.stderr)
+            for line in [note, *left_out]:
+                print(f"setup: {line}", file=sys.stderr)
         else:
             build_wheelhouse(args.dest, args.python_version, args.platform, args.constraints)
     except DepsError as error:

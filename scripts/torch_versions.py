@@ -173,46 +173,29 @@ def project_requirements() -> list[str]:
     return runtime + dev
 
 
-# Run in the environment: which of the pins (JSON {name: version}) its torch's or torchvision's own requirements
-# reject (torch 2.11 requires setuptools<82, constraints.txt pins setuptools 84.2.1).
-REJECTED_CODE = """
-import json, re, sys
-from importlib import metadata
-try:
-    from packaging.requirements import Requirement
-except ImportError:
-    from pip._vendor.packaging.requirements import Requirement
-pins, out = json.loads(sys.argv[1]), []
-for dist in ("torch", "torchvision"):
-    for line in metadata.requires(dist) or []:
-        req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        name = re.sub(r"[-_.]+", "-", req.name).lower()
-        if name in pins and not req.specifier.contains(pins[name], prereleases=True):
-            why = dist + " " + metadata.version(dist) + " requires " + str(req)
-            out.append({"pin": name + "==" + pins[name], "because": why})
-print(json.dumps(out))
-"""
-
-
 def install_project(version: Version) -> tuple[dict, list[dict]]:
     """The project and its other dependencies into the environment, at constraints.txt's pins less its PyTorch block
     and less any pin this torch or torchvision rejects; torch and torchvision are constrained to what is installed,
     so pip fails rather than replace them. Returns the versions and the pins left out."""
     folder = version.folder
     before = _probe(folder, VERSIONS_CODE)
-    pins, note = deps.constraints_for_env(before["torch"], tuple(int(x) for x in before["python"].split(".")[:2]))
-    if any(deps.pin(line)[0] == "torch" for line in pins):
-        raise TierError(f"{version.name}: torch {before['torch']} is outside pyproject.toml's range")
-    by_name = dict(deps.pin(line) for line in pins)
-    result = _run([str(folder / "bin" / "python"), "-c", REJECTED_CODE, json.dumps(by_name)], "probe", cwd=folder)
-    dropped = json.loads(result.stdout.strip().splitlines()[-1])
-    left_out = {d["pin"] for d in dropped}
-    kept = [line for line in pins if "{}=={}".format(*deps.pin(line)) not in left_out]
-    kept += [f"{name}=={before[name].split('+')[0]}" for name in ("torch", "torchvision")]
     constraints = folder / "constraints.txt"
-    constraints.write_text("\n".join(kept) + "\n")
+    # `make setup`'s own constraints, written by the environment's interpreter (scripts/deps.py owns the rule).
+    result = _run(
+        [str(folder / "bin" / "python"), str(ROOT / "scripts" / "deps.py"), "constraints", str(constraints)],
+        "deps.py constraints",
+        cwd=folder,
+    )
+    notes = [line.removeprefix("setup: ") for line in result.stderr.splitlines() if line.startswith("setup: ")]
+    pins = constraints.read_text().split()
+    if f"torch=={before['torch'].split('+')[0]}" not in pins:
+        raise TierError(f"{version.name}: torch {before['torch']} is outside pyproject.toml's range")
+    note = notes[0] if notes else ""
+    dropped = [
+        {"pin": line.split(": ", 1)[0].removeprefix("leaving out "), "because": line.split(": ", 1)[1]}
+        for line in notes[1:]
+        if line.startswith("leaving out ")
+    ]
     log(f"{version.name}: installing the other dependencies ({note})")
     for d in dropped:
         log(f"{version.name}: leaving out the pin {d['pin']}: {d['because']}")

@@ -121,6 +121,30 @@ def test_setup_keeps_an_in_range_pytorch(torch_version, python, kept):
     assert pins == expected and note
 
 
+def test_an_environment_keeps_its_pytorch_and_drops_the_pins_it_rejects(monkeypatch):
+    """A node's torch 2.11 requires setuptools<82 where constraints.txt pins 84.2.1: pip would upgrade torch to
+    satisfy both. The pins keep the installed torch and torchvision and leave that one pin out, saying why."""
+    installed = {"torch": "2.11.0+cu130", "torchvision": "0.26.0+cu130"}
+    requires = {
+        "torch": ["setuptools<82", "sympy>=1.13.3", 'triton==3.6.0; platform_system == "Linux"', 'opt<1; extra == "x"'],
+        "torchvision": ["numpy", "torch==2.11.0"],
+    }
+
+    def version(dist):
+        if dist not in installed:
+            raise deps.metadata.PackageNotFoundError(dist)
+        return installed[dist]
+
+    monkeypatch.setattr(deps.metadata, "version", version)
+    monkeypatch.setattr(deps.metadata, "requires", lambda dist: requires[dist])
+    pins = ["setuptools==84.2.1", "sympy==1.14.0", "opt==2.0", "numpy==2.4.6"]
+    kept, left_out = deps.keep_installed_pytorch(pins)
+    assert kept == ["sympy==1.14.0", "opt==2.0", "numpy==2.4.6", "torch==2.11.0", "torchvision==0.26.0"]
+    assert left_out == ["leaving out setuptools==84.2.1: torch 2.11.0+cu130 requires setuptools<82"]
+    del installed["torchvision"]  # a node without torchvision: nothing pinned for it
+    assert deps.keep_installed_pytorch(["numpy==2.4.6"]) == (["numpy==2.4.6", "torch==2.11.0"], [])
+
+
 def test_target_platforms_accept_every_older_manylinux():
     tags = deps.target_platforms("manylinux_2_28_x86_64")
     assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_29_x86_64" not in tags
