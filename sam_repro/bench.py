@@ -12,6 +12,7 @@ import argparse
 
 import torch
 
+from sam_repro.engine.backends import keep_freed_memory
 from sam_repro.engine.distributed import resolve_device
 from sam_repro.engine.step import looksam_step, msam_step, sam_step, sgd_step, step_function
 from sam_repro.optim.factory import create_optimizer
@@ -60,6 +61,7 @@ def synthetic_batch(args: argparse.Namespace) -> tuple[torch.device, torch.Tenso
     `threads`, `device` (`device_and_thread_options`) and `batch`."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the trainer does: a step does not fault in again what the last one freed
     device = resolve_device(args.device, option="--device")
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, device=device)

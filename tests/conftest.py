@@ -31,6 +31,7 @@ FAST = "not (slow or slurm or network) and (contract or not e2e)"
 ALL = "*"  # every test of the module
 # Tests that launch processes, by module: test names (parametrised cases included) or ALL.
 E2E: dict[str, str | set[str]] = {
+    "test_backends.py": {"test_kept_memory_takes_the_page_faults_out_of_a_sam_step"},
     "test_checkpoint_safety.py": {
         "test_everything_sam_train_writes_loads_weights_only",
         "test_resume_refuses_a_checkpoint_with_code",

@@ -83,6 +83,7 @@ def train(cfg: DictConfig, run_dir: Path, forced: list[dict] | None = None) -> d
     the configuration changes a `trainer.resume=force` start accepted (recorded in summary.json)."""
     # Numerics first: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA work starts (init_distributed binds the GPU).
     backends.configure(deterministic=bool(cfg.trainer.deterministic), tf32=bool(cfg.trainer.get("tf32", False)))
+    backends.keep_freed_memory()  # no page faults for what the last step freed (engine/backends.py)
     env = init_distributed(cfg.trainer.device, timeout_s=float(cfg.trainer.get("dist_timeout_s", 600)))
     try:
         summary = _train(cfg, Path(run_dir), env, forced or [])
