@@ -73,18 +73,18 @@ class OfflineRun:
     exit_code: int | None = None
 
 
-HANG_GUARD_S = 120.0  # W&B's core process writes the file after `finish()` returns: wait for its exit record
+HANG_GUARD_S = 1800  # only against a hung W&B core process: the wait below ends on the file's exit record
 
 
 def read_offline_run(path: Path) -> OfflineRun:
     """The run as W&B recorded it, once the file is complete: `wandb.finish()` returns before W&B's core process has
     flushed the file, so this waits for the exit record (progress, not a time; the guard only stops a hang)."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while True:
-        run = _read(path)
-        if run.exit_code is not None or time.monotonic() > deadline:
-            return run
+    give_up = time.monotonic() + HANG_GUARD_S
+    while (run := _read(path)).exit_code is None:
+        if time.monotonic() > give_up:
+            raise AssertionError(f"{path}: W&B never wrote the exit record (its core process hung)")
         time.sleep(0.1)
+    return run
 
 
 def _read(path: Path) -> OfflineRun:
