@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from sam_repro.analysis.aggregate import Report, Row, TableReport
-from sam_repro.analysis.grouping import arm_order, cell_label
+from sam_repro.analysis.grouping import BASELINE, arm_order, cell_label
 from sam_repro.analysis.render import (
     MARKDOWN_LEGEND,
     METRIC_LABELS,
@@ -34,6 +34,7 @@ from sam_repro.analysis.render import (
     table_heading,
 )
 from sam_repro.analysis.runs import RunRecord, load_metrics
+from sam_repro.analysis.variants import VariantsReport
 from sam_repro.files import atomic_write_bytes, atomic_write_text
 
 ARM_COLOURS = {"sgd": "#1f77b4", "sam": "#ff7f0e"}
@@ -214,6 +215,44 @@ def table_bars_figure(table: TableReport) -> Figure | None:
     figure.suptitle("\n".join([name, *textwrap.wrap(what, 70)]), fontsize=10)  # wraps, never clips
     axes.grid(True, axis="y", alpha=0.3)
     axes.legend(**_OUTSIDE)
+    return figure
+
+
+def gain_vs_cost_figure(report: VariantsReport) -> Figure | None:
+    """The price of SAM's gain: each variant's gain over SGD (SGD's error minus its own, points; paired 95% interval
+    over at least MIN_SEEDS_FOR_INTERVAL seeds) against its time relative to SGD's (passes relative to SGD's where
+    no benchmark ratio is known). One panel per setting; None when no variant has both numbers."""
+    settings = []
+    for row in report.rows:
+        x = row.cost.ratio if row.cost.ratio is not None else row.passes_vs_sgd
+        gain = -row.vs_sgd.mean if row.vs_sgd is not None else (0.0 if row.variant == BASELINE else None)
+        if x is None or gain is None:
+            continue
+        if not settings or settings[-1][0] != row.setting:
+            settings.append((row.setting, []))
+        settings[-1][1].append((row, x, gain))
+    if not settings:
+        return None
+    figure = Figure(figsize=(7.5, 4.8 * len(settings)), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    colours = arm_colours([row.variant for _, points in settings for row, _, _ in points])
+    for index, (setting, points) in enumerate(settings):
+        axes = figure.add_subplot(len(settings), 1, index + 1)
+        axes.axhline(0.0, color="grey", linewidth=0.8)
+        for row, x, gain in points:
+            diff = row.vs_sgd
+            yerr = diff.half_width if diff is not None and diff.half_width is not None else None
+            if diff is not None and diff.n < MIN_SEEDS_FOR_INTERVAL:
+                yerr = None
+            marker = "s" if row.cost.ratio is None else "o"
+            axes.errorbar(x, gain, yerr=yerr, fmt=marker, color=colours[row.variant], capsize=3, markersize=6)
+            axes.annotate(row.variant, (x, gain), xytext=(5, 4), textcoords="offset points", fontsize=7)
+        axes.set_xlabel("time relative to SGD (benchmark ratio; squares: passes)")
+        axes.set_ylabel("gain over SGD (test-error points)")
+        axes.set_title(cell_label(setting), fontsize=9)
+        axes.grid(True, alpha=0.3)
+    what = f"higher is better, further left is cheaper; bars: paired 95% interval over ≥ {MIN_SEEDS_FOR_INTERVAL} seeds"
+    figure.suptitle("\n".join(["The price of SAM's gain", *textwrap.wrap(what, 80)]), fontsize=10)
     return figure
 
 

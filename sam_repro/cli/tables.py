@@ -4,6 +4,12 @@
     sam-tables runs/ --out results/tables      write tables.md, tables.csv, runs.csv, provenance.json there
     sam-tables runs/ --table 1 --latex --out results/table1
     sam-tables --wandb my-team/sam-repro --out results/wandb
+    sam-tables results/cpu_scale_variants/runs --variants --costs benchmarks/results/sam_overhead.json \
+        --show memorized --out results/cpu_scale_variants
+
+With --variants: one table per setting (a cell without its epochs) of every optimizer variant (SGD at twice the
+epochs, SAM from a later epoch, GSAM, ...) against plain SGD and SAM, with its passes and time relative to SGD's
+(`sam_repro.analysis.variants`), and a figure of gain against cost (gain_vs_cost.png).
 
 Each cell: mean ± 95% t-interval (n) of the final test error of its finished runs, the paper's value, and
 SAM − SGD (paired by seed when both optimizers ran the same seeds, Welch otherwise). Unfinished and failed runs are
@@ -118,8 +124,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--latex", action="store_true", help="also LaTeX (tables.tex; printed instead of Markdown without --out)"
     )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="the optimizer variants of each setting against plain SGD and SAM, with their cost, instead of the "
+        "paper's tables",
+    )
+    parser.add_argument(
+        "--costs",
+        metavar="JSON",
+        help="with --variants: the benchmark result whose per-step ratios give each variant's time "
+        "(benchmarks/results/sam_overhead.json)",
+    )
     args = parser.parse_args(argv)
+    if args.variants and (args.latex or args.table != "auto"):
+        parser.error("--variants makes its own table: leave out --latex and --table")
+    if args.costs and not args.variants:
+        parser.error("--costs goes with --variants")
     try:
+        if args.variants:
+            return _variants(args, argv)
         runs, report = load_report(args)
         if args.out is None:
             sys.stdout.write(render_latex(report) if args.latex else render_markdown(report))
@@ -134,6 +158,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(runs)} runs ({averaged} averaged, {len(report.excluded)} not): "
         + " ".join(p.as_posix() for p in written)
     )
+    return 0
+
+
+def _variants(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from sam_repro.analysis.variants import (
+        build_variants,
+        load_costs,
+        render_variants_markdown,
+        write_variants,
+    )
+
+    runs = collect_runs(args.run_dirs, args.wandb)
+    report = build_variants(runs, args.group_by, load_costs(args.costs), args.show, args.costs)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.out is None:
+        sys.stdout.write(render_variants_markdown(report))
+        return 0
+    written = write_variants(report, args.out)
+    written.append(write_provenance(args.out, command_of("sam-tables", argv), inputs_of(args), len(runs)))
+    print(f"{len(runs)} runs ({len(runs) - len(report.excluded)} averaged): " + " ".join(p.as_posix() for p in written))
     return 0
 
 

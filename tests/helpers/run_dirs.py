@@ -27,14 +27,18 @@ def write_run(
     curve: list[float] | None = None,
     name: str | None = None,
     experiment: str | None = None,
+    optimizer_keys: dict | None = None,
+    summary_keys: dict | None = None,
 ) -> Path:
-    """One run directory with config.yaml, summary.json and (when `curve` is given) metrics.jsonl."""
+    """One run directory with config.yaml, summary.json and (when `curve` is given) metrics.jsonl.
+    `optimizer_keys` and `summary_keys` add to (or replace) the optimizer config and the summary."""
     name = name or f"{dataset}_{model}_{augment}_{epochs}ep_noise{label_noise}/optimizer={optimizer}"
     directory = root / name / f"seed{seed}"
     directory.mkdir(parents=True)
     optimizer_config = {"name": optimizer, "lr": lr, "weight_decay": 5e-4, "momentum": 0.9}
     if optimizer != "sgd" and rho is not None:
         optimizer_config["rho"] = rho
+    optimizer_config.update(optimizer_keys or {})
     config = {
         "experiment": experiment,
         "seed": seed,
@@ -68,6 +72,7 @@ def write_run(
         "images_per_second": 1.0,
         "label_noise": None,
         "provenance": {"command": "sam-train"},
+        **(summary_keys or {}),
     }
     (directory / "summary.json").write_text(json.dumps(summary))
     if curve is not None:
