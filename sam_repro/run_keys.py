@@ -37,6 +37,19 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 RETIRED_KEYS = ("trainer.inject_nonfinite_at_step", "trainer.inject_nonfinite_rank")
+_RETIRED_BY = {
+    "trainer.inject_nonfinite_at_step": "SAM_REPRO_FAULT=nonfinite_at_step=N",
+    "trainer.inject_nonfinite_rank": "SAM_REPRO_FAULT=nonfinite_at_step=N,nonfinite_rank=R",
+}
+
+
+def retired_key_message(key: str) -> str | None:
+    """The error for a retired key set on the command line: what replaced it (None for any other key)."""
+    if key not in _RETIRED_BY:
+        return None
+    return f"{key} was retired: set the environment variable {_RETIRED_BY[key]} instead (sam_repro/engine/faults.py)"
+
+
 NEUTRAL_KEYS = (
     "logger",
     "hydra",

@@ -148,7 +148,7 @@ def test_the_fault_hooks_are_no_config_keys():
     cfg = compose_config()
     assert not [key for key in OmegaConf.to_container(cfg.trainer) if "inject" in key or "fault" in key]
     for key in RETIRED_KEYS:
-        with pytest.raises(ConfigError, match=f"^unknown key {key}: the trainer group has no such setting"):
+        with pytest.raises(ConfigError, match=f"^{key} was retired: set the environment variable SAM_REPRO_FAULT="):
             check_overrides([f"{key}=4"])
 
 

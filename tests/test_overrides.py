@@ -71,6 +71,11 @@ def test_the_keys_of_the_chosen_option_are_accepted():
         ),
         ("optimizr=sam", "unknown group or key optimizr (did you mean optimizer?)"),
         ("+trainer.m=3", "trainer.m is already set; drop the + (trainer.m=3)"),
+        (
+            "trainer.inject_nonfinite_at_step=3",
+            "trainer.inject_nonfinite_at_step was retired: set the environment variable "
+            "SAM_REPRO_FAULT=nonfinite_at_step=N instead (sam_repro/engine/faults.py)",
+        ),
     ],
 )
 def test_unknown_keys_and_groups_say_what_was_meant(override, expected):

@@ -35,6 +35,7 @@ from sam_repro.data.sources import DATASETS
 from sam_repro.engine.distributed import DEVICE_SPECS, is_device_spec
 from sam_repro.errors import ConfigError
 from sam_repro.optim.factory import BASE_OPTIMIZERS, SAM_FAMILY
+from sam_repro.run_keys import retired_key_message
 
 SCHEMA_GROUPS = ("trainer", "optimizer", "schedule", "dataset", "augment", "logger")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -318,6 +319,8 @@ def resolve_config(cfg: DictConfig) -> dict:
 
 
 def _unknown(key: str) -> str:
+    if retired := retired_key_message(key):
+        return retired
     group, (parent, name) = key.split(".")[0], key.rsplit(".", 1)
     siblings = [k.rsplit(".", 1)[1] for k in RULES if k.rsplit(".", 1)[0] == parent]
     close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)

@@ -26,6 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sam_repro.errors import ConfigError
+from sam_repro.run_keys import retired_key_message
 
 CONFIG_MODULE = "sam_repro.configs"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -112,6 +113,8 @@ def _all_keys(cfg: DictConfig) -> list[str]:
 
 def _unknown_key(key: str, cfg: DictConfig, groups: dict[str, list[str]]) -> str:
     """`unknown key optimizer.rh: the optimizer group has no such setting (did you mean optimizer.rho?)`."""
+    if retired := retired_key_message(key):
+        return retired
     first, _, rest = key.partition(".")
     known = set(_all_keys(cfg))
     for group, options in groups.items():
