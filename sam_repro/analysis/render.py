@@ -13,14 +13,15 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sam_repro.analysis.aggregate import Report, Row, TableReport
+from sam_repro.analysis.aggregate import Exclusion, Report, Row, TableReport
 from sam_repro.analysis.grouping import ABSENT, BASELINE, cell_label, is_number, value_label
+from sam_repro.analysis.runs import RunRecord
 from sam_repro.analysis.stats import Difference, Estimate
 from sam_repro.files import atomic_write_json, atomic_write_text
 from sam_repro.paper import TABLES_FILE, normalise_epochs
@@ -263,24 +264,36 @@ def render_csv(report: Report) -> str:
 
 def render_runs_csv(report: Report) -> str:
     """Every run read, whether averaged or not: the audit trail of the tables."""
-    columns = report.grouping.columns
-    excluded = {e.source: e for e in report.excluded}
+    return runs_csv(report.runs, report.grouping.columns, report.grouping.cell, report.grouping.arm, report.excluded)
+
+
+def runs_csv(
+    runs: Sequence[RunRecord],
+    columns: Sequence[str],
+    cell_of: Callable[[RunRecord], Mapping[str, Any]],
+    arm_of: Callable[[RunRecord], str],
+    excluded: Sequence[Exclusion],
+    arm_heading: str = "optimizer",
+) -> str:
+    """One line per run: its cell, its arm (the optimizer, or the variant), seed, status, test error and whether it
+    was averaged (and why not)."""
+    left_out = {e.source: e for e in excluded}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("run",) + columns + ("optimizer", "seed", "status", "test_error", "averaged", "reason"))
-    for run in report.runs:
-        cell = report.grouping.cell(run)
+    writer.writerow(("run", *columns, arm_heading, "seed", "status", "test_error", "averaged", "reason"))
+    for run in runs:
+        cell = cell_of(run)
         error = run.summary.get("test_error")
         writer.writerow(
             [run.source]
             + ["" if cell.get(c) is None else value_label(cell.get(c)) for c in columns]
             + [
-                report.grouping.arm(run),
+                arm_of(run),
                 value_label(run.seed),
                 run.status,
                 _csv_number(error) if is_number(error) else "",
-                "no" if run.source in excluded else "yes",
-                excluded[run.source].reason if run.source in excluded else "",
+                "no" if run.source in left_out else "yes",
+                left_out[run.source].reason if run.source in left_out else "",
             ]
         )
     return buffer.getvalue()

@@ -48,7 +48,7 @@ from sam_repro.analysis.grouping import (
     sort_key,
     value_label,
 )
-from sam_repro.analysis.render import format_difference, format_estimate, number_text
+from sam_repro.analysis.render import format_difference, format_estimate, number_text, runs_csv
 from sam_repro.analysis.runs import RunRecord
 from sam_repro.analysis.stats import Difference, Estimate, difference, mean_ci, paired_difference
 from sam_repro.errors import DataError
@@ -439,26 +439,14 @@ def render_variants_csv(report: VariantsReport) -> str:
 
 def render_variants_runs_csv(report: VariantsReport) -> str:
     """Every run read, its variant and whether it was averaged."""
-    excluded = {e.source: e for e in report.excluded}
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("run", *report.columns, "variant", "seed", "status", "test_error", "averaged", "reason"))
-    for run in report.runs:
-        setting = report.settings[run.source]
-        error = run.summary.get("test_error")
-        writer.writerow(
-            [run.source]
-            + ["" if setting.get(c) is None else value_label(setting.get(c)) for c in report.columns]
-            + [
-                report.labels.get(run.source, ""),
-                value_label(run.seed),
-                run.status,
-                _number(error) if is_number(error) else "",
-                "no" if run.source in excluded else "yes",
-                excluded[run.source].reason if run.source in excluded else "",
-            ]
-        )
-    return buffer.getvalue()
+    return runs_csv(
+        report.runs,
+        report.columns,
+        lambda run: report.settings[run.source],
+        lambda run: report.labels.get(run.source, ""),
+        report.excluded,
+        arm_heading="variant",
+    )
 
 
 def write_variants(report: VariantsReport, out_dir: str | os.PathLike) -> list[Path]:
