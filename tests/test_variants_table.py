@@ -162,3 +162,17 @@ def test_plain_sam_stays_the_reference_when_a_schedule_has_as_many_runs(tmp_path
     report = build_variants(load_runs([root]), costs=RATIOS)
     assert [r.variant for r in report.rows] == ["sgd", "sam", "sam[sam_start=60]"]
     assert _row(report, "sam").vs_sgd.mean == pytest.approx(-23 / 3)
+
+
+def test_a_warm_start_shared_by_every_sam_run_is_the_plain_form(tmp_path: Path):
+    """Where every SAM run starts after an SGD warm start, SAM from epoch 5 is plain `sam`, and later starts and
+    sparser schedules are named against it."""
+    root = tmp_path / "runs"
+    _variant(root, "sgd", [60.0, 62.0, 64.0])
+    _variant(root, "sam", [52.0, 55.0, 56.0], keys={"sam_start": 5}, passes_per_step=1.9)
+    _variant(root, "sam", [57.0, 58.0, 61.0], keys={"sam_start": 60}, passes_per_step=1.25)
+    _variant(root, "sam", [53.0, 56.0, 57.0], keys={"sam_start": 5, "sam_every": 2}, passes_per_step=1.45)
+    report = build_variants(load_runs([root]), costs=RATIOS)
+    assert [r.variant for r in report.rows] == ["sgd", "sam", "sam[sam_every=2]", "sam[sam_start=60]"]
+    assert _row(report, "sam").hyperparameters == "rho=0.1, sam_start=5"
+    assert _row(report, "sam[sam_every=2]").vs_sam.mean == pytest.approx(1.0)

@@ -7,8 +7,10 @@ SAM every 2nd step and GSAM with another alpha are each a variant of their own.
 
 Each variant is labelled by its optimizer and the keys that set it apart from the other runs of that optimizer
 (`sam[sam_start=60]`, `sgd[epochs=160]`, `gsam[alpha=0.1]`): a SAM schedule key (`sam_start`, `sam_every`,
-`sam_probability`) is named when it is away from SAM at every step; any other key when its value is not the one most
-of the optimizer's runs in the setting share (the epochs: most runs of the setting). The two references are the
+`sam_probability`) is named when it makes fewer SAM steps than the most-SAM value among the optimizer's runs (the
+earliest start, every step, always: SAM from epoch 5 is plain `sam` where every SAM run has an SGD warm start); any
+other key when its value is not the one most of the optimizer's runs in the setting share (the epochs: most runs of
+the setting). The two references are the
 variants labelled plain `sgd` and `sam`.
 
 Per variant: the mean ± 95% t-interval of the final test error; its difference to SGD and to SAM, paired by seed
@@ -61,6 +63,9 @@ EPOCHS_KEY = "trainer.epochs"
 # keys only away from their defaults: SAM at every step from the first).
 HYPERPARAMETERS = ("rho", "rho_max", "rho_min", "alpha", "k", "eta", "sam_start", "sam_every", "sam_probability")
 TRIVIAL = {"sam_start": 0, "sam_every": 1, "sam_probability": 1.0, "eta": 0.0}
+# The SAM schedule keys, and of their values in a setting the one that makes the most SAM steps: the plain form
+# (SAM from the earliest start, at every step, always), which the other schedules are named against.
+SCHEDULE_KEYS = {"optimizer.sam_start": min, "optimizer.sam_every": min, "optimizer.sam_probability": max}
 # Keys that never tell variants apart (the optimizer's name is the label itself; lr_min follows the schedule).
 NOT_A_VARIANT_KEY = ("optimizer.name", "optimizer.lr_min")
 
@@ -187,9 +192,10 @@ def _labels(runs: Sequence[RunRecord]) -> dict[str, str]:
                     continue
                 (top, count), *rest = values.most_common()
                 value = flats[source].get(key)
-                default = TRIVIAL.get(key.split(".")[-1]) if key.startswith("optimizer.") else None
-                if default is not None:  # a SAM schedule key: named whenever it is away from SAM at every step
-                    shown = value != default
+                most_sam = SCHEDULE_KEYS.get(key)
+                if most_sam is not None:  # named when it makes fewer SAM steps than the most-SAM schedule run
+                    present = [flats[s][key] for s in group if is_number(flats[s].get(key))]
+                    shown = is_number(value) and value != most_sam(present)
                 else:  # named unless it is the value most runs share (a tie names both)
                     shown = json.dumps(value, sort_keys=True, default=str) != top or (rest and rest[0][1] == count)
                 if shown:
