@@ -15,7 +15,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from sam_repro.analysis.runs import RunRecord
 from sam_repro.paper import CELL_KEYS, CELL_SOURCES, PaperCell, PaperTable, home_table, run_cell
@@ -102,7 +102,8 @@ def freeze(cell: Mapping[str, Any]) -> tuple:
     return tuple(cell.items())
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
+    """A finite int or float (not a bool): a value a table can average."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from scipy import stats as scipy_stats
 
@@ -94,7 +95,7 @@ def welch_difference(a: Sequence[float], b: Sequence[float], confidence: float =
 
 
 def difference(
-    a: Mapping[int, Sequence[float]], b: Mapping[int, Sequence[float]], confidence: float = CONFIDENCE
+    a: Mapping[Any, Sequence[float]], b: Mapping[Any, Sequence[float]], confidence: float = CONFIDENCE
 ) -> Difference:
     """A − B from values keyed by seed: paired when both ran exactly the same seeds once each, else Welch.
 

@@ -232,7 +232,7 @@ def versus(mine: Mapping[int | None, list[float]], reference: Mapping[int | None
     """mine − reference: paired over the seeds both ran once each, else Welch over all runs (None: either empty)."""
     if not mine or not reference:
         return None
-    common = sorted((set(mine) & set(reference)) - {None}, key=sort_key)
+    common = sorted((s for s in set(mine) & set(reference) if s is not None), key=sort_key)
     if common and all(len(mine[s]) == 1 and len(reference[s]) == 1 for s in common):
         return paired_difference({s: mine[s][0] for s in common}, {s: reference[s][0] for s in common})
     return difference(mine, reference)
