@@ -10,7 +10,7 @@ OUT=results/cpu_scale_table4
 SEARCH=results/cpu_scale_table4_search
 
 # The exact commands tests/test_tables.py replays (from each folder's provenance.json).
-$BIN/sam-tables $OUT/runs --group-by schedule.warmup_epochs --show memorized best_test_error --out $OUT
-$BIN/sam-report $OUT/runs --group-by schedule.warmup_epochs --show memorized best_test_error --out $OUT/report
-$BIN/sam-tables $SEARCH/runs --group-by schedule.warmup_epochs --show memorized val_error best_test_error --out $SEARCH
+$BIN/sam-tables $OUT/runs --group-by schedule.warmup_epochs,optimizer.rho --show memorized val_error best_test_error --out $OUT
+$BIN/sam-report $OUT/runs --group-by schedule.warmup_epochs,optimizer.rho --show memorized val_error best_test_error --out $OUT/report
+$BIN/sam-tables $SEARCH/runs --group-by schedule.warmup_epochs,optimizer.rho --show memorized val_error best_test_error --out $SEARCH
 echo "wrote $OUT and $SEARCH"
