@@ -339,6 +339,23 @@ def test_label_noise_rho_is_automatic_and_falls_back_to_0_1(compose_train):
     assert rho == {0.3: 0.1, 0.8: 0.05}
 
 
+@pytest.mark.parametrize("noise, rho", [(0.2, 0.1), (0.4, 0.2), (0.6, 0.2), (0.8, 0.05)])
+def test_tuned_table4_preset_is_the_searched_overrides(compose_train, noise, rho):
+    """experiment=cpu_scale_table4_tuned trains as the search's runs did (cpu_scale_table4 with a 5-epoch warm-up
+    and rho chosen on validation, given as overrides): only the preset's own rho table differs, and every
+    optimizer that takes its radius from the preset follows it."""
+    from sam_repro.engine.rundir import config_changes
+
+    for optimizer, key in (("sgd", None), ("sam", "rho"), ("looksam", "rho"), ("gsam", "rho_max")):
+        base = ["experiment=cpu_scale_table4", f"optimizer={optimizer}", f"dataset.label_noise={noise}"]
+        searched = [*base, "schedule.warmup_epochs=5", *([f"optimizer.{key}={rho}"] if key else [])]
+        tuned = ["experiment=cpu_scale_table4_tuned", f"optimizer={optimizer}", f"dataset.label_noise={noise}"]
+        ref, cfg = (OmegaConf.to_container(compose_train(o), resolve=True) for o in (searched, tuned))
+        assert {change.key for change in config_changes(ref, cfg)} <= {"paper.rho.cifar10"}
+        assert config_changes(OmegaConf.to_container(compose_train(base), resolve=True), cfg) != []  # can fail
+        assert cfg["schedule"]["warmup_epochs"] == 5 and cfg["optimizer"].get("rho") == (rho if key else None)
+
+
 # ---- required keys ----------------------------------------------------------------------------------------------
 
 
