@@ -47,22 +47,35 @@ class EnvError(Exception):
     pass
 
 
+def _runs(python: Path | str) -> bool:
+    """Whether `python` starts and has venv (a pyenv shim for a version that is installed but not selected fails)."""
+    try:
+        result = subprocess.run([str(python), "-c", "import venv"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
 def find_python(version: str) -> Path:
-    """An interpreter of `version` ("3.12"): $SAM_PYTHON312, `python3.12` on the PATH, or pyenv's newest."""
+    """An interpreter of `version` ("3.12") that runs: $SAM_PYTHON312, `python3.12` on the PATH, or pyenv's newest."""
     override = os.environ.get(f"SAM_PYTHON{version.replace('.', '')}")
     if override:
+        if not _runs(override):
+            raise EnvError(f"SAM_PYTHON{version.replace('.', '')}={override} does not run (or lacks venv)")
         return Path(override)
     found = shutil.which(f"python{version}")
-    if found:
+    if found and _runs(found):
         return Path(found)
     pyenv = Path(os.environ.get("PYENV_ROOT", "~/.pyenv")).expanduser() / "versions"
     candidates = sorted(
         pyenv.glob(f"{version}.*/bin/python{version}"),
         key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parts[-3].split(".")],
     )
-    if candidates:
-        return candidates[-1]
-    raise EnvError(f"no Python {version}: set SAM_PYTHON{version.replace('.', '')} or put python{version} on the PATH")
+    for candidate in reversed(candidates):
+        if _runs(candidate):
+            return candidate
+    variable = f"SAM_PYTHON{version.replace('.', '')}"
+    raise EnvError(f"no Python {version} that runs: set {variable} or put python{version} on the PATH")
 
 
 def ensure(env: TorchEnv, log=print) -> Path:
@@ -74,7 +87,9 @@ def ensure(env: TorchEnv, log=print) -> Path:
         shutil.rmtree(folder)
     python = find_python(env.python)
     log(f"{env.name}: building {folder} with {python} ({' '.join(env.packages)}; needs the package index)")
-    subprocess.run([str(python), "-m", "venv", str(folder)], check=True)
+    made = subprocess.run([str(python), "-m", "venv", str(folder)], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise EnvError(f"{python} -m venv {folder} failed:\n{(made.stdout + made.stderr)[-3000:]}")
     pip = [str(folder / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
     for args in (["install", "-q", "--upgrade", "pip"], ["install", "-q", *env.packages]):
         result = subprocess.run([*pip, *args], capture_output=True, text=True)
