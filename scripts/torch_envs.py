@@ -58,10 +58,11 @@ def _runs(python: Path | str) -> bool:
 
 def find_python(version: str) -> Path:
     """An interpreter of `version` ("3.12") that runs: $SAM_PYTHON312, `python3.12` on the PATH, or pyenv's newest."""
-    override = os.environ.get(f"SAM_PYTHON{version.replace('.', '')}")
+    variable = f"SAM_PYTHON{version.replace('.', '')}"
+    override = os.environ.get(variable)
     if override:
         if not _runs(override):
-            raise EnvError(f"SAM_PYTHON{version.replace('.', '')}={override} does not run (or lacks venv)")
+            raise EnvError(f"{variable}={override} does not run (or lacks venv)")
         return Path(override)
     found = shutil.which(f"python{version}")
     if found and _runs(found):
@@ -74,7 +75,6 @@ def find_python(version: str) -> Path:
     for candidate in reversed(candidates):
         if _runs(candidate):
             return candidate
-    variable = f"SAM_PYTHON{version.replace('.', '')}"
     raise EnvError(f"no Python {version} that runs: set {variable} or put python{version} on the PATH")
 
 
