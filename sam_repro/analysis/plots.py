@@ -221,7 +221,8 @@ def table_bars_figure(table: TableReport) -> Figure | None:
 def gain_vs_cost_figure(report: VariantsReport) -> Figure | None:
     """The price of SAM's gain: each variant's gain over SGD (SGD's error minus its own, points; paired 95% interval
     over at least MIN_SEEDS_FOR_INTERVAL seeds) against its time relative to SGD's (passes relative to SGD's where
-    no benchmark ratio is known). One panel per setting; None when no variant has both numbers."""
+    no benchmark ratio is known). A variant with fewer seeds (a hyperparameter probe, or one still running) is drawn
+    hollow and faded. One panel per setting; None when no variant has both numbers."""
     settings = []
     for row in report.rows:
         x = row.cost.ratio if row.cost.ratio is not None else row.passes_vs_sgd
@@ -233,7 +234,7 @@ def gain_vs_cost_figure(report: VariantsReport) -> Figure | None:
         settings[-1][1].append((row, x, gain))
     if not settings:
         return None
-    figure = Figure(figsize=(7.5, 4.8 * len(settings)), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(7.5, 6.0 * len(settings)), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     colours = arm_colours([row.variant for _, points in settings for row, _, _ in points])
     for index, (setting, points) in enumerate(settings):
@@ -245,15 +246,79 @@ def gain_vs_cost_figure(report: VariantsReport) -> Figure | None:
             if diff is not None and diff.n < MIN_SEEDS_FOR_INTERVAL:
                 yerr = None
             marker = "s" if row.cost.ratio is None else "o"
-            axes.errorbar(x, gain, yerr=yerr, fmt=marker, color=colours[row.variant], capsize=3, markersize=6)
-            axes.annotate(row.variant, (x, gain), xytext=(5, 4), textcoords="offset points", fontsize=7)
+            seeds = row.error.n if row.error is not None else 0
+            few = seeds < MIN_SEEDS_FOR_INTERVAL  # a probe or a variant still running: hollow and faded
+            axes.errorbar(
+                x,
+                gain,
+                yerr=yerr,
+                fmt=marker,
+                color=colours[row.variant],
+                capsize=3,
+                markersize=6,
+                markerfacecolor="none" if few else colours[row.variant],
+                alpha=0.5 if few else 1.0,
+            )
+        _annotate_apart(
+            axes,
+            [
+                (row.variant, x, gain, row.error is None or row.error.n < MIN_SEEDS_FOR_INTERVAL)
+                for row, x, gain in points
+            ],
+        )
         axes.set_xlabel("time relative to SGD (benchmark ratio; squares: passes)")
         axes.set_ylabel("gain over SGD (test-error points)")
         axes.set_title(cell_label(setting), fontsize=9)
         axes.grid(True, alpha=0.3)
-    what = f"higher is better, further left is cheaper; bars: paired 95% interval over ≥ {MIN_SEEDS_FOR_INTERVAL} seeds"
+    what = (
+        f"higher is better, further left is cheaper; bars: paired 95% interval over ≥ {MIN_SEEDS_FOR_INTERVAL} "
+        f"seeds; hollow: fewer than {MIN_SEEDS_FOR_INTERVAL} seeds"
+    )
     figure.suptitle("\n".join(["The price of SAM's gain", *textwrap.wrap(what, 80)]), fontsize=10)
     return figure
+
+
+def _annotate_apart(axes, labels: Sequence[tuple[str, float, float, bool]]) -> None:
+    """Label each point beside it: right, left, above right, below right, above left or below left, whichever is
+    first clear of the markers, the labels already placed (top to bottom) and the frame; failing all six, further
+    down on the right with a leader line. Variants of the same cost and gain (ASAM and GSAM) stay readable."""
+    axes.figure.draw_without_rendering()  # the constrained layout sizes the axes: positions in points are final
+    to_points = 72.0 / axes.figure.dpi
+    height = 8.5  # a 7-point label's line, in points
+    points = [tuple(value * to_points for value in axes.transData.transform((x, y))) for _, x, y, _ in labels]
+    # (left, bottom, right, top) in points of every marker, and of each label once placed
+    placed: list[tuple[float, float, float, float]] = [(px - 4, py - 4, px + 4, py + 4) for px, py in points]
+
+    frame = [value * to_points for value in axes.get_window_extent().extents]  # the label stays inside the axes
+
+    def clear(box: tuple[float, float, float, float]) -> bool:
+        inside = frame[0] <= box[0] and box[2] <= frame[2] and frame[1] <= box[1] and box[3] <= frame[3]
+        return inside and all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed)
+
+    for text, x, y, faded in sorted(labels, key=lambda item: (-item[2], item[1])):
+        px, py = (value * to_points for value in axes.transData.transform((x, y)))
+        width = 4.2 * len(text)
+        options = [(5.0, -height / 2), (-5.0, -height / 2), (5.0, 2.0), (5.0, -2.0 - height), (-5.0, 2.0)]
+        options += [(-5.0, -2.0 - height)]
+        options += [(5.0, -2.0 - height * k) for k in range(2, 8)]
+        for dx, dy in options:
+            left = px + dx if dx > 0 else px + dx - width
+            box = (left, py + dy, left + width, py + dy + height)
+            if clear(box):
+                break
+        placed.append(box)
+        leader = {"arrowprops": {"arrowstyle": "-", "linewidth": 0.4, "alpha": 0.5}} if abs(dy) > 2 * height else {}
+        axes.annotate(
+            text,
+            (x, y),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            fontsize=7,
+            va="bottom",
+            ha="left" if dx > 0 else "right",
+            alpha=0.6 if faded else 1.0,
+            **leader,
+        )
 
 
 def _bars(axes, x, width, heights, half_widths, colour, label, hatch) -> None:
