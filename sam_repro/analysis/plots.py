@@ -278,6 +278,12 @@ def gain_vs_cost_figure(report: VariantsReport) -> Figure | None:
     return figure
 
 
+def _clear(box: tuple[float, float, float, float], placed: Sequence[tuple], frame: Sequence[float]) -> bool:
+    """Whether a label's box (left, bottom, right, top) lies inside `frame` and overlaps none of `placed`."""
+    inside = frame[0] <= box[0] and box[2] <= frame[2] and frame[1] <= box[1] and box[3] <= frame[3]
+    return inside and all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed)
+
+
 def _annotate_apart(axes, labels: Sequence[tuple[str, float, float, bool]]) -> None:
     """Label each point beside it: right, left, above right, below right, above left or below left, whichever is
     first clear of the markers, the labels already placed (top to bottom) and the frame; failing all six, further
@@ -288,12 +294,7 @@ def _annotate_apart(axes, labels: Sequence[tuple[str, float, float, bool]]) -> N
     points = [tuple(value * to_points for value in axes.transData.transform((x, y))) for _, x, y, _ in labels]
     # (left, bottom, right, top) in points of every marker, and of each label once placed
     placed: list[tuple[float, float, float, float]] = [(px - 4, py - 4, px + 4, py + 4) for px, py in points]
-
     frame = [value * to_points for value in axes.get_window_extent().extents]  # the label stays inside the axes
-
-    def clear(box: tuple[float, float, float, float]) -> bool:
-        inside = frame[0] <= box[0] and box[2] <= frame[2] and frame[1] <= box[1] and box[3] <= frame[3]
-        return inside and all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed)
 
     for text, x, y, faded in sorted(labels, key=lambda item: (-item[2], item[1])):
         px, py = (value * to_points for value in axes.transData.transform((x, y)))
@@ -304,7 +305,7 @@ def _annotate_apart(axes, labels: Sequence[tuple[str, float, float, bool]]) -> N
         for dx, dy in options:
             left = px + dx if dx > 0 else px + dx - width
             box = (left, py + dy, left + width, py + dy + height)
-            if clear(box):
+            if _clear(box, placed, frame):
                 break
         placed.append(box)
         leader = {"arrowprops": {"arrowstyle": "-", "linewidth": 0.4, "alpha": 0.5}} if abs(dy) > 2 * height else {}
