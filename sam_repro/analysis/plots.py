@@ -240,6 +240,7 @@ def gain_vs_cost_figure(report: VariantsReport) -> Figure | None:
     for index, (setting, points) in enumerate(settings):
         axes = figure.add_subplot(len(settings), 1, index + 1)
         axes.axhline(0.0, color="grey", linewidth=0.8)
+        labels = []
         for row, x, gain in points:
             diff = row.vs_sgd
             yerr = diff.half_width if diff is not None and diff.half_width is not None else None
@@ -259,13 +260,8 @@ def gain_vs_cost_figure(report: VariantsReport) -> Figure | None:
                 markerfacecolor="none" if few else colours[row.variant],
                 alpha=0.5 if few else 1.0,
             )
-        _annotate_apart(
-            axes,
-            [
-                (row.variant, x, gain, row.error is None or row.error.n < MIN_SEEDS_FOR_INTERVAL)
-                for row, x, gain in points
-            ],
-        )
+            labels.append((row.variant, x, gain, few))
+        _annotate_apart(axes, labels)
         axes.set_xlabel("time relative to SGD (benchmark ratio; squares: passes)")
         axes.set_ylabel("gain over SGD (test-error points)")
         axes.set_title(cell_label(setting), fontsize=9)
@@ -291,18 +287,23 @@ def _annotate_apart(axes, labels: Sequence[tuple[str, float, float, bool]]) -> N
     axes.figure.draw_without_rendering()  # the constrained layout sizes the axes: positions in points are final
     to_points = 72.0 / axes.figure.dpi
     height = 8.5  # a 7-point label's line, in points
-    points = [tuple(value * to_points for value in axes.transData.transform((x, y))) for _, x, y, _ in labels]
+    offsets = [(5.0, -height / 2), (-5.0, -height / 2), (5.0, 2.0), (5.0, -2.0 - height), (-5.0, 2.0)]
+    offsets += [(-5.0, -2.0 - height)] + [(5.0, -2.0 - height * k) for k in range(2, 8)]
+    # each label's point in points, highest first
+    located = sorted(
+        (
+            (text, x, y, faded, *(value * to_points for value in axes.transData.transform((x, y))))
+            for text, x, y, faded in labels
+        ),
+        key=lambda item: (-item[2], item[1]),
+    )
     # (left, bottom, right, top) in points of every marker, and of each label once placed
-    placed: list[tuple[float, float, float, float]] = [(px - 4, py - 4, px + 4, py + 4) for px, py in points]
+    placed: list[tuple[float, float, float, float]] = [(px - 4, py - 4, px + 4, py + 4) for *_, px, py in located]
     frame = [value * to_points for value in axes.get_window_extent().extents]  # the label stays inside the axes
 
-    for text, x, y, faded in sorted(labels, key=lambda item: (-item[2], item[1])):
-        px, py = (value * to_points for value in axes.transData.transform((x, y)))
+    for text, x, y, faded, px, py in located:
         width = 4.2 * len(text)
-        options = [(5.0, -height / 2), (-5.0, -height / 2), (5.0, 2.0), (5.0, -2.0 - height), (-5.0, 2.0)]
-        options += [(-5.0, -2.0 - height)]
-        options += [(5.0, -2.0 - height * k) for k in range(2, 8)]
-        for dx, dy in options:
+        for dx, dy in offsets:
             left = px + dx if dx > 0 else px + dx - width
             box = (left, py + dy, left + width, py + dy + height)
             if _clear(box, placed, frame):
