@@ -176,3 +176,40 @@ def test_a_warm_start_shared_by_every_sam_run_is_the_plain_form(tmp_path: Path):
     assert [r.variant for r in report.rows] == ["sgd", "sam", "sam[sam_every=2]", "sam[sam_start=60]"]
     assert _row(report, "sam").hyperparameters == "rho=0.1, sam_start=5"
     assert _row(report, "sam[sam_every=2]").vs_sam.mean == pytest.approx(1.0)
+
+
+def _overlap(a, b) -> bool:
+    return not (a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0)
+
+
+def test_labels_of_points_at_one_place_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sam_repro.analysis.plots import _annotate_apart
+
+    figure = Figure(figsize=(6, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    points = [("sam", 2.0, 7.5), ("asam", 1.98, 7.3), ("gsam", 2.0, 7.1), ("sgd", 1.0, 0.0)]
+    axes.plot([x for _, x, _ in points], [y for _, _, y in points], "o")
+    axes.set_xlim(0.9, 2.5)
+    axes.set_ylim(-5, 15)
+    _annotate_apart(axes, [(text, x, y, False) for text, x, y in points])
+    renderer = figure.canvas.get_renderer()
+    boxes = {text.get_text(): text.get_window_extent(renderer) for text in axes.texts}
+    assert sorted(boxes) == ["asam", "gsam", "sam", "sgd"]
+    names = sorted(boxes)
+    assert [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if _overlap(boxes[a], boxes[b])] == []
+
+
+def test_variants_with_fewer_than_three_seeds_are_drawn_hollow(variants_root: Path):
+    from sam_repro.analysis.plots import gain_vs_cost_figure
+
+    figure = gain_vs_cost_figure(build_variants(load_runs([variants_root]), costs=RATIOS))
+    (axes,) = figure.axes
+    markers = [line for line in axes.lines if line.get_marker() in ("o", "s")]
+    hollow = [line for line in markers if line.get_markerfacecolor() == "none"]
+    assert len(markers) == 5 and len(hollow) == 1  # sam[sam_every=2]: seeds 0 and 1 only
+    (faded,) = [text.get_text() for text in axes.texts if text.get_alpha() == 0.6]
+    assert faded == "sam[sam_every=2]"
